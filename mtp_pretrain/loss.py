@@ -1,0 +1,174 @@
+"""The multi-token cross-entropy: head i predicts token t+i from position t.
+
+Two implementations with the same numbers and the same interface: each runs every backward
+itself and returns detached per-head losses, so a training step calls one of them once per
+micro-batch and never calls ``.backward()`` on their result.
+
+* ``naive_loss`` -- every head forward, the weighted sum of their losses, one backward. Peak
+  memory holds all n heads' logits (and their graphs) at once: the reference.
+* ``head_sequential_loss`` -- the paper's Fig. 2. The trunk runs once; its output z is detached
+  into a leaf; each head then runs forward, loss *and backward* in turn, so its logits and their
+  gradients are freed before the next head runs, and its gradient accumulates in the leaf's
+  ``.grad``; finally the trunk is backpropagated once with that accumulated gradient. Peak memory
+  is the trunk's activations plus one head's logits, as for a next-token model.
+
+Both take ``chunk_size``: the shared unembedding then computes the loss over slices of the
+tokens (``mtp_pretrain.ops.linear_cross_entropy``) so full B x T x V logits never exist.
+
+Sharding wrappers: the loss only calls modules' ``forward`` (trunk via ``trunk_forward``, each
+head, the shared ``unembed``), so each of them can be its own FSDP unit / DeepSpeed partition /
+TP-planned module. ``GradSyncHooks`` lets a strategy hold back gradient reduction while a
+module's gradient is still accumulating (the shared unembedding receives n backward passes,
+one per head; it should be reduced once, after the last).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional, Sequence
+
+import torch
+
+from mtp_pretrain.model.transformer import MTPTransformer, shifted_tokens
+
+IGNORE_INDEX = -100
+
+
+class GradSyncHooks:
+    """Called by the loss around its backward passes. The default does nothing (one process,
+    or strategies that reduce gradients after the whole step)."""
+
+    def before_head_backward(self, head: int, last: bool) -> None:
+        """Before the backward of head ``head``'s loss (1-based); ``last`` for the final head."""
+
+    def before_trunk_backward(self) -> None:
+        """Before the trunk's single backward pass."""
+
+
+@dataclass
+class MTPLoss:
+    loss: torch.Tensor  # detached weighted sum of the per-head mean losses
+    per_head: list[torch.Tensor]  # detached mean cross-entropy of each head
+    n_targets: list[int]  # valid target tokens of each head in this micro-batch
+
+
+def head_targets(tokens: torch.Tensor, seq_len: int, n_future: int,
+                 pad_id: Optional[int] = None) -> list[torch.Tensor]:
+    """targets_i[:, t] = tokens[:, t + i] for i = 1..n; positions past the batch's end, and
+    padding, get IGNORE_INDEX (never read past the batch)."""
+    targets = []
+    for i in range(1, n_future + 1):
+        t = torch.full((tokens.shape[0], seq_len), IGNORE_INDEX, dtype=torch.long, device=tokens.device)
+        avail = max(0, min(seq_len, tokens.shape[1] - i))
+        t[:, :avail] = tokens[:, i:i + avail]
+        if pad_id is not None:
+            t[t == pad_id] = IGNORE_INDEX
+        targets.append(t)
+    return targets
+
+
+def _setup(model, tokens, seq_len, weights, pad_id):
+    n = model.n_future
+    T = tokens.shape[1] - 1 if seq_len is None else seq_len
+    if T < 1 or T > tokens.shape[1]:
+        raise ValueError(f"seq_len={T} must be in [1, {tokens.shape[1]}] for a batch of {tokens.shape[1]} tokens")
+    weights = [1.0] * n if weights is None else list(weights)
+    if len(weights) != n:
+        raise ValueError(f"loss.head_weights has {len(weights)} entries, model.n_future is {n}")
+    targets = head_targets(tokens, T, n, pad_id)
+    counts = [int((t != IGNORE_INDEX).sum()) for t in targets]
+    return T, weights, targets, counts
+
+
+def head_sequential_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len: Optional[int] = None,
+                         weights: Optional[Sequence[float]] = None, chunk_size: int = 0,
+                         pad_id: Optional[int] = None, loss_scale: float = 1.0,
+                         hooks: Optional[GradSyncHooks] = None) -> MTPLoss:
+    """Forward and backward of the multi-token loss with one head's logits alive at a time.
+
+    tokens [B, L]: inputs are tokens[:, :seq_len] (default L - 1); gradients of
+    ``loss_scale * sum_i w_i * mean CE_i`` are accumulated into the parameters' ``.grad``.
+    """
+    hooks = hooks or GradSyncHooks()
+    T, weights, targets, counts = _setup(model, tokens, seq_len, weights, pad_id)
+    n = model.n_future
+    z = model.trunk_forward(tokens[:, :T])
+    z_leaf = z.detach().requires_grad_(True)
+    per_head = []
+    chained = []  # causal heads: (state, leaf of state) kept for the reverse pass below
+    x = z_leaf
+    for i in range(1, n + 1):
+        h, y = model.head_forward(i, x, shifted_tokens(tokens, i, T))
+        if model.heads_chain:
+            # Later heads read this state: cut the graph here, backprop the unembedding now
+            # (frees the logits), and backprop the head itself once the later heads are done.
+            y_leaf = y.detach().requires_grad_(True)
+            loss_i = model.unembed(y_leaf, targets[i - 1], chunk_size=chunk_size) / max(counts[i - 1], 1)
+            hooks.before_head_backward(i, last=i == n)
+            (loss_i * (weights[i - 1] * loss_scale)).backward()
+            x = h.detach().requires_grad_(True)
+            chained.append((h, y, y_leaf, x))
+        else:
+            loss_i = model.unembed(y, targets[i - 1], chunk_size=chunk_size) / max(counts[i - 1], 1)
+            hooks.before_head_backward(i, last=i == n)
+            (loss_i * (weights[i - 1] * loss_scale)).backward()
+        per_head.append(loss_i.detach())
+        del h, y, loss_i
+    # Causal heads, last to first: each backward also fills the leaf of the previous head's state.
+    for h, y, y_leaf, h_leaf in reversed(chained):
+        outputs, grads = [y], [y_leaf.grad]
+        if h_leaf.grad is not None:
+            outputs.append(h)
+            grads.append(h_leaf.grad)
+        torch.autograd.backward(outputs, grads)
+    hooks.before_trunk_backward()
+    z.backward(z_leaf.grad)
+    return _result(per_head, weights, counts)
+
+
+def naive_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len: Optional[int] = None,
+               weights: Optional[Sequence[float]] = None, chunk_size: int = 0,
+               pad_id: Optional[int] = None, loss_scale: float = 1.0,
+               hooks: Optional[GradSyncHooks] = None) -> MTPLoss:
+    """The reference: all heads forward, the weighted sum of their losses, one backward."""
+    hooks = hooks or GradSyncHooks()
+    T, weights, targets, counts = _setup(model, tokens, seq_len, weights, pad_id)
+    z = model.trunk_forward(tokens[:, :T])
+    x, per_head = z, []
+    for i in range(1, model.n_future + 1):
+        h, y = model.head_forward(i, x if model.heads_chain else z, shifted_tokens(tokens, i, T))
+        per_head.append(model.unembed(y, targets[i - 1], chunk_size=chunk_size) / max(counts[i - 1], 1))
+        x = h
+    total = sum(w * l for w, l in zip(weights, per_head))
+    hooks.before_head_backward(model.n_future, last=True)
+    hooks.before_trunk_backward()
+    (total * loss_scale).backward()
+    return _result([l.detach() for l in per_head], weights, counts)
+
+
+@torch.no_grad()
+def evaluate_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len: Optional[int] = None,
+                  chunk_size: int = 0, pad_id: Optional[int] = None) -> tuple[list[torch.Tensor], list[int]]:
+    """Per-head summed cross-entropy and target counts, no gradients (validation)."""
+    T, _, targets, counts = _setup(model, tokens, seq_len, None, pad_id)
+    z = model.trunk_forward(tokens[:, :T])
+    x, sums = z, []
+    for i in range(1, model.n_future + 1):
+        h, y = model.head_forward(i, x if model.heads_chain else z, shifted_tokens(tokens, i, T))
+        sums.append(model.unembed(y, targets[i - 1], chunk_size=chunk_size))
+        x = h
+    return sums, counts
+
+
+LOSS_IMPLS = {"head_sequential": head_sequential_loss, "naive": naive_loss}
+
+
+def mtp_loss(impl: str, model: MTPTransformer, tokens: torch.Tensor, **kwargs) -> MTPLoss:
+    if impl not in LOSS_IMPLS:
+        raise ValueError(f"loss.impl must be one of {sorted(LOSS_IMPLS)}, got {impl!r}")
+    return LOSS_IMPLS[impl](model, tokens, **kwargs)
+
+
+def _result(per_head, weights, counts) -> MTPLoss:
+    total = sum(w * l for w, l in zip(weights, per_head))
+    return MTPLoss(loss=total.detach(), per_head=per_head, n_targets=counts)
