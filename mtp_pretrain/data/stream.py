@@ -1,0 +1,167 @@
+"""ArrowTokenStream: the training/validation batch stream over a mixture of tokenized datasets."""
+
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+import torch
+
+from .dataset import TokenWindows
+from .errors import DataError
+from .sampler import GlobalSampler, SamplerState
+
+STATE_VERSION = 1
+
+
+@dataclass
+class DataSource:
+    path: str
+    weight: float = 1.0
+
+
+class ArrowTokenStream:
+    """Batches [micro_batch_size, window] of token ids from a weighted mixture of datasets.
+
+    Rank `rank` of `world_size` yields only its share of one deterministic global sample sequence
+    (see sampler.py): every rank reads only its own windows, no two ranks see the same sample, and
+    state_dict() — identical on all ranks — resumes the sequence exactly, on any world size.
+
+    prefetch > 0 builds that many batches ahead in a background thread; state_dict() still
+    describes the batches *yielded*, never those merely prefetched. One live iterator at a time:
+    a new iter() continues from the last yielded batch.
+    """
+
+    def __init__(
+        self,
+        sources: list[DataSource],
+        window: int,
+        micro_batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        seed: int = 0,
+        split: str = "train",
+        prefetch: int = 2,
+        infinite: bool = True,
+        verify: str = "size",
+    ):
+        if not sources:
+            raise ValueError("at least one DataSource is required")
+        if not 0 <= rank < world_size:
+            raise ValueError(f"rank {rank} is not in [0, {world_size})")
+        self.sources = list(sources)
+        self.window, self.micro_batch_size = window, micro_batch_size
+        self.rank, self.world_size = rank, world_size
+        self.split, self.prefetch, self.infinite = split, prefetch, infinite
+        self.datasets = [TokenWindows(s.path, split, window, verify) for s in self.sources]
+
+        first = self.datasets[0]
+        for ds in self.datasets[1:]:
+            if ds.tokenizer_hash != first.tokenizer_hash:
+                raise DataError(
+                    f"{ds.path}: tokenizer {ds.tokenizer_hash} differs from {first.path}'s "
+                    f"{first.tokenizer_hash}; all sources of a mixture must share one tokenizer"
+                )
+        self.vocab_size, self.eos_id, self.pad_id = first.vocab_size, first.eos_id, first.pad_id
+        self.tokenizer_hash = first.tokenizer_hash
+        self._state = SamplerState(seed=seed, consumed=[0] * len(self.sources))
+
+    # -- state --------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        return {
+            "version": STATE_VERSION,
+            "seed": self._state.seed,
+            "cursor": self._state.cursor,
+            "window": self.window,
+            "split": self.split,
+            "sources": [
+                {"path": str(s.path), "num_windows": ds.num_windows, "consumed": c}
+                for s, ds, c in zip(self.sources, self.datasets, self._state.consumed)
+            ],
+        }
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from `state`, saved on any world size. The saved seed wins over the constructor's."""
+        if state.get("version") != STATE_VERSION:
+            raise DataError(f"data state version {state.get('version')!r}, expected {STATE_VERSION}")
+        if state["window"] != self.window:
+            raise DataError(f"data state was saved with window {state['window']}, this stream has {self.window}")
+        saved = state["sources"]
+        if [Path(s["path"]).name for s in saved] != [Path(s.path).name for s in self.sources]:
+            raise DataError(f"data state sources {[s['path'] for s in saved]} differ from {[s.path for s in self.sources]}")
+        for s, ds in zip(saved, self.datasets):
+            if s["num_windows"] != ds.num_windows:
+                raise DataError(f"{ds.path}: {ds.num_windows} windows, the data state was saved with {s['num_windows']} (dataset changed)")
+        self._state = SamplerState(seed=state["seed"], cursor=state["cursor"], consumed=[s["consumed"] for s in saved])
+
+    # -- iteration ----------------------------------------------------------------------------
+
+    def _batches(self, state: SamplerState) -> Iterator[tuple[torch.Tensor, SamplerState]]:
+        """Batches of this rank from `state` on, each with the state after it (private copy)."""
+        sampler = GlobalSampler(
+            [s.weight for s in self.sources], [ds.num_windows for ds in self.datasets], state
+        )
+        block = self.micro_batch_size * self.world_size
+        while True:
+            assigned = sampler.next_block(block, single_epoch=not self.infinite)
+            if assigned is None:
+                return
+            sources, windows = assigned
+            out = np.empty((self.micro_batch_size, self.window), dtype=np.int64)
+            # Row i of this rank is global sample cursor + rank + i * world_size.
+            for i, (s, w) in enumerate(zip(sources[self.rank :: self.world_size], windows[self.rank :: self.world_size])):
+                self.datasets[s].read(int(w), out[i])
+            yield torch.from_numpy(out), SamplerState(state.seed, state.cursor, list(state.consumed))
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        start = SamplerState(self._state.seed, self._state.cursor, list(self._state.consumed))
+        source = self._batches(start) if self.prefetch <= 0 else _prefetched(self._batches(start), self.prefetch)
+        for batch, state_after in source:
+            self._state = state_after
+            yield batch
+
+
+_END = object()
+
+
+def _prefetched(items: Iterator, depth: int) -> Iterator:
+    """Run `items` in a background thread, `depth` items ahead; re-raise its errors here."""
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def produce():
+        try:
+            for item in items:
+                if not put(item):
+                    return
+            put(_END)
+        except BaseException as e:  # handed to the consumer, which raises it
+            put(e)
+
+    thread = threading.Thread(target=produce, name="ArrowTokenStream-prefetch", daemon=True)
+    thread.start()
+    try:
+        while True:
+            item = q.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        thread.join(timeout=5)
