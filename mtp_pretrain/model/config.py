@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Optional
 
 HEAD_TYPES = ("transformer", "linear", "causal")
@@ -83,16 +84,19 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Named sizes. n_layers counts trunk blocks; every size has one-block transformer heads, so the
-# n_future=1 model is (n_layers + 1) blocks deep (e.g. 124m: GPT-2's 12, 7b: the paper's 32).
-MODEL_SIZES: dict[str, dict] = {
-    "tiny": dict(dim=128, n_layers=4, n_heads=4, vocab_size=8192, max_seq_len=1024),  # ~1M non-embedding
-    "small": dict(dim=320, n_layers=7, n_heads=5, vocab_size=8192, max_seq_len=2048),  # ~10M
-    "124m": dict(dim=768, n_layers=11, n_heads=12, vocab_size=32768, ffn_dim=2048, max_seq_len=2048),
-    "1b": dict(dim=2048, n_layers=15, n_heads=32, n_kv_heads=8, ffn_dim=8192, vocab_size=128256,
-               max_seq_len=4096, rope_theta=500000.0),
-    "7b": dict(dim=4096, n_layers=31, n_heads=32, ffn_dim=11008, vocab_size=32000, max_seq_len=4096),
-}
+# Named sizes live in conf/model/<size>.yaml (the one place they are written down); this reads
+# them for code that builds models outside a Hydra job (tests, benchmarks, tools).
+SIZES_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
+
+
+def _load_sizes() -> dict[str, dict]:
+    import yaml
+
+    return {p.stem: {k: v for k, v in yaml.safe_load(p.read_text()).items() if k != "name"}
+            for p in sorted(SIZES_DIR.glob("*.yaml"))}
+
+
+MODEL_SIZES: dict[str, dict] = _load_sizes()
 
 
 def model_config(size: str, **overrides) -> ModelConfig:
@@ -126,3 +130,11 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
         "non_embedding": trunk + heads,
         "total": embedding + trunk + heads + unembedding,
     }
+
+
+def check_vocab(cfg: ModelConfig, tokenizer_vocab_size: int) -> None:
+    """Raise if the model cannot embed every id the tokenizer produces (called by the trainer).
+    A larger model vocabulary (padded to a multiple of 64, say) is fine."""
+    if cfg.vocab_size < tokenizer_vocab_size:
+        raise ValueError(f"model.vocab_size ({cfg.vocab_size}) is smaller than the tokenizer's "
+                         f"vocabulary ({tokenizer_vocab_size})")
