@@ -13,7 +13,7 @@ from typing import Iterable, Iterator
 import numpy as np
 from tqdm import tqdm
 
-from mtp_pretrain.data.shards import FORMAT_VERSION, SPLITS, token_dtype, write_metadata, write_shard
+from mtp_pretrain.data.shards import SPLITS, build_metadata, split_summary, token_dtype, write_metadata, write_shard
 from mtp_pretrain.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 
 from .corpus import Document
@@ -88,11 +88,7 @@ class _SplitWriter:
     def close(self) -> dict:
         if self.buffered:
             self._flush(self.buffered)
-        return {
-            "num_tokens": sum(s["num_tokens"] for s in self.shards),
-            "num_documents": self.num_documents,
-            "shards": self.shards,
-        }
+        return split_summary(self.shards, self.num_documents)
 
 
 def tokenize_to_dataset(
@@ -148,26 +144,10 @@ def tokenize_to_dataset(
             pool.join()
     seconds = time.perf_counter() - t0
 
-    meta = {
-        "format_version": FORMAT_VERSION,
-        "source": source_description,
-        "tokenizer": {
-            "file": TOKENIZER_FILE,
-            "kind": tok.kind,
-            "hash": tok.hash,
-            "vocab_size": tok.vocab_size,
-            "pad_id": tok.pad_id,
-            "bos_id": tok.bos_id,
-            "eos_id": tok.eos_id,
-        },
-        "token_dtype": dtype.name,
-        "document_separator": "eos",
-        "val_fraction": val_fraction,
-        "raw_text_bytes": nbytes,
-        "tokenize_seconds": round(seconds, 3),
-        "workers": workers,
-        "splits": {s: w.close() for s, w in writers.items()},
+    meta = build_metadata(
+        tok, {s: w.close() for s, w in writers.items()}, source_description,
+        val_fraction=val_fraction, raw_text_bytes=nbytes, tokenize_seconds=round(seconds, 3), workers=workers,
         **(extra_metadata or {}),
-    }
+    )
     write_metadata(out_dir, meta)
     return meta

@@ -57,6 +57,31 @@ def write_shard(path: Path, tokens: np.ndarray) -> dict:
     }
 
 
+def build_metadata(tokenizer, splits: dict, source: str, **extra) -> dict:
+    """The metadata.json of a dataset whose shards are written (`splits`: split -> shard summary)."""
+    return {
+        "format_version": FORMAT_VERSION,
+        "source": source,
+        "tokenizer": {
+            "file": "tokenizer.json",
+            "kind": tokenizer.kind,
+            "hash": tokenizer.hash,
+            "vocab_size": tokenizer.vocab_size,
+            "pad_id": tokenizer.pad_id,
+            "bos_id": tokenizer.bos_id,
+            "eos_id": tokenizer.eos_id,
+        },
+        "token_dtype": token_dtype(tokenizer.vocab_size).name,
+        "document_separator": "eos",
+        "splits": splits,
+        **extra,
+    }
+
+
+def split_summary(shards: list[dict], num_documents: int) -> dict:
+    return {"num_tokens": sum(s["num_tokens"] for s in shards), "num_documents": num_documents, "shards": shards}
+
+
 def read_metadata(dataset_dir: Path) -> dict:
     path = Path(dataset_dir) / METADATA_FILE
     if not path.exists():
