@@ -1,0 +1,217 @@
+"""The job's typed configuration: one dataclass per component, validated once at start-up.
+
+Hydra composes ``conf/`` onto these dataclasses (registered in its ConfigStore as the schema),
+so an unknown key fails at composition and a bad value fails in ``__post_init__`` with the
+field's dotted name, before anything expensive happens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import OmegaConf
+
+from mtp_pretrain.model.config import ModelConfig
+
+CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+
+
+def _choice(name: str, value: Any, allowed: tuple) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
+
+
+def _at_least(name: str, value: Any, low: float) -> None:
+    if not isinstance(value, (int, float)) or value < low:
+        raise ValueError(f"{name} must be >= {low}, got {value!r}")
+
+
+@dataclass
+class LossConfig:
+    impl: str = "head_sequential"  # head_sequential | naive
+    chunk_size: int = 0  # tokens per cross-entropy chunk; 0 = whole micro-batch at once
+    head_weights: Optional[list[float]] = None  # None = every head weighs 1
+
+    def __post_init__(self):
+        _choice("loss.impl", self.impl, ("head_sequential", "naive"))
+        _at_least("loss.chunk_size", self.chunk_size, 0)
+
+
+@dataclass
+class DataSourceConfig:
+    path: str = "data/default/code"
+    weight: float = 1.0
+
+    def __post_init__(self):
+        if not (isinstance(self.weight, (int, float)) and self.weight > 0):
+            raise ValueError(f"data.sources[].weight must be > 0, got {self.weight!r} for {self.path}")
+
+
+@dataclass
+class DataConfig:
+    sources: list[DataSourceConfig] = field(default_factory=lambda: [DataSourceConfig()])
+    seq_len: int = 256  # model input length; samples are seq_len + n_future tokens
+    prefetch: int = 2  # micro-batches prepared ahead in a background thread
+
+    def __post_init__(self):
+        if not self.sources:
+            raise ValueError("data.sources must name at least one dataset")
+        _at_least("data.seq_len", self.seq_len, 1)
+        _at_least("data.prefetch", self.prefetch, 0)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1  # final lr = lr * min_lr_ratio
+    weight_decay: float = 0.1  # decoupled (AdamW); never on norms and embeddings
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    eps: float = 1e-8
+    schedule: str = "cosine"  # cosine | wsd | constant
+    warmup_steps: int = 20
+    decay_fraction: float = 0.2  # wsd: final fraction of steps spent decaying
+    grad_clip: float = 1.0  # max global grad norm; 0 = off
+
+    def __post_init__(self):
+        _at_least("optim.lr", self.lr, 0.0)
+        _choice("optim.schedule", self.schedule, ("cosine", "wsd", "constant"))
+        _at_least("optim.warmup_steps", self.warmup_steps, 0)
+        _at_least("optim.grad_clip", self.grad_clip, 0.0)
+        if not 0.0 <= self.min_lr_ratio <= 1.0:
+            raise ValueError(f"optim.min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
+        if not 0.0 < self.decay_fraction <= 1.0:
+            raise ValueError(f"optim.decay_fraction must be in (0, 1], got {self.decay_fraction}")
+        if len(self.betas) != 2:
+            raise ValueError(f"optim.betas must have two entries, got {self.betas}")
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 1234
+    max_steps: int = 200
+    micro_batch_size: int = 8  # sequences per rank per forward
+    # Tokens per optimizer step over all ranks; gradient accumulation = this /
+    # (micro_batch_size * seq_len * data-parallel ranks). None = one micro-batch per rank.
+    global_batch_tokens: Optional[int] = None
+    resume: str = "auto"  # auto (newest complete checkpoint in checkpoint.dir) | never | <path>
+    init_from: Optional[str] = None  # weights only, from a checkpoint or export directory
+    dtype: str = "auto"  # auto (bf16 autocast where supported, else fp32) | float32 | bfloat16
+    max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self):
+        _at_least("train.max_steps", self.max_steps, 1)
+        _at_least("train.micro_batch_size", self.micro_batch_size, 1)
+        if self.global_batch_tokens is not None:
+            _at_least("train.global_batch_tokens", self.global_batch_tokens, 1)
+        _choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16"))
+        _choice("train.device", self.device, ("auto", "cpu", "cuda"))
+        _at_least("train.max_nonfinite_steps", self.max_nonfinite_steps, 1)
+        if not self.resume:
+            raise ValueError("train.resume must be 'auto', 'never' or a checkpoint path")
+
+
+@dataclass
+class ParallelConfig:
+    strategy: str = "none"  # none | ddp | fsdp | tp | fsdp_tp | deepspeed | megatron
+    tp_size: int = 1
+    zero_stage: int = 0  # deepspeed: 1-3; megatron: 0-2
+    activation_checkpointing: str = "none"  # none | full | every_k
+    ac_every: int = 2  # every_k: checkpoint every k-th block
+    compile: bool = False
+    cpu_offload: bool = False  # fsdp: keep sharded parameters and optimizer state on CPU
+    timeout_s: int = 600  # collective timeout: a dead rank fails the job instead of hanging it
+
+    def __post_init__(self):
+        _choice("parallel.strategy", self.strategy,
+                ("none", "ddp", "fsdp", "tp", "fsdp_tp", "deepspeed", "megatron"))
+        _at_least("parallel.tp_size", self.tp_size, 1)
+        _choice("parallel.activation_checkpointing", self.activation_checkpointing, ("none", "full", "every_k"))
+        _at_least("parallel.ac_every", self.ac_every, 1)
+        _at_least("parallel.timeout_s", self.timeout_s, 1)
+
+
+@dataclass
+class CheckpointConfig:
+    dir: Optional[str] = None  # default <run_dir>/checkpoints
+    interval: int = 100  # steps between checkpoints; 0 = only at the end and on signals
+    keep: int = 2  # newest complete checkpoints kept (>= 2: the newest may still be in flight)
+
+    def __post_init__(self):
+        _at_least("checkpoint.interval", self.interval, 0)
+        _at_least("checkpoint.keep", self.keep, 1)
+
+
+@dataclass
+class WandbConfig:
+    mode: str = "auto"  # auto (online with an API key, else offline) | online | offline | disabled
+    project: str = "mtp_pretrain"
+    entity: Optional[str] = None
+    name: Optional[str] = None
+    tags: list[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        _choice("logging.wandb.mode", self.mode, ("auto", "online", "offline", "disabled"))
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = 10  # steps between metric lines
+    val_interval: int = 100  # steps between validation passes; 0 = off
+    val_batches: int = 8  # micro-batches per rank per validation pass
+    wandb: WandbConfig = field(default_factory=WandbConfig)
+
+    def __post_init__(self):
+        _at_least("logging.interval", self.interval, 1)
+        _at_least("logging.val_interval", self.val_interval, 0)
+        _at_least("logging.val_batches", self.val_batches, 1)
+
+
+@dataclass
+class HardwareConfig:
+    # Peak dense FLOP/s of one device for MFU; None = look up the device in mtp_pretrain.flops.
+    peak_flops: Optional[float] = None
+
+
+@dataclass
+class JobConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+    hardware: HardwareConfig = field(default_factory=HardwareConfig)
+
+    def __post_init__(self):
+        window = self.data.seq_len
+        if window > self.model.max_seq_len:
+            raise ValueError(f"data.seq_len={window} exceeds model.max_seq_len={self.model.max_seq_len} (the RoPE limit)")
+        if self.loss.head_weights is not None and len(self.loss.head_weights) != self.model.n_future:
+            raise ValueError(f"loss.head_weights has {len(self.loss.head_weights)} entries "
+                             f"but model.n_future is {self.model.n_future}")
+
+
+def register_configs() -> None:
+    """Make JobConfig the schema under conf/config.yaml (its defaults list names it first)."""
+    from hydra.core.config_store import ConfigStore
+
+    ConfigStore.instance().store(name="job_schema", node=JobConfig)
+
+
+def to_job_config(cfg) -> JobConfig:
+    """Hydra's DictConfig -> validated JobConfig (runs every __post_init__)."""
+    return OmegaConf.to_object(cfg) if not isinstance(cfg, JobConfig) else cfg
+
+
+def compose_job_config(overrides: list[str] | tuple = ()) -> JobConfig:
+    """Compose conf/ with overrides outside a Hydra app (tests, tools)."""
+    from hydra import compose, initialize_config_dir
+
+    register_configs()
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
+        return to_job_config(compose(config_name="config", overrides=list(overrides)))

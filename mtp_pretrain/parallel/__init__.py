@@ -1,0 +1,29 @@
+"""Parallelism strategies, applied to the plain model from outside (see base.Strategy)."""
+
+from __future__ import annotations
+
+import torch
+
+from mtp_pretrain.config import ParallelConfig
+from mtp_pretrain.parallel.base import Strategy
+from mtp_pretrain.parallel.setup import DistEnv, destroy_distributed, init_distributed
+
+
+def build_strategy(cfg: ParallelConfig, env: DistEnv, param_dtype: torch.dtype | None = None) -> Strategy:
+    if cfg.strategy == "none":
+        if env.world_size > 1:
+            raise ValueError(f"parallel.strategy=none runs one process, but the launcher started "
+                             f"{env.world_size}; choose ddp, fsdp, tp, fsdp_tp, deepspeed or megatron")
+        return Strategy(cfg, env)
+    if cfg.strategy == "ddp":
+        from mtp_pretrain.parallel.ddp import DDPStrategy
+
+        return DDPStrategy(cfg, env)
+    if cfg.strategy == "fsdp":
+        from mtp_pretrain.parallel.fsdp import FSDPStrategy
+
+        return FSDPStrategy(cfg, env, param_dtype)
+    raise ValueError(f"parallel.strategy={cfg.strategy!r} is not available in this build")
+
+
+__all__ = ["DistEnv", "Strategy", "build_strategy", "destroy_distributed", "init_distributed"]

@@ -1,0 +1,76 @@
+"""The strategy interface: everything the train loop needs from a parallelism scheme.
+
+A strategy is applied *to* a plain ``MTPTransformer``; the model code never branches on it.
+The train loop calls, per step: ``grad_sync_hooks`` (handed to the loss, once per micro-batch),
+``finish_backward`` (after the last micro-batch), ``clip_grad_norm``, ``optimizer_step``.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from mtp_pretrain.config import ParallelConfig
+from mtp_pretrain.loss import GradSyncHooks
+from mtp_pretrain.parallel.setup import DistEnv
+
+
+class Strategy:
+    name = "none"
+
+    def __init__(self, cfg: ParallelConfig, env: DistEnv):
+        self.cfg = cfg
+        self.env = env
+
+    # --- layout -------------------------------------------------------------------------------
+    @property
+    def dp_size(self) -> int:
+        """Ranks that see different data (gradient accumulation and data sharding use it)."""
+        return self.env.world_size
+
+    @property
+    def dp_rank(self) -> int:
+        return self.env.rank
+
+    def validate(self, model_cfg) -> None:
+        """Fail at start-up on a layout this strategy cannot run (override)."""
+
+    # --- model and optimizer -------------------------------------------------------------------
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        return model.to(self.env.device)
+
+    def build_optimizer(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]):
+        return make_optimizer(model)
+
+    # --- one step -----------------------------------------------------------------------------
+    def grad_sync_hooks(self, model: nn.Module, last_micro_batch: bool) -> GradSyncHooks:
+        return GradSyncHooks()
+
+    def finish_backward(self, model: nn.Module) -> None:
+        """After the last micro-batch's backward, before clipping."""
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        params = [p for p in model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def optimizer_step(self, optimizer) -> None:
+        optimizer.step()
+
+    def zero_grad(self, model: nn.Module, optimizer) -> None:
+        optimizer.zero_grad(set_to_none=True)
+
+    # --- collectives over the data-parallel ranks ---------------------------------------------
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        if self.env.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+            t /= self.env.world_size
+        return t
+
+    def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:
+        if self.env.distributed:
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return t

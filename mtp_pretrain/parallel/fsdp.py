@@ -1,0 +1,70 @@
+"""FSDP2 (``fully_shard``): every parameter sharded over the data-parallel ranks.
+
+Units: each trunk block, each head, the token embedding and the shared unembedding, then the
+root. The embedding, heads and unembedding must be units of their own because the
+head-sequential loss calls them outside the root module's forward (as a plain module they would
+meet sharded DTensor parameters: "mixed torch.Tensor and DTensor"). Tied embeddings form one
+unit with the unembedding.
+
+The shared unembedding is used by every head, so its gradient arrives in n backward passes;
+``FSDPGradSync`` disables its gradient reduction until the last head of the last micro-batch,
+so it is reduce-scattered once per step instead of once per head.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+
+from mtp_pretrain.loss import GradSyncHooks
+from mtp_pretrain.parallel.base import Strategy
+
+
+class FSDPGradSync(GradSyncHooks):
+    def __init__(self, model: nn.Module, last_micro_batch: bool):
+        self.model, self.last_micro_batch = model, last_micro_batch
+
+    def before_head_backward(self, head: int, last: bool) -> None:
+        self.model.unembed.set_requires_gradient_sync(self.last_micro_batch and last, recurse=False)
+        if self.model.cfg.tie_embeddings or self.model.heads_chain:
+            # The embedding's gradient also arrives in several passes (tied weight / causal heads).
+            self.model.tok_embeddings.set_requires_gradient_sync(False, recurse=False)
+
+    def before_trunk_backward(self) -> None:
+        self.model.tok_embeddings.set_requires_gradient_sync(self.last_micro_batch, recurse=False)
+
+
+class FSDPStrategy(Strategy):
+    name = "fsdp"
+
+    def __init__(self, cfg, env, param_dtype: torch.dtype | None = None):
+        super().__init__(cfg, env)
+        self.param_dtype = param_dtype
+
+    def mesh(self):
+        return init_device_mesh(self.env.device.type, (self.env.world_size,), mesh_dim_names=("dp",))
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        model.to(self.env.device)
+        mesh = self.mesh()
+        kw = dict(mesh=mesh,
+                  mp_policy=MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32),
+                  offload_policy=CPUOffloadPolicy() if self.cfg.cpu_offload else OffloadPolicy())
+        for block in model.trunk:
+            fully_shard(block, **kw)
+        for head in model.heads:
+            fully_shard(head, **kw)
+        # Used once per head: keep unsharded between heads rather than all-gather n times.
+        if model.cfg.tie_embeddings:
+            fully_shard([model.tok_embeddings, model.unembed], reshard_after_forward=False, **kw)
+        else:
+            fully_shard(model.tok_embeddings, **kw)
+            fully_shard(model.unembed, reshard_after_forward=False, **kw)
+        fully_shard(model, **kw)
+        return model
+
+    def grad_sync_hooks(self, model: nn.Module, last_micro_batch: bool) -> GradSyncHooks:
+        model.set_requires_gradient_sync(last_micro_batch)
+        return FSDPGradSync(model, last_micro_batch)

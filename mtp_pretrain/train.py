@@ -1,0 +1,326 @@
+"""The training job: ``mtp-train`` / ``python -m mtp_pretrain.train`` (a Hydra application).
+
+One process, or one per rank under torchrun / srun / the deepspeed launcher; the parallelism
+strategy is applied to the plain model and the loop below is the same for every strategy.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Optional
+
+import torch
+from omegaconf import OmegaConf
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.stateful import Stateful
+
+from mtp_pretrain.checkpoint import CheckpointManager, find_latest
+from mtp_pretrain.config import JobConfig, register_configs, to_job_config
+from mtp_pretrain.data import ArrowTokenStream, DataSource
+from mtp_pretrain.flops import device_peak_flops, training_flops_per_token
+from mtp_pretrain.loss import evaluate_loss, mtp_loss
+from mtp_pretrain.metrics import MetricsLogger, peak_memory_mb
+from mtp_pretrain.model import MTPTransformer, count_parameters
+from mtp_pretrain.model.config import check_vocab
+from mtp_pretrain.optim import build_adamw, build_scheduler
+from mtp_pretrain.parallel import build_strategy, destroy_distributed, init_distributed
+
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; run again to resume
+EXIT_NONFINITE = 3
+
+
+class NonFiniteLossError(RuntimeError):
+    pass
+
+
+class _ModelState(Stateful):
+    def __init__(self, model):
+        self.model = model
+
+    def state_dict(self):
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, sd):
+        set_model_state_dict(self.model, sd)
+
+
+class _OptimState(Stateful):
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self):
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, sd):
+        set_optimizer_state_dict(self.model, self.optimizer, sd)
+
+
+class PreemptionFlag:
+    """SIGTERM / SIGUSR1 (what SLURM sends before preemption or time-out) set a flag; the loop
+    finishes its step, every rank agrees, a checkpoint is saved and the job exits."""
+
+    def __init__(self):
+        self.signal: Optional[int] = None
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+
+
+def autocast_dtype(cfg: JobConfig, device: torch.device) -> Optional[torch.dtype]:
+    if cfg.train.dtype == "bfloat16":
+        return torch.bfloat16
+    if cfg.train.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
+        return torch.bfloat16
+    return None
+
+
+class Trainer:
+    def __init__(self, cfg: JobConfig, run_dir: Path):
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.env = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
+        self.amp_dtype = autocast_dtype(cfg, self.env.device)
+        self.strategy = build_strategy(cfg.parallel, self.env, self.amp_dtype)
+        self.strategy.validate(cfg.model)
+        self.seq_len = cfg.data.seq_len
+        n = cfg.model.n_future
+        tokens_per_micro = cfg.train.micro_batch_size * self.seq_len * self.strategy.dp_size
+        gbt = cfg.train.global_batch_tokens or tokens_per_micro
+        if gbt % tokens_per_micro:
+            raise ValueError(f"train.global_batch_tokens={gbt} must be a multiple of micro_batch_size x seq_len x "
+                             f"data-parallel ranks = {tokens_per_micro}")
+        self.grad_accum = gbt // tokens_per_micro
+        self.tokens_per_step = gbt
+
+        self.train_stream = self._stream("train", infinite=True, prefetch=cfg.data.prefetch)
+        check_vocab(cfg.model, self.train_stream.vocab_size)
+        self.pad_id = self.train_stream.pad_id
+
+        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
+        model = MTPTransformer(cfg.model)
+        if cfg.train.init_from:
+            from mtp_pretrain.export import load_model_weights
+
+            load_model_weights(model, cfg.train.init_from, log=self.log)
+        self.param_counts = count_parameters(cfg.model)
+        self.model = self.strategy.parallelize(model)
+        self.optimizer = self.strategy.build_optimizer(self.model, lambda m: build_adamw(m, cfg.optim))
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
+        torch.manual_seed(cfg.train.seed + 1000 * self.env.rank)
+
+        self.ckpt = CheckpointManager(Path(cfg.checkpoint.dir or self.run_dir / "checkpoints"),
+                                      cfg.checkpoint.keep, self.env)
+        self.step, self.tokens_seen, self.nonfinite_in_a_row, self.nonfinite_total = 0, 0, 0, 0
+        wandb_run_id = self._maybe_resume()
+        self.metrics = MetricsLogger(self.run_dir, self.env.is_main, cfg.logging.wandb,
+                                     OmegaConf.to_container(OmegaConf.structured(cfg)), wandb_run_id)
+        self.flops_per_token = training_flops_per_token(cfg.model, self.seq_len)
+        self.peak_flops = device_peak_flops(self.env.device, cfg.hardware.peak_flops)
+        self.preemption = PreemptionFlag()
+        self.log(f"model {cfg.model.name}: n_future={n} head_type={cfg.model.head_type} "
+                 + " ".join(f"{k}={v / 1e6:.2f}M" for k, v in self.param_counts.items()))
+        self.log(f"strategy={self.strategy.name} world_size={self.env.world_size} dp={self.strategy.dp_size} "
+                 f"device={self.env.device} dtype={self.amp_dtype or torch.float32} grad_accum={self.grad_accum} "
+                 f"tokens/step={self.tokens_per_step} loss={cfg.loss.impl} run_dir={self.run_dir}")
+
+    # --- set-up helpers --------------------------------------------------------------------------
+    def log(self, msg: str) -> None:
+        if self.env.is_main:
+            print(f"[mtp] {msg}", flush=True)
+
+    def _stream(self, split: str, infinite: bool, prefetch: int) -> ArrowTokenStream:
+        return ArrowTokenStream(
+            sources=[DataSource(path=s.path, weight=s.weight) for s in self.cfg.data.sources],
+            window=self.seq_len + self.cfg.model.n_future, micro_batch_size=self.cfg.train.micro_batch_size,
+            rank=self.strategy.dp_rank, world_size=self.strategy.dp_size, seed=self.cfg.train.seed,
+            split=split, prefetch=prefetch, infinite=infinite)
+
+    def _state(self) -> dict:
+        return {"model": _ModelState(self.model), "optim": _OptimState(self.model, self.optimizer)}
+
+    def _maybe_resume(self) -> Optional[str]:
+        resume = self.cfg.train.resume
+        if resume == "never":
+            return None
+        path = find_latest(self.ckpt.root) if resume == "auto" else Path(resume)
+        if path is None:
+            return None
+        state = self.ckpt.load(path, self._state())
+        self.step, self.tokens_seen = state["step"], state["tokens_seen"]
+        self.nonfinite_total = state.get("nonfinite_total", 0)
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.train_stream.load_state_dict(state["data"])
+        if state.get("world_size") != self.env.world_size:
+            torch.manual_seed(self.cfg.train.seed + 1000 * self.env.rank + self.step)
+        self.log(f"resumed from {path} at step {self.step} (saved with world_size={state.get('world_size')})")
+        return state.get("wandb_run_id")
+
+    def save_checkpoint(self) -> Path:
+        train_state = {"step": self.step, "tokens_seen": self.tokens_seen, "nonfinite_total": self.nonfinite_total,
+                       "scheduler": self.scheduler.state_dict(), "data": self.train_stream.state_dict(),
+                       "wandb_run_id": self.metrics.wandb_run_id, "model_config": asdict(self.cfg.model)}
+        t0 = time.perf_counter()
+        path = self.ckpt.save(self.step, self._state(), train_state)
+        self.log(f"checkpoint step {self.step} -> {path} ({time.perf_counter() - t0:.1f}s)")
+        return path
+
+    # --- the loop ---------------------------------------------------------------------------------
+    def train_step(self) -> dict:
+        cfg = self.cfg
+        autocast = (torch.autocast(self.env.device.type, dtype=self.amp_dtype) if self.amp_dtype
+                    else contextlib.nullcontext())
+        per_head = torch.zeros(cfg.model.n_future, dtype=torch.float64)
+        for micro in range(self.grad_accum):
+            tokens = next(self.train_iter).to(self.env.device, non_blocking=True)
+            hooks = self.strategy.grad_sync_hooks(self.model, last_micro_batch=micro == self.grad_accum - 1)
+            with autocast:
+                out = mtp_loss(cfg.loss.impl, self.model, tokens, seq_len=self.seq_len,
+                               weights=cfg.loss.head_weights, chunk_size=cfg.loss.chunk_size,
+                               pad_id=self.pad_id, loss_scale=1.0 / self.grad_accum, hooks=hooks)
+            per_head += torch.stack(out.per_head).double().cpu() / self.grad_accum
+        self.strategy.finish_backward(self.model)
+        per_head = self.strategy.all_reduce_mean(per_head.to(torch.float32)).double()
+        weights = torch.tensor(cfg.loss.head_weights or [1.0] * cfg.model.n_future, dtype=torch.float64)
+        loss = float((per_head * weights).sum())
+        grad_norm = float(self.strategy.clip_grad_norm(self.model, cfg.optim.grad_clip))
+        lr = self.scheduler.get_last_lr()[0]
+        finite = torch.isfinite(torch.tensor([loss, grad_norm])).all().item()
+        if finite:
+            self.strategy.optimizer_step(self.optimizer)
+            self.nonfinite_in_a_row = 0
+        else:
+            self.nonfinite_in_a_row += 1
+            self.nonfinite_total += 1
+            self.log(f"step {self.step}: non-finite loss {loss} / grad norm {grad_norm}; step skipped "
+                     f"({self.nonfinite_in_a_row} in a row)")
+            if self.nonfinite_in_a_row >= cfg.train.max_nonfinite_steps:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.step} "
+                    f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); lower optim.lr or check the data")
+        self.strategy.zero_grad(self.model, self.optimizer)
+        self.scheduler.step()
+        return {"loss": loss, "per_head": per_head.tolist(), "grad_norm": grad_norm, "lr": lr}
+
+    @torch.no_grad()
+    def validate(self) -> dict:
+        stream = self._stream("val", infinite=False, prefetch=0)
+        sums = torch.zeros(self.cfg.model.n_future, dtype=torch.float64)
+        counts = torch.zeros(self.cfg.model.n_future, dtype=torch.float64)
+        for k, tokens in enumerate(stream):
+            if k >= self.cfg.logging.val_batches:
+                break
+            s, c = evaluate_loss(self.model, tokens.to(self.env.device), seq_len=self.seq_len,
+                                 chunk_size=self.cfg.loss.chunk_size, pad_id=self.pad_id)
+            sums += torch.stack(s).double().cpu()
+            counts += torch.tensor(c, dtype=torch.float64)
+        both = self.strategy.all_reduce_mean(torch.cat([sums, counts]).float()).double()
+        n = self.cfg.model.n_future
+        mean = both[:n] / both[n:].clamp(min=1)
+        return {f"val/loss/head_{i + 1}": float(v) for i, v in enumerate(mean)} | {"val/loss": float(mean[0])}
+
+    def train(self) -> int:
+        cfg = self.cfg
+        self.train_iter = iter(self.train_stream)
+        start_step, t_last, tokens_last = self.step, time.perf_counter(), self.tokens_seen
+        self.log(f"training steps {self.step}..{cfg.train.max_steps}")
+        while self.step < cfg.train.max_steps:
+            out = self.train_step()
+            self.step += 1
+            self.tokens_seen += self.tokens_per_step
+            if self.step % cfg.logging.interval == 0 or self.step == cfg.train.max_steps:
+                now = time.perf_counter()
+                self._log_step(out, (self.tokens_seen - tokens_last) / (now - t_last), start_step)
+                t_last, tokens_last = now, self.tokens_seen
+            if cfg.logging.val_interval and self.step % cfg.logging.val_interval == 0:
+                self._log_val()
+            preempted = self._preempted()
+            if preempted or self.step == cfg.train.max_steps or (
+                    cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
+                self.save_checkpoint()
+            if preempted:
+                self.log(f"received {signal.Signals(preempted).name}: checkpoint saved at step {self.step}; "
+                         f"exiting with code {EXIT_PREEMPTED} so the job can be requeued")
+                return EXIT_PREEMPTED
+        if cfg.logging.val_interval and self.step % cfg.logging.val_interval:
+            self._log_val()
+        self.log(f"done: {self.step} steps, {self.tokens_seen} tokens; metrics in {self.run_dir / 'metrics.jsonl'}"
+                 + (f"; wandb run in {self.metrics.wandb_dir}" if self.metrics.wandb_dir else ""))
+        return 0
+
+    def _preempted(self) -> int:
+        flag = torch.tensor([float(self.preemption.signal or 0)])
+        return int(self.strategy.all_reduce_max(flag).item())
+
+    def _log_step(self, out: dict, tokens_per_s: float, start_step: int) -> None:
+        m = {"step": self.step, "loss": out["loss"], "lr": out["lr"], "grad_norm": out["grad_norm"],
+             "tokens_per_s": tokens_per_s, "tokens_per_s_per_rank": tokens_per_s / self.env.world_size,
+             "peak_mem_mb": peak_memory_mb(self.env.device), "tokens_seen": self.tokens_seen,
+             "nonfinite_skipped": self.nonfinite_total}
+        m |= {f"loss/head_{i + 1}": v for i, v in enumerate(out["per_head"])}
+        if self.peak_flops:
+            m["mfu"] = tokens_per_s / self.env.world_size * self.flops_per_token / self.peak_flops
+        heads = " ".join(f"{v:.3f}" for v in out["per_head"])
+        remaining = (self.cfg.train.max_steps - self.step) * self.tokens_per_step / max(tokens_per_s, 1e-9)
+        line = (f"step {self.step:>6}/{self.cfg.train.max_steps} loss {out['loss']:.4f} heads [{heads}] "
+                f"lr {out['lr']:.2e} gnorm {out['grad_norm']:.2f} {tokens_per_s:,.0f} tok/s "
+                f"mem {m['peak_mem_mb']:.0f}MB eta {remaining / 60:.1f}min")
+        self.metrics.log(m, console=line)
+
+    def _log_val(self) -> None:
+        v = self.validate()
+        self.metrics.log({"step": self.step, **v},
+                         console=f"step {self.step:>6} validation " + " ".join(
+                             f"{k.split('/')[-1]}={x:.4f}" for k, x in v.items() if "head" in k))
+
+    def close(self) -> None:
+        self.metrics.close()
+        self.train_stream.close() if hasattr(self.train_stream, "close") else None
+        destroy_distributed()
+
+
+def run(cfg: JobConfig, run_dir: Path) -> int:
+    trainer = Trainer(cfg, run_dir)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()
+
+
+def _run_id() -> str:
+    """Same on every rank of one job: $MTP_RUN_ID, torchrun's run id, the SLURM job id, else time."""
+    for var in ("MTP_RUN_ID", "SLURM_JOB_ID"):
+        if os.environ.get(var):
+            return os.environ[var] if var == "MTP_RUN_ID" else f"slurm-{os.environ[var]}"
+    if os.environ.get("TORCHELASTIC_RUN_ID", "none") != "none":
+        return f"torchrun-{os.environ['TORCHELASTIC_RUN_ID'][:8]}"
+    return time.strftime("%Y%m%d-%H%M%S")
+
+
+def main() -> None:
+    import hydra
+    from hydra.core.hydra_config import HydraConfig
+
+    register_configs()
+    if not OmegaConf.has_resolver("run_id"):
+        OmegaConf.register_new_resolver("run_id", _run_id, use_cache=True)
+
+    @hydra.main(config_path="../conf", config_name="config", version_base=None)
+    def _app(dict_cfg) -> None:
+        cfg = to_job_config(dict_cfg)
+        code = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        if code:
+            sys.exit(code)
+
+    _app()
+
+
+if __name__ == "__main__":
+    main()
