@@ -176,14 +176,16 @@ def _disable_network() -> None:
 
 
 def _disable_processes() -> None:
+    import posix  # os re-exports these from posix: patch both names
     import subprocess as child_subprocess
 
     for name in ("fork", "forkpty", "vfork", "system", "popen", "posix_spawn", "posix_spawnp",
                  "execv", "execve", "execl", "execle", "execlp", "execlpe", "execvp", "execvpe",
                  "spawnv", "spawnve", "spawnl", "spawnle", "spawnlp", "spawnlpe", "spawnvp",
                  "spawnvpe", "kill", "killpg"):
-        if hasattr(os, name):
-            setattr(os, name, _refuse(f"os.{name}"))
+        for module in (os, posix):
+            if hasattr(module, name):
+                setattr(module, name, _refuse(f"os.{name}"))
     child_subprocess.Popen = _refuse("subprocess.Popen")
 
 
