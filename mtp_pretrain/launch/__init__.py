@@ -1,0 +1,1 @@
+"""Launching training jobs on clusters (SLURM: `mtp-submit`, see docs/slurm.md)."""
