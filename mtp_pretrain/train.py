@@ -166,7 +166,8 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         train_state = {"step": self.step, "tokens_seen": self.tokens_seen, "nonfinite_total": self.nonfinite_total,
                        "scheduler": self.scheduler.state_dict(), "data": self.train_stream.state_dict(),
-                       "wandb_run_id": self.metrics.wandb_run_id, "model_config": asdict(self.cfg.model)}
+                       "wandb_run_id": self.metrics.wandb_run_id, "model_config": asdict(self.cfg.model),
+                       "data_sources": [s.path for s in self.cfg.data.sources]}
         t0 = time.perf_counter()
         path = self.ckpt.save(self.step, self._state(), train_state)
         self.log(f"checkpoint step {self.step} -> {path} ({time.perf_counter() - t0:.1f}s)")
