@@ -12,7 +12,7 @@ is not well defined and this rule is simply the task's definition.
 Text format, one example per line in training documents::
 
     prompt:  ((3x^2+1)*(x+4))∘(2x)=
-    answer:  2x^3+6x^2+...           (canonical: see `format_poly`)
+    answer:  3x^3+6x^2+2x+4           (canonical: see `format_poly`)
 
 Every operand of an operator is parenthesised, so the prompt parses without precedence rules.
 The answer never contains spaces, which makes exact match on the first whitespace-delimited word

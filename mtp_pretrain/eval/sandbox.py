@@ -67,7 +67,7 @@ def run_program(source: str, limits: SandboxLimits = SandboxLimits()) -> Executi
     passed: ran to completion. failed: raised AssertionError. error: raised anything else (the
     reason names the exception) or died from a signal. timeout: wall-clock or CPU limit hit.
     """
-    with tempfile.TemporaryDirectory(prefix="mtp_sandbox_") as root:
+    with tempfile.TemporaryDirectory(prefix="mtp_sandbox_", ignore_cleanup_errors=True) as root:
         work_dir = Path(root) / "work"
         work_dir.mkdir()
         program = Path(root) / "program.py"  # outside work_dir, so the program cannot edit it
