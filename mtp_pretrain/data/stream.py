@@ -6,14 +6,16 @@ import queue
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
-import torch
 
 from .dataset import TokenWindows
 from .errors import DataError
 from .sampler import GlobalSampler, SamplerState
+
+if TYPE_CHECKING:
+    import torch
 
 STATE_VERSION = 1
 
@@ -103,6 +105,10 @@ class ArrowTokenStream:
 
     def _batches(self, state: SamplerState) -> Iterator[tuple[torch.Tensor, SamplerState]]:
         """Batches of this rank from `state` on, each with the state after it (private copy)."""
+        # torch is imported here, not at module level, so that the data tools' tokenizer worker
+        # processes (which import this package) start without paying for it.
+        import torch
+
         sampler = GlobalSampler(
             [s.weight for s in self.sources], [ds.num_windows for ds in self.datasets], state
         )

@@ -1,0 +1,130 @@
+"""Data pipeline throughput: tokenization MB/s (1 and 2 worker processes) and loader tokens/s + memory.
+
+    .venv/bin/python bench/data_throughput.py [--data-dir data/default] [--loader-gb 1.0]
+
+1. Tokenizes the default corpus's code documents (Python stdlib sources) with the default BPE
+   tokenizer, once with 1 and once with 2 worker processes (wall time, process start-up included).
+2. Writes a synthetic dataset of >= --loader-gb GB of uint16 shards in a temp dir and streams one
+   whole epoch of it through ArrowTokenStream (prefetch 2), measuring tokens/s and memory growth.
+   Memory is RssAnon from /proc/self/status: anonymous (heap) pages only. VmRSS is NOT used because
+   the file-backed pages of the memory-mapped shards count in VmRSS as they are touched, although
+   the kernel can drop them at any time; VmRSS growth is printed beside it for comparison.
+Ends with one JSON line of the figures.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+# Imported before the memory baseline: the stream imports torch on its first batch, and torch's own
+# ~130 MB of heap is not growth of the loader.
+import torch  # noqa: F401
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from data_tools import default_corpus  # noqa: E402
+from data_tools.build_default import build_default  # noqa: E402
+from data_tools.corpus import cap_bytes, deduplicate  # noqa: E402
+from data_tools.tokenize_corpus import tokenize_to_dataset  # noqa: E402
+from mtp_pretrain.data import ArrowTokenStream, DataSource  # noqa: E402
+from mtp_pretrain.data.synthetic import write_random_dataset  # noqa: E402
+
+
+def proc_status_mb(field: str) -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) / 1024
+    raise KeyError(field)
+
+
+def bench_tokenize(data_dir: Path, max_mb: float, tmp: Path) -> dict[str, float]:
+    if not (data_dir / "tokenizer.json").exists():
+        build_default(data_dir)
+    docs = list(cap_bytes(deduplicate(default_corpus.stdlib_python_sources()), int(max_mb * 2**20)))
+    mb = sum(len(d["text"].encode()) for d in docs) / 1e6
+    rates = {}
+    for workers in (1, 2):
+        t0 = time.perf_counter()
+        tokenize_to_dataset(docs, data_dir / "tokenizer.json", tmp / f"tok{workers}", source_description="bench",
+                            workers=workers, total_bytes=int(mb * 1e6))
+        rates[str(workers)] = mb / (time.perf_counter() - t0)
+        print(f"tokenize  {mb:6.1f} MB of code, {workers} worker(s): {rates[str(workers)]:6.2f} MB/s", flush=True)
+    return rates
+
+
+def bench_loader(tmp: Path, gb: float, window: int, batch: int) -> dict:
+    path = tmp / "synthetic"
+    num_tokens = int(gb * 1e9) // 2 + 1  # uint16: 2 bytes a token
+    t0 = time.perf_counter()
+
+    def progress(split, done, total):
+        if split == "train":
+            rate = done / (time.perf_counter() - t0)
+            print(f"\r  writing synthetic shards: {2 * done / 1e9:5.2f}/{2 * total / 1e9:.2f} GB "
+                  f"({2 * rate / 1e6:.0f} MB/s, ETA {(total - done) / rate:4.0f}s)", end="", flush=True)
+
+    meta = write_random_dataset(path, {"train": num_tokens, "val": 1 << 16}, shard_tokens=32 << 20, doc_len=4000, progress=progress)
+    shard_bytes = sum(s["bytes"] for s in meta["splits"]["train"]["shards"])
+    print(f"\n  {len(meta['splits']['train']['shards'])} shards, {shard_bytes / 1e9:.2f} GB", flush=True)
+
+    stream = ArrowTokenStream([DataSource(str(path))], window=window, micro_batch_size=batch, rank=0, world_size=1,
+                              seed=0, prefetch=2, infinite=False)
+    anon0, rss0 = proc_status_mb("RssAnon"), proc_status_mb("VmRSS")
+    anon_max, rss_max = anon0, rss0
+    tokens, t0, last = 0, time.perf_counter(), time.perf_counter()
+    total = stream.datasets[0].num_windows * window
+    for i, b in enumerate(stream):
+        tokens += b.numel()
+        if i % 256 == 0:
+            anon_max, rss_max = max(anon_max, proc_status_mb("RssAnon")), max(rss_max, proc_status_mb("VmRSS"))
+            if time.perf_counter() - last > 2:
+                last, rate = time.perf_counter(), tokens / (time.perf_counter() - t0)
+                print(f"\r  streaming: {tokens / total:5.1%}  {rate / 1e6:6.1f} M tokens/s  ETA {(total - tokens) / rate:4.0f}s  "
+                      f"RssAnon +{anon_max - anon0:.1f} MB", end="", flush=True)
+    seconds = time.perf_counter() - t0
+    anon_max, rss_max = max(anon_max, proc_status_mb("RssAnon")), max(rss_max, proc_status_mb("VmRSS"))
+    print()
+    return {
+        "loader_tokens_per_s": tokens / seconds,
+        "rss_growth_mb": anon_max - anon0,
+        "vmrss_growth_mb": rss_max - rss0,
+        "streamed_gb": tokens * 2 / 1e9,
+        "shard_gb": shard_bytes / 1e9,
+    }
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data-dir", default="data/default", help="default corpus (built there if absent)")
+    p.add_argument("--tokenize-mb", type=float, default=16, help="MiB of code to tokenize per measurement")
+    p.add_argument("--loader-gb", type=float, default=1.0, help="size of the synthetic dataset to stream")
+    p.add_argument("--window", type=int, default=2049, help="tokens per sample (seq_len + n_future)")
+    p.add_argument("--batch", type=int, default=8, help="micro batch size")
+    args = p.parse_args()
+
+    with tempfile.TemporaryDirectory(prefix="data_bench_") as tmp:
+        tok_rates = bench_tokenize(Path(args.data_dir), args.tokenize_mb, Path(tmp))
+        loader = bench_loader(Path(tmp), args.loader_gb, args.window, args.batch)
+
+    print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (shared machine)")
+    print("\n| measurement | value |\n| --- | --- |")
+    for w, r in tok_rates.items():
+        print(f"| tokenize (BPE 8192, code), {w} worker process(es) | {r:.2f} MB/s |")
+    print(f"| loader, 1 rank, prefetch 2, window {args.window}, batch {args.batch} | {loader['loader_tokens_per_s'] / 1e6:.1f} M tokens/s |")
+    print(f"| streamed | {loader['streamed_gb']:.2f} GB of {loader['shard_gb']:.2f} GB of shards |")
+    print(f"| memory growth, RssAnon (heap only) | {loader['rss_growth_mb']:.1f} MB |")
+    print(f"| memory growth, VmRSS (includes mapped file pages; not a leak) | {loader['vmrss_growth_mb']:.1f} MB |")
+    print(json.dumps({"tokenize_mb_per_s": {k: round(v, 3) for k, v in tok_rates.items()},
+                      **{k: round(v, 3) for k, v in loader.items()}, "window": args.window, "batch": args.batch,
+                      "cpus": os.cpu_count(), "load_avg_1min_at_end": round(os.getloadavg()[0], 2)}))
+
+
+if __name__ == "__main__":
+    main()
