@@ -189,7 +189,7 @@ def _locate(tokenizer: Tokenizer, text: str, token_ids: list[int],
     located = []
     tokens_of: dict[int, list[int]] = {}
     for start, end, character in occurrences:
-        before = tokenizer.encode(text[:start - 1])  # up to the space before the name
+        before = tokenizer.encode(text[:start - 1])  # up to the space every name follows
         through = tokenizer.encode(text[:end])
         if (token_ids[:len(through)] != through or through[:len(before)] != before
                 or len(through) - len(before) != 2):

@@ -164,7 +164,7 @@ def make_example(expr: Expr) -> Example:
 
 
 def generate_examples(n: int, ops_range: Iterable[int], seed: int,
-                      exclude: set[str] = frozenset()) -> list[Example]:
+                      exclude: Iterable[str] = ()) -> list[Example]:
     """`n` distinct examples whose operation counts cycle through `ops_range` (so each count is
     equally represented); prompts in `exclude` are skipped. Deterministic given `seed`."""
     ops = list(ops_range)
