@@ -97,6 +97,10 @@ class TrainConfig:
     global_batch_tokens: Optional[int] = None
     resume: str = "auto"  # auto (newest complete checkpoint in checkpoint.dir) | never | <path>
     init_from: Optional[str] = None  # weights only, from a checkpoint or export directory
+    # weights only, from a local Hugging Face Llama directory (docs/interop.md); heads 2..n from its
+    # mtp side file if present, else per init_from_hf_heads: copy (of head 1) | fresh
+    init_from_hf: Optional[str] = None
+    init_from_hf_heads: str = "copy"
     dtype: str = "auto"  # auto (bf16 autocast where supported, else fp32) | float32 | bfloat16
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
     device: str = "auto"  # auto | cpu | cuda
@@ -109,6 +113,9 @@ class TrainConfig:
         _choice("train.dtype", self.dtype, ("auto", "float32", "bfloat16"))
         _choice("train.device", self.device, ("auto", "cpu", "cuda"))
         _at_least("train.max_nonfinite_steps", self.max_nonfinite_steps, 1)
+        _choice("train.init_from_hf_heads", self.init_from_hf_heads, ("copy", "fresh"))
+        if self.init_from and self.init_from_hf:
+            raise ValueError("set at most one of train.init_from and train.init_from_hf")
         if not self.resume:
             raise ValueError("train.resume must be 'auto', 'never' or a checkpoint path")
 

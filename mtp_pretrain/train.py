@@ -110,6 +110,10 @@ class Trainer:
             from mtp_pretrain.export import load_model_weights
 
             load_model_weights(model, cfg.train.init_from, log=self.log)
+        if cfg.train.init_from_hf:
+            from mtp_pretrain.interop.hf import load_hf_weights
+
+            load_hf_weights(model, cfg.train.init_from_hf, extra_heads=cfg.train.init_from_hf_heads, log=self.log)
         self.param_counts = count_parameters(cfg.model)
         self.model = self.strategy.parallelize(model)
         self.optimizer = self.strategy.build_optimizer(self.model, lambda m: build_adamw(m, cfg.optim))
