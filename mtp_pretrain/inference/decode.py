@@ -1,0 +1,428 @@
+"""Incremental decoding of an MTPTransformer: greedy, sampling, self-speculative and tree modes.
+
+Every mode runs on one :class:`~mtp_pretrain.inference.kv_cache.KVCache` and the same step
+structure. Per sequence the decoder keeps
+
+* ``length``: committed positions of the trunk and of heads that read the trunk (their cache
+  slots ``< length`` hold the keys of exactly the accepted tokens);
+* ``next_token``: the token after them, already decided (it is head 1's choice at the last
+  committed position, so it is *certain*) but not yet fed;
+* drafts for the tokens after ``next_token``, proposed by heads 2..n at the last committed
+  position (self-speculative: one chain; tree: top-k candidates per head).
+
+A step feeds ``[next_token, drafts...]`` at positions ``length, length+1, ...`` in one forward
+pass; head 1's outputs verify the drafts; the accepted prefix plus head 1's token after it are
+emitted (1 to n tokens per pass) and ``length`` advances over what was accepted. Rejected
+positions are rolled back by not counting them (see kv_cache.py). Greedy decoding is the same
+step with no drafts, which is why speculative and greedy outputs can be compared token for token.
+
+Batches: prompts of different lengths are right-padded in the prompt pass (padding writes only
+beyond each sequence's length, so it is never attended); afterwards each sequence advances by its
+own accepted count. Finished sequences (EOS or max tokens) are dropped from the batch.
+
+Causal (chained) heads: head i at position t reads head i-1's state at t and the embedding of
+token t+i-1, so its cache slot at t is only final once tokens up to t+i-1 are known. Such heads
+keep their own committed length (``head_length[i]`` = positions whose tokens are all known) and
+their drafting pass recomputes the positions after it each step, sequentially through the heads
+(head i needs head i-1's draft). Tree mode needs independent heads and raises for causal ones.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field, fields
+from typing import Optional, Sequence
+
+import torch
+
+from mtp_pretrain.inference.kv_cache import KVCache
+from mtp_pretrain.inference.sampling import filtered_probs, leading_true, sample, speculative_accept
+from mtp_pretrain.inference.stats import RunStats, SequenceStats
+from mtp_pretrain.model.transformer import MTPTransformer
+
+MODES = ("greedy", "sample", "self_speculative", "tree")
+
+
+@dataclass
+class GenerationConfig:
+    """``greedy`` and ``sample`` are plain one-token-per-pass decoding (``sample`` needs
+    temperature > 0); ``self_speculative`` with temperature 0 is greedy-exact blockwise parallel
+    decoding and with temperature > 0 exact speculative sampling; ``tree`` is greedy only."""
+
+    mode: str = "greedy"
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    eos_id: Optional[int] = None
+    tree_widths: tuple[int, ...] = (3, 2, 1)  # candidates per tree depth (head 2, 3, ...)
+    seed: Optional[int] = None
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"mode must be one of {MODES}, got {self.mode!r}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise ValueError(f"need temperature >= 0 and 0 < top_p <= 1, got {self.temperature}, {self.top_p}")
+        if self.mode == "sample" and self.temperature == 0:
+            raise ValueError("mode 'sample' needs temperature > 0 (temperature 0 is mode 'greedy')")
+        if self.mode == "greedy" and self.temperature > 0:
+            raise ValueError("mode 'greedy' takes no temperature; use mode 'sample'")
+        if self.mode == "tree" and self.temperature > 0:
+            raise ValueError("tree mode verifies greedily only (multi-candidate rejection sampling is not "
+                             "implemented); use self_speculative for exact speculative sampling")
+        if any(w < 1 for w in self.tree_widths) or not self.tree_widths:
+            raise ValueError(f"tree_widths must be positive, got {self.tree_widths}")
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0
+
+
+@dataclass
+class Generation:
+    tokens: list[list[int]]  # generated ids per prompt (EOS included when it stopped the sequence)
+    stats: RunStats
+
+
+class DraftTree:
+    """A static draft tree: the root is the certain next token; every node at depth d-1 has
+    ``widths[d-1]`` children, head d+1's top-``widths[d-1]`` tokens. Nodes are numbered
+    breadth-first, so a parent always precedes its children."""
+
+    def __init__(self, widths: Sequence[int]):
+        parent, depth, rank = [-1], [0], [0]
+        frontier = [0]
+        for d, w in enumerate(widths, start=1):
+            nxt = []
+            for p in frontier:
+                for r in range(w):
+                    parent.append(p), depth.append(d), rank.append(r)
+                    nxt.append(len(parent) - 1)
+            frontier = nxt
+        self.size, self.max_depth, self.max_width = len(parent), len(widths), max(widths)
+        self.parent = torch.tensor(parent)
+        self.depth = torch.tensor(depth)
+        self.rank = torch.tensor(rank)
+        # ancestors[node, d]: the node's ancestor at depth d (itself for d >= its depth)
+        anc = torch.zeros(self.size, self.max_depth + 1, dtype=torch.long)
+        for node in range(self.size):
+            chain, cur = [], node
+            while cur >= 0:
+                chain.append(cur)
+                cur = parent[cur]
+            chain.reverse()
+            anc[node] = torch.tensor(chain + [node] * (self.max_depth + 1 - len(chain)))
+        self.ancestors = anc
+        # Attention among the tree's tokens: each node sees its ancestors and itself.
+        mask = torch.zeros(self.size, self.size, dtype=torch.bool)
+        for node in range(self.size):
+            mask[node, anc[node, : depth[node] + 1]] = True
+        self.mask = mask
+        self.levels = [torch.nonzero(self.depth == d).flatten() for d in range(1, self.max_depth + 1)]
+
+    def to(self, device) -> "DraftTree":
+        for name in ("parent", "depth", "rank", "ancestors", "mask"):
+            setattr(self, name, getattr(self, name).to(device))
+        self.levels = [lv.to(device) for lv in self.levels]
+        return self
+
+
+@dataclass
+class _BatchState:
+    """Decoder state of the still-active sequences; every tensor has the batch first."""
+
+    rows: torch.Tensor  # [B] index of each sequence in the caller's prompt list
+    length: torch.Tensor  # [B] committed positions (trunk and trunk-reading heads)
+    next_token: torch.Tensor  # [B] decided, not yet fed
+    tokens: torch.Tensor  # [B, capacity] prompt + accepted tokens, then provisional ones
+    drafts: Optional[torch.Tensor] = None  # [B, K] chain drafts
+    draft_probs: Optional[torch.Tensor] = None  # [B, K, V] what the drafts were sampled from
+    candidates: Optional[torch.Tensor] = None  # [B, D, W] tree: top-W tokens of heads 2..D+1
+    head_length: Optional[torch.Tensor] = None  # [B, n+1] causal heads: committed positions of head i
+    head_states: Optional[torch.Tensor] = None  # [B, n-1, capacity, dim] causal: states of heads 1..n-1
+
+    def select(self, keep: torch.Tensor) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, torch.Tensor):
+                setattr(self, f.name, value.index_select(0, keep))
+
+
+class Decoder:
+    """Generates from a (single-process) MTPTransformer. Not thread-safe; one call at a time."""
+
+    def __init__(self, model: MTPTransformer):
+        self.model = model.eval()
+        self.cfg = model.cfg
+        self.n = model.n_future
+        self.device = next(model.parameters()).device
+        self.dtype = next(model.parameters()).dtype
+        self.cache: Optional[KVCache] = None  # the cache of the latest generate() (for inspection)
+
+    # -- public ---------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def generate(self, prompts: Sequence[Sequence[int]], config: GenerationConfig) -> Generation:
+        """Decode all prompts together (one batch); returns generated ids and statistics."""
+        cfg = config
+        self._check(prompts, cfg)
+        gen = torch.Generator(device=self.device)
+        gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+        B = len(prompts)
+        n_drafts = 0 if cfg.mode in ("greedy", "sample") else self.n - 1
+        tree = None
+        if cfg.mode == "tree" and n_drafts > 0:
+            tree = DraftTree(cfg.tree_widths[:n_drafts]).to(self.device)
+            n_drafts = tree.max_depth
+        step_tokens = tree.size if tree is not None else n_drafts + 1
+        capacity = max(len(p) for p in prompts) + cfg.max_new_tokens + step_tokens + 2 * self.n + 2
+        self.cache = KVCache(B, capacity, self.dtype, self.device)
+
+        stats = RunStats(mode=cfg.mode, batch_size=B)
+        stats.sequences = [SequenceStats(drafts_proposed=[0] * n_drafts, drafts_accepted=[0] * n_drafts)
+                           for _ in range(B)]
+        outputs: list[list[int]] = [[] for _ in range(B)]
+        t0 = time.perf_counter()
+
+        st = self._prefill(prompts, capacity, n_drafts, tree, cfg, gen)
+        stats.forward_passes += 1
+        stats.head_passes += self._causal_drafting(st, n_drafts, cfg, gen)
+        first = st.next_token[:, None]
+        self._emit(st, first, torch.ones(B, dtype=torch.long), None, n_drafts, outputs, stats, cfg)
+        while st.rows.numel() > 0:
+            if tree is not None:
+                emitted, n_acc = self._tree_step(st, tree, cfg)
+            else:
+                emitted, n_acc = self._chain_step(st, n_drafts, cfg, gen)
+            stats.forward_passes += 1
+            stats.head_passes += self._causal_drafting(st, n_drafts, cfg, gen)
+            self._emit(st, emitted, n_acc + 1, n_acc, n_drafts, outputs, stats, cfg)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        stats.wall_time_s = time.perf_counter() - t0
+        return Generation(tokens=outputs, stats=stats)
+
+    def forward_step(self, tokens: torch.Tensor, start: torch.Tensor, heads: Sequence[int] = (1,),
+                     depth: Optional[torch.Tensor] = None, step_mask: Optional[torch.Tensor] = None,
+                     cache: Optional[KVCache] = None) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """One cached forward of ``tokens`` [B, T] written from ``start`` [B] through the trunk
+        and the given independent heads (or head 1): {head: (state, normed)}. RoPE positions are
+        ``start + depth`` (depth defaults to 0..T-1; a tree passes node depths)."""
+        cache = self.cache if cache is None else cache
+        B, T = tokens.shape
+        if depth is None:
+            depth = torch.arange(T, device=self.device)
+        positions = self._rope_positions(start[:, None] + depth[None, :])
+        cache.prepare(start, T, step_mask)
+        z = self.model.trunk_forward(tokens, positions, cache)
+        return {i: self.model.head_forward(i, z, None, positions, cache) for i in heads}
+
+    # -- steps ----------------------------------------------------------------------------------
+
+    def _prefill(self, prompts, capacity, n_drafts, tree, cfg, gen) -> _BatchState:
+        B, P = len(prompts), max(len(p) for p in prompts)
+        lengths = torch.tensor([len(p) for p in prompts], device=self.device)
+        tokens = torch.zeros(B, capacity, dtype=torch.long, device=self.device)
+        for b, p in enumerate(prompts):
+            tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long)
+        rows = torch.arange(B, device=self.device)
+        st = _BatchState(rows=rows, length=lengths, next_token=lengths.new_zeros(B), tokens=tokens)
+        if self.model.heads_chain and n_drafts > 0:
+            st.head_length = torch.zeros(B, self.n + 1, dtype=torch.long, device=self.device)
+            st.head_states = torch.zeros(B, self.n - 1, capacity, self.cfg.dim, dtype=self.dtype, device=self.device)
+        out = self.forward_step(tokens[:, :P], torch.zeros_like(lengths), self._heads(n_drafts))
+        last = lengths - 1
+        st.next_token = self._choose(self.model.unembed(out[1][1][rows, last]), cfg, gen)
+        st.tokens[rows, lengths] = st.next_token
+        self._store_head1_states(st, out, torch.zeros_like(lengths), P)
+        self._propose_independent(st, out, last, n_drafts, tree, cfg, gen)
+        return st
+
+    def _chain_step(self, st: _BatchState, n_drafts: int, cfg, gen) -> tuple[torch.Tensor, torch.Tensor]:
+        B = st.rows.numel()
+        rows = torch.arange(B, device=self.device)
+        drafts = st.drafts if n_drafts else st.next_token.new_zeros(B, 0)
+        inputs = torch.cat([st.next_token[:, None], drafts], dim=1)  # [B, K+1]
+        start = st.length
+        slots = start[:, None] + torch.arange(n_drafts + 1, device=self.device)
+        st.tokens.scatter_(1, slots, inputs)  # provisional: rejected ones get overwritten
+        out = self.forward_step(inputs, start, self._heads(n_drafts))
+        logits = self.model.unembed(out[1][1])  # [B, K+1, V]: head 1 verifies every input
+        if cfg.sampling:
+            p = filtered_probs(logits, cfg.temperature, cfg.top_p)
+            n_acc, nxt = speculative_accept(p, st.draft_probs, drafts, gen)
+        else:
+            greedy = logits.argmax(-1)
+            n_acc = leading_true(drafts == greedy[:, :n_drafts])
+            nxt = greedy[rows, n_acc]
+        emitted = torch.cat([drafts, nxt[:, None]], dim=1)
+        emitted[rows, n_acc] = nxt  # accepted drafts, then head 1's token after them
+        self._store_head1_states(st, out, start, n_drafts + 1)
+        st.length = start + n_acc + 1
+        st.next_token = nxt
+        st.tokens[rows, st.length] = nxt
+        self._propose_independent(st, out, n_acc, n_drafts, None, cfg, gen)
+        return emitted, n_acc
+
+    def _tree_step(self, st: _BatchState, tree: DraftTree, cfg) -> tuple[torch.Tensor, torch.Tensor]:
+        B = st.rows.numel()
+        rows = torch.arange(B, device=self.device)
+        # Node tokens: the root is next_token; a depth-d node is head d+1's rank-r candidate.
+        cand = st.candidates[:, (tree.depth[1:] - 1), tree.rank[1:]]  # [B, size-1]
+        node_tokens = torch.cat([st.next_token[:, None], cand], dim=1)
+        start = st.length
+        out = self.forward_step(node_tokens, start, self._heads(tree.max_depth), tree.depth, tree.mask)
+        greedy = self.model.unembed(out[1][1]).argmax(-1)  # [B, size]: head 1's token after each node
+        accepted = torch.zeros(B, tree.size, dtype=torch.bool, device=self.device)
+        accepted[:, 0] = True
+        for level in tree.levels:  # a node is accepted iff its parent is and it is the parent's greedy token
+            par = tree.parent[level]
+            accepted[:, level] = accepted[:, par] & (node_tokens[:, level] == greedy[:, par])
+        # Siblings are distinct tokens, so at most one node per depth is accepted: the deepest
+        # accepted node ends the accepted path.
+        deepest = (accepted.long() * tree.depth).argmax(dim=1)
+        n_acc = tree.depth[deepest]
+        path = tree.ancestors[deepest]  # [B, D+1], path[:, 0] = root
+        nxt = greedy[rows, deepest]
+        emitted = torch.cat([node_tokens.gather(1, path[:, 1:]), nxt[:, None]], dim=1)
+        emitted[rows, n_acc] = nxt
+        # Pack the accepted path into consecutive slots (a few slots per layer; the rest of the
+        # tree is rolled back by the length). Depth j's node moves from slot start+node to start+j.
+        depths = torch.arange(1, tree.max_depth + 1, device=self.device)
+        dst = start[:, None] + depths
+        src = torch.where(depths[None] <= n_acc[:, None], start[:, None] + path[:, 1:], dst)
+        self.cache.move(src, dst)
+        st.tokens.scatter_(1, start[:, None] + torch.arange(tree.max_depth + 2, device=self.device),
+                           torch.cat([st.next_token[:, None], emitted], dim=1))
+        st.length = start + n_acc + 1
+        st.next_token = nxt
+        self._propose_independent(st, out, deepest, tree.max_depth, tree, cfg, None)
+        return emitted, n_acc
+
+    # -- drafting -------------------------------------------------------------------------------
+
+    def _heads(self, n_drafts: int) -> list[int]:
+        """Heads run in the trunk's pass: head 1, plus the drafting heads when they read the
+        trunk (independent heads); causal heads draft in their own sequential passes."""
+        if n_drafts and not self.model.heads_chain:
+            return list(range(1, n_drafts + 2))
+        return [1]
+
+    def _propose_independent(self, st, out, idx, n_drafts, tree, cfg, gen) -> None:
+        """Drafts of independent heads 2..K+1 at input index idx [B] of this pass."""
+        if n_drafts == 0 or self.model.heads_chain:
+            return
+        rows = torch.arange(st.rows.numel(), device=self.device)
+        logits = torch.stack([self.model.unembed(out[i][1][rows, idx]) for i in range(2, n_drafts + 2)], dim=1)
+        if tree is not None:
+            st.candidates = logits.topk(tree.max_width, dim=-1).indices
+        elif cfg.sampling:
+            st.draft_probs = filtered_probs(logits, cfg.temperature, cfg.top_p)
+            st.drafts = sample(st.draft_probs, gen)
+        else:
+            st.drafts = logits.argmax(-1)
+
+    def _store_head1_states(self, st, out, start, T) -> None:
+        if st.head_states is not None:
+            rows = torch.arange(st.rows.numel(), device=self.device)[:, None]
+            st.head_states[rows, 0, start[:, None] + torch.arange(T, device=self.device)] = out[1][0]
+
+    def _causal_drafting(self, st: _BatchState, n_drafts: int, cfg, gen) -> int:
+        """Causal heads: bring heads 2..n up to the last committed position and draft, one head
+        after the other. Returns the number of head passes run."""
+        if n_drafts == 0 or not self.model.heads_chain:
+            return 0
+        last = st.length - 1
+        B = st.rows.numel()
+        rows = torch.arange(B, device=self.device)
+        drafts, probs = [], []
+        for i in range(2, self.n + 1):
+            # Positions [head_length[i], last]: from head i's first not-final slot to the last
+            # committed position. Slots before it were computed with known tokens only.
+            start = st.head_length[:, i]
+            count = last - start + 1
+            W = int(count.max())
+            pos = start[:, None] + torch.arange(W, device=self.device)
+            inside = torch.minimum(pos, last[:, None])  # padding reads a valid position
+            x_in = st.head_states[rows[:, None], i - 2, inside]  # head i-1's states
+            shifted = st.tokens.gather(1, inside + i - 1)  # token t+i-1 (next_token or a draft at the end)
+            self.cache.prepare(start, W)
+            state, normed = self.model.head_forward(i, x_in, shifted, self._rope_positions(pos), self.cache)
+            if i < self.n:
+                st.head_states[rows[:, None], i - 1, pos] = state  # padding lands beyond `last`
+            logits = self.model.unembed(normed[rows, count - 1])
+            if cfg.sampling:
+                q = filtered_probs(logits, cfg.temperature, cfg.top_p)
+                d = sample(q, gen)
+                probs.append(q)
+            else:
+                d = logits.argmax(-1)
+            drafts.append(d)
+            st.tokens[rows, last + i] = d  # head i+1 embeds it
+            # Head i at position t needs tokens up to t+i-1; known up to last+1 (next_token).
+            st.head_length[:, i] = (last + 3 - i).clamp(min=0)
+        st.drafts = torch.stack(drafts, dim=1)
+        st.draft_probs = torch.stack(probs, dim=1) if probs else None
+        return self.n - 1
+
+    # -- bookkeeping ----------------------------------------------------------------------------
+
+    def _emit(self, st, emitted, counts, n_acc, n_drafts, outputs, stats, cfg) -> None:
+        """Append each sequence's new tokens, stop at EOS / max tokens, drop finished rows."""
+        finished = []
+        em, cnt = emitted.tolist(), counts.tolist()
+        acc = n_acc.tolist() if n_acc is not None else None
+        for b, r in enumerate(st.rows.tolist()):
+            s, out = stats.sequences[r], outputs[r]
+            s.forward_passes += 1
+            if acc is not None:
+                for j in range(n_drafts):
+                    s.drafts_proposed[j] += 1
+                    s.drafts_accepted[j] += int(acc[b] > j)
+            done = False
+            for t in em[b][: cnt[b]]:
+                out.append(t)
+                if cfg.eos_id is not None and t == cfg.eos_id:
+                    s.finish_reason, done = "eos", True
+                elif len(out) >= cfg.max_new_tokens:
+                    s.finish_reason, done = "length", True
+                if done:
+                    break
+            s.tokens_generated = len(out)
+            finished.append(done)
+        if any(finished):
+            keep = torch.tensor([not f for f in finished], device=self.device).nonzero().flatten()
+            st.select(keep)
+            self.cache.select_rows(keep)
+
+    def _rope_positions(self, pos: torch.Tensor) -> torch.Tensor:
+        # Only padding and drafts past the last token that can be emitted go beyond the RoPE
+        # table (generate() checks prompt + max_new_tokens); their outputs are never used.
+        return pos.clamp(max=self.cfg.max_seq_len - 1)
+
+    def _choose(self, logits, cfg, gen) -> torch.Tensor:
+        if cfg.sampling:
+            return sample(filtered_probs(logits, cfg.temperature, cfg.top_p), gen)
+        return logits.argmax(-1)
+
+    def _check(self, prompts, cfg) -> None:
+        if not prompts:
+            raise ValueError("no prompts")
+        for p in prompts:
+            if len(p) == 0:
+                raise ValueError("empty prompt: every prompt needs at least one token (e.g. BOS)")
+            if min(p) < 0 or max(p) >= self.cfg.vocab_size:
+                raise ValueError(f"prompt token ids must be in [0, {self.cfg.vocab_size})")
+            if len(p) + cfg.max_new_tokens > self.cfg.max_seq_len:
+                raise ValueError(f"prompt of {len(p)} tokens + max_new_tokens {cfg.max_new_tokens} exceeds "
+                                 f"model.max_seq_len={self.cfg.max_seq_len}")
+        if cfg.mode == "tree" and self.model.heads_chain and self.n > 1:
+            raise NotImplementedError(
+                "tree mode needs independent heads (transformer or linear); causal heads draft one "
+                "token at a time through the chain, so use mode self_speculative with them")
+
+
+def generate(model: MTPTransformer, prompts: Sequence[Sequence[int]], **config) -> Generation:
+    """Convenience wrapper: ``generate(model, prompts, mode="self_speculative", max_new_tokens=64)``."""
+    return Decoder(model).generate(prompts, GenerationConfig(**config))

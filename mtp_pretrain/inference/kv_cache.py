@@ -1,0 +1,116 @@
+"""A preallocated key/value cache with per-sequence lengths, for trunk and head blocks alike.
+
+Layout: one ``[B, H_kv, capacity, head_dim]`` key and value buffer per attention layer (trunk
+blocks and head blocks each have their own ``layer_id``), allocated on the first write so that
+layers a mode never runs (e.g. heads 2..n under plain greedy decoding) cost nothing.
+
+The cache itself holds no "length": every forward pass is announced with :meth:`prepare`, which
+says, per sequence, where its new tokens start (``start[b]`` = how many positions of that
+sequence are committed for the layers about to run) and how the new tokens see each other (a
+causal chain, or a draft tree). Then each layer's :meth:`update`
+
+* scatters the new keys/values into slots ``start[b] .. start[b] + T - 1``, and
+* returns the cached keys/values plus a boolean mask: a new query attends to every committed
+  slot ``< start[b]`` and to the new slots the step mask allows; nothing else.
+
+Rollback is therefore free: the decoder keeps the committed lengths and simply does not count
+rejected positions; whatever they wrote is beyond the length, masked out, and overwritten by the
+next write to those slots. Nothing is copied. The only copy is :meth:`move`, which packs an
+accepted *tree* path (a few slots per layer) into consecutive positions, and :meth:`select_rows`,
+which drops finished sequences from the batch.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class KVCache:
+    def __init__(self, batch_size: int, capacity: int, dtype: torch.dtype = torch.float32,
+                 device: torch.device | str = "cpu"):
+        self.batch_size = batch_size
+        self.capacity = capacity
+        self.dtype = dtype
+        self.device = torch.device(device)
+        self.keys: dict[int, torch.Tensor] = {}
+        self.values: dict[int, torch.Tensor] = {}
+        # Set by prepare(), shared by every layer of the forward pass that follows.
+        self._slots: Optional[torch.Tensor] = None  # [B, T] write positions
+        self._mask: Optional[torch.Tensor] = None  # [B, 1, T, S] True = attend
+        self._extent = 0  # S: slots any query of this step can see
+
+    # -- per forward pass -------------------------------------------------------------------------
+
+    def prepare(self, start: torch.Tensor, n_new: int, step_mask: Optional[torch.Tensor] = None) -> None:
+        """Announce a forward pass of ``n_new`` tokens per sequence written from ``start`` [B].
+
+        ``step_mask`` [T, T] (True = query i may see new token j) defaults to causal. It must
+        let every query see itself, so that no row of the mask is empty (padding queries
+        included): an all-masked row would make NaNs that the zero attention weights of other
+        rows would still multiply into their outputs.
+        """
+        T = n_new
+        start = start.to(self.device, torch.long)
+        if start.shape != (self.batch_size,):
+            raise ValueError(f"start must have shape ({self.batch_size},), got {tuple(start.shape)}")
+        if int(start.max()) + T > self.capacity:
+            raise ValueError(f"KV cache overflow: writing up to slot {int(start.max()) + T} of {self.capacity}")
+        if step_mask is None:
+            step_mask = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
+        step_mask = step_mask.to(self.device)
+        if not bool(step_mask.diagonal().all()):
+            raise ValueError("step_mask must let every new token attend to itself")
+        self._slots = start[:, None] + torch.arange(T, device=self.device)
+        S = int(start.max()) + T
+        rel = torch.arange(S, device=self.device)[None, :] - start[:, None]  # [B, S]
+        committed = rel < 0
+        new = (rel >= 0) & (rel < T)
+        new_visible = step_mask[:, rel.clamp(0, T - 1)].permute(1, 0, 2)  # [B, T, S]
+        self._mask = (committed[:, None, :] | (new[:, None, :] & new_visible)).unsqueeze(1)
+        self._extent = S
+
+    def update(self, layer_id: int, k: torch.Tensor, v: torch.Tensor
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The attention-side protocol (``mtp_pretrain.model.transformer.AttentionCache``)."""
+        if self._slots is None:
+            raise RuntimeError("KVCache.update called before prepare()")
+        B, H, T, hd = k.shape
+        if T != self._slots.shape[1] or B != self.batch_size:
+            raise ValueError(f"k has batch {B} and {T} new tokens; prepare() announced "
+                             f"{self.batch_size} and {self._slots.shape[1]}")
+        if layer_id not in self.keys:
+            shape = (self.batch_size, H, self.capacity, hd)
+            self.keys[layer_id] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.values[layer_id] = torch.zeros(shape, dtype=self.dtype, device=self.device)
+        kb, vb = self.keys[layer_id], self.values[layer_id]
+        rows = torch.arange(B, device=self.device)[:, None]
+        # Advanced indices around a slice: the indexed view is [B, T, H, hd].
+        kb[rows, :, self._slots] = k.transpose(1, 2).to(self.dtype)
+        vb[rows, :, self._slots] = v.transpose(1, 2).to(self.dtype)
+        S = self._extent
+        return kb[:, :, :S], vb[:, :, :S], self._mask
+
+    # -- between forward passes ---------------------------------------------------------------------
+
+    def move(self, src: torch.Tensor, dst: torch.Tensor, layer_ids=None) -> None:
+        """Copy slots ``src`` [B, K] to slots ``dst`` [B, K] in every (or the given) layer:
+        packs an accepted tree path into consecutive positions. Reads before writing, so
+        overlapping source and destination sets are fine."""
+        rows = torch.arange(self.batch_size, device=self.device)[:, None]
+        for lid in (self.keys if layer_ids is None else layer_ids):
+            for buf in (self.keys[lid], self.values[lid]):
+                buf[rows, :, dst] = buf[rows, :, src].clone()
+
+    def select_rows(self, rows: torch.Tensor) -> None:
+        """Keep only the sequences ``rows`` (e.g. drop finished ones). Copies the kept rows."""
+        rows = rows.to(self.device)
+        for lid in list(self.keys):
+            self.keys[lid] = self.keys[lid].index_select(0, rows)
+            self.values[lid] = self.values[lid].index_select(0, rows)
+        self.batch_size = int(rows.numel())
+        self._slots = self._mask = None
+
+    def layer_ids(self) -> list[int]:
+        return sorted(self.keys)
