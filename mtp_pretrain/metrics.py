@@ -12,6 +12,7 @@ import os
 import resource
 import sys
 import time
+import uuid
 from pathlib import Path
 from typing import Optional
 
@@ -54,7 +55,7 @@ class MetricsLogger:
         try:
             import wandb
 
-            self.wandb_run_id = self.wandb_run_id or wandb.util.generate_id()
+            self.wandb_run_id = self.wandb_run_id or uuid.uuid4().hex[:12]
             self.wandb = wandb.init(project=cfg.project, entity=cfg.entity, name=cfg.name, tags=cfg.tags,
                                     mode=mode, dir=str(self.run_dir), config=config, id=self.wandb_run_id,
                                     resume="allow", settings=wandb.Settings(init_timeout=120, silent=True))
@@ -65,7 +66,7 @@ class MetricsLogger:
 
     @property
     def wandb_dir(self) -> Optional[str]:
-        return getattr(self.wandb, "dir", None) if self.wandb is not None else None
+        return str(Path(self.wandb.dir).parent) if self.wandb is not None else None
 
     def log(self, metrics: dict, console: Optional[str] = None) -> None:
         if not self.enabled:
