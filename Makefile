@@ -5,7 +5,13 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= data/default
 NPROC ?= 2
 
-.PHONY: setup data train test test-fast test-slurm bench clean
+.PHONY: setup data train test test-slurm bench reproduce clean
+
+# One id for the whole `make train` invocation: its run directory is runs/$(RUN_ID).
+ifndef RUN_ID
+RUN_ID := train-$(shell date +%Y%m%d-%H%M%S)
+endif
+RUN_DIR := runs/$(RUN_ID)
 
 setup: $(VENV)/.installed
 
@@ -22,14 +28,30 @@ $(VENV)/.installed: pyproject.toml constraints.txt
 data: setup
 	$(PY) -m data_tools build-default --out $(DATA_DIR)
 
+# The main job: tiny n=4 model, default code+text mixture, FSDP over $(NPROC) CPU ranks, then a
+# sample from the trained model (self-speculative decoding, identical to greedy).
 train: data
-	$(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) -m mtp_pretrain.train $(ARGS)
+	MTP_RUN_ID=$(RUN_ID) OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) \
+		-m mtp_pretrain.train parallel=fsdp $(ARGS)
+	@echo "--- a sample from the trained model ($(RUN_DIR)/checkpoints) ---"
+	$(PY) -m mtp_pretrain.inference.cli $(RUN_DIR)/checkpoints --mode self_speculative \
+		--prompt "def read_config(path):" --prompt "And it came to pass" --max-new-tokens 64
+	@echo "--- outputs ---"
+	@echo "metrics:     $(RUN_DIR)/metrics.jsonl   (plot: $(VENV)/bin/mtp-plot $(RUN_DIR))"
+	@echo "checkpoints: $(RUN_DIR)/checkpoints"
+	@echo "wandb:       $(RUN_DIR)/wandb   (offline without an API key; upload: wandb sync $(RUN_DIR)/wandb/offline-run-*)"
 
 test: setup
 	$(PY) -m pytest -q -x $(PYTEST_ARGS)
 
 test-slurm: setup
 	bash tests/slurm/run_slurm_test.sh
+
+reproduce: setup
+	$(PY) bench/reproduce.py
+
+bench: setup
+	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) outputs runs
