@@ -139,7 +139,8 @@ def default_run_dir(job_name: str) -> Path:
 def batch_values(args: argparse.Namespace, run_dir: Path, overrides: list[str]) -> dict[str, str]:
     log_dir = run_dir / "slurm"
     torchrun = args.launcher == "torchrun"
-    python_args = ["-u", "-m", args.module, *trainer_overrides(overrides, run_dir)]
+    # No -u: torchrun does not take it; the batch script exports PYTHONUNBUFFERED=1 instead.
+    python_args = ["-m", args.module, *trainer_overrides(overrides, run_dir)]
     extra = [f"#SBATCH {_plain('--sbatch-arg', a)}" for a in args.sbatch_arg]
     return {
         "job_name": _plain("--job-name", args.job_name),

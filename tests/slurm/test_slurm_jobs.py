@@ -1,0 +1,147 @@
+"""End-to-end SLURM tests: real daemons, real sbatch/srun, jobs submitted with mtp-submit.
+
+Run with `make test-slurm` (tests/slurm/run_slurm_test.sh starts a one-node, 2-CPU cluster and
+exports SLURM_CONF). The node has 2 CPUs, so jobs run one at a time: 2 ranks x 1 CPU each.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import time
+
+import pytest
+
+from slurm_helpers import (batch_log, job_info, metrics, rank_log, submit, task_pids, wait_for_end,
+                           wait_until)
+
+pytestmark = pytest.mark.slurm
+
+TWO_RANKS = ["--ntasks-per-node", "2", "--cpus-per-task", "1", "--time", "10"]
+FAKE = ["--module", "tests.slurm.fake_trainer"]   # the stand-in trainer: fast start, same contract
+
+
+@pytest.fixture(autouse=True)
+def _needs_cluster():
+    if not os.environ.get("SLURM_CONF"):
+        pytest.skip("no test cluster: run `make test-slurm`")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    from mtp_pretrain.data.synthetic import write_random_dataset
+
+    path = tmp_path_factory.mktemp("data") / "random"
+    write_random_dataset(path, {"train": 200_000, "val": 5_000}, doc_len=64, seed=0)
+    return path
+
+
+def tiny_overrides(dataset, max_steps: int) -> list[str]:
+    """The tiny model, 2 DDP ranks on CPU, a few hundred tokens per step: ~0.2 s per step."""
+    return ["model=tiny", "parallel=ddp", "logging=quiet", f"data.sources=[{{path:{dataset},weight:1.0}}]",
+            "data.seq_len=32", "train.micro_batch_size=2", "checkpoint.interval=5", f"train.max_steps={max_steps}"]
+
+
+def test_preempted_job_checkpoints_requeues_and_resumes_exactly(tmp_path, dataset):
+    base_dir, pre_dir = tmp_path / "uninterrupted", tmp_path / "preempted"
+    base = submit(*TWO_RANKS, "--job-name", "baseline", "--run-dir", str(base_dir), *tiny_overrides(dataset, 30))
+    pre = submit(*TWO_RANKS, "--job-name", "preempt", "--run-dir", str(pre_dir), *tiny_overrides(dataset, 30))
+
+    # The second job starts once the first is done (2 CPUs); preempt it after its first checkpoint,
+    # the way `scancel --signal=USR1 --batch` or a SIGTERM to the batch shell does.
+    wait_until(lambda: (pre_dir / "checkpoints" / "latest").exists(), 240, "the first checkpoint")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", pre], check=True)
+
+    assert wait_for_end(base, 60)["JobState"] == "COMPLETED"
+    info = wait_for_end(pre, 180)
+    log = batch_log(pre_dir, pre)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
+    assert "received SIGUSR1" in log
+    assert "preempted (exit 75): checkpoint saved; requeueing job" in log
+    assert f"job {pre} restart 1] start:" in log and "training finished" in log
+
+    # Saved at step k on the signal, resumed at step k after the requeue.
+    saved = re.search(r"checkpoint saved at step (\d+)", rank_log(pre_dir, pre, 0, 0))
+    assert saved, rank_log(pre_dir, pre, 0, 0)
+    k = int(saved.group(1))
+    assert 5 <= k < 30
+    resumed = rank_log(pre_dir, pre, 1, 0)
+    assert re.search(rf"resumed from .*step-0*{k} at step {k}\b", resumed), resumed
+    env = (pre_dir / "slurm" / f"job-{pre}" / "restart-1" / "env.txt").read_text()
+    assert "SLURM_RESTART_COUNT=1" in env.splitlines()
+
+    # Same losses, step for step, as the run that was never interrupted.
+    base_losses, pre_losses = metrics(base_dir), metrics(pre_dir)
+    assert sorted(base_losses) == list(range(1, 31)) and sorted(pre_losses) == list(range(1, 31))
+    diffs = {s: (base_losses[s], pre_losses[s]) for s in base_losses if base_losses[s] != pytest.approx(pre_losses[s], rel=1e-6, abs=1e-6)}
+    assert not diffs, f"losses differ after resume at step {k}: {diffs}"
+
+
+def test_dead_rank_fails_fast_and_resubmission_resumes(tmp_path, dataset):
+    from mtp_pretrain.checkpoint import find_latest
+
+    run_dir = tmp_path / "run"
+    job = submit(*TWO_RANKS, "--job-name", "deadrank", "--run-dir", str(run_dir), *tiny_overrides(dataset, 50))
+    wait_until(lambda: (run_dir / "checkpoints" / "latest").exists(), 240, "the first checkpoint")
+    pids = wait_until(lambda: task_pids(job) if 1 in task_pids(job) else None, 30, "rank 1's pid")
+
+    os.kill(pids[1], signal.SIGKILL)
+    t0 = time.monotonic()
+    info = wait_for_end(job, 120)
+    elapsed = time.monotonic() - t0
+    log = batch_log(run_dir, job)
+    assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, log)
+    assert elapsed < 90, f"the job took {elapsed:.0f}s to fail after a rank died"
+    assert "training step failed with exit code" in log
+
+    # The next attempt (the same batch script, submitted again) resumes from the last good checkpoint.
+    last_good = find_latest(run_dir / "checkpoints")
+    assert last_good is not None
+    out = subprocess.run(["sbatch", "--parsable", str(run_dir / "slurm" / "train.sbatch")],
+                         capture_output=True, text=True, check=True).stdout
+    again = out.strip().split(";")[0]
+    assert wait_for_end(again, 180)["JobState"] == "COMPLETED", batch_log(run_dir, again)
+    assert f"resumed from {last_good} at step" in rank_log(run_dir, again, 0, 0)
+    assert max(metrics(run_dir)) == 50
+
+
+def test_signal_to_the_tasks_requeues(tmp_path):
+    """USR1 delivered to the tasks rather than the batch shell, as `#SBATCH --signal=USR1@N` does
+    before the time limit: the trainer exits 75 and the script requeues on that exit code."""
+    run_dir = tmp_path / "run"
+    job = submit(*TWO_RANKS, *FAKE, "--run-dir", str(run_dir), "train.max_steps=40", "checkpoint.interval=5")
+    wait_until(lambda: (run_dir / "checkpoints" / "latest.json").exists(), 120, "the first checkpoint")
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)   # no --batch: the steps' tasks
+    info = wait_for_end(job, 120)
+    log = batch_log(run_dir, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
+    assert "received SIGUSR1" not in log   # the batch shell was not signalled
+    assert "preempted (exit 75)" in log
+    assert sorted(metrics(run_dir)) == list(range(1, 41))
+
+
+def test_no_requeue_beyond_max_restarts(tmp_path):
+    run_dir = tmp_path / "run"
+    job = submit(*TWO_RANKS, *FAKE, "--max-restarts", "0", "--run-dir", str(run_dir),
+                 "train.max_steps=200", "checkpoint.interval=5")
+    wait_until(lambda: (run_dir / "checkpoints" / "latest.json").exists(), 120, "the first checkpoint")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    info = wait_for_end(job, 60)
+    log = batch_log(run_dir, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "75:0" and info["Restarts"] == "0", (info, log)
+    assert "reached the maximum 0: not requeueing" in log
+
+
+def test_torchrun_launcher_preempts_and_resumes(tmp_path):
+    run_dir = tmp_path / "run"
+    job = submit(*TWO_RANKS, *FAKE, "--launcher", "torchrun", "--run-dir", str(run_dir),
+                 "train.max_steps=40", "checkpoint.interval=5")
+    wait_until(lambda: (run_dir / "checkpoints" / "latest.json").exists(), 120, "the first checkpoint")
+    subprocess.run(["scancel", "--signal=USR1", "--batch", job], check=True)
+    info = wait_for_end(job, 150)
+    log = batch_log(run_dir, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
+    assert "preempted (exit 75)" in log
+    assert sorted(metrics(run_dir)) == list(range(1, 41))
