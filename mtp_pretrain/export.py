@@ -148,12 +148,15 @@ def main(argv: Optional[list[str]] = None) -> None:
     ap.add_argument("--format", choices=("single", "hf"), default="single",
                     help="single: model.safetensors + config.json; hf: a transformers Llama directory")
     args = ap.parse_args(argv)
-    if args.format == "hf":
-        from mtp_pretrain.interop.hf import export_hf
+    try:
+        if args.format == "hf":
+            from mtp_pretrain.interop.hf import export_hf
 
-        out = export_hf(args.checkpoint, args.out_dir)
-    else:
-        out = export_single_file(args.checkpoint, args.out_dir)
+            out = export_hf(args.checkpoint, args.out_dir)
+        else:
+            out = export_single_file(args.checkpoint, args.out_dir)
+    except (ValueError, FileNotFoundError) as e:  # HFInteropError is a ValueError: say why, write nothing
+        raise SystemExit(f"mtp-export: {e}")
     print(f"exported {resolve_checkpoint(args.checkpoint)} -> {out}")
 
 
