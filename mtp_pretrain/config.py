@@ -198,6 +198,10 @@ class JobConfig:
         window = self.data.seq_len
         if window > self.model.max_seq_len:
             raise ValueError(f"data.seq_len={window} exceeds model.max_seq_len={self.model.max_seq_len} (the RoPE limit)")
+        gbt, micro = self.train.global_batch_tokens, self.train.micro_batch_size * self.data.seq_len
+        if gbt is not None and gbt % micro:  # the data-parallel world size is checked at start-up
+            raise ValueError(f"train.global_batch_tokens={gbt} must be a multiple of train.micro_batch_size x "
+                             f"data.seq_len = {micro} (times the data-parallel ranks)")
         if self.loss.head_weights is not None and len(self.loss.head_weights) != self.model.n_future:
             raise ValueError(f"loss.head_weights has {len(self.loss.head_weights)} entries "
                              f"but model.n_future is {self.model.n_future}")
