@@ -1,0 +1,431 @@
+"""Incremental decoding: KV cache, rollback, and the exactness of speculative decoding.
+
+Everything runs in float32 on CPU with tiny models. Random models get a scaled-up unembedding
+so that their logits are well separated: exactness is token-for-token equality of argmaxes, and
+a near tie could flip under the (legitimately) different float summation orders of a k-token
+pass and k one-token passes. The trained model learns a repetitive sequence so that its heads
+agree and drafts really get accepted.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from mtp_pretrain.inference import Decoder, DraftTree, GenerationConfig, KVCache, generate
+from mtp_pretrain.inference.sampling import filtered_probs
+from mtp_pretrain.model import ModelConfig, MTPTransformer
+
+HEAD_TYPES = ("transformer", "linear", "causal")
+SPEC_MODES = ("self_speculative", "tree")
+
+
+def random_model(head_type="transformer", n=4, vocab=64, seed=0, logit_scale=25.0, **kw) -> MTPTransformer:
+    cfg = ModelConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_kv_heads=2, n_future=n,
+                      head_type=head_type, max_seq_len=128, **kw)
+    model = MTPTransformer(cfg)
+    model.init_weights(seed)
+    with torch.no_grad():
+        model.unembed.weight.mul_(logit_scale)  # logit spread: no near ties (see module doc)
+    return model.eval()
+
+
+def ragged_prompts(n_prompts=8, vocab=64, seed=1, max_len=12) -> list[list[int]]:
+    g = torch.Generator().manual_seed(seed)
+    lengths = torch.randint(1, max_len, (n_prompts,), generator=g).tolist()
+    return [torch.randint(0, vocab, (length,), generator=g).tolist() for length in lengths]
+
+
+@torch.no_grad()
+def full_recompute_greedy(model, prompt, max_new_tokens, eos_id=None) -> list[int]:
+    """The definition of greedy decoding: re-run the whole sequence without a cache each step."""
+    seq, out = list(prompt), []
+    for _ in range(max_new_tokens):
+        token = int(model(torch.tensor([seq]))[0][0, -1].argmax())
+        out.append(token)
+        seq.append(token)
+        if token == eos_id:
+            break
+    return out
+
+
+def run_batched(model, prompts, batch_size, **config) -> list[list[int]]:
+    out = []
+    for i in range(0, len(prompts), batch_size):
+        out += generate(model, prompts[i: i + batch_size], **config).tokens
+    return out
+
+
+def eos_hit_mid_batch(reference: list[list[int]]) -> int:
+    """An EOS id that stops the 3rd sequence within 6 tokens while some other sequence never
+    produces it (so the batch has both early-stopped and full-length sequences)."""
+    for token in reference[2][:6]:
+        if any(token not in other for other in reference):
+            return token
+    raise AssertionError("no suitable EOS candidate; change the seed")
+
+
+# -- KV cache decoding is plain greedy decoding ---------------------------------------------------
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_cached_greedy_equals_full_recompute(head_type):
+    model = random_model(head_type)
+    prompts = ragged_prompts()
+    reference = [full_recompute_greedy(model, p, 16) for p in prompts]
+    assert run_batched(model, prompts, 1, mode="greedy", max_new_tokens=16) == reference
+    assert run_batched(model, prompts, 8, mode="greedy", max_new_tokens=16) == reference
+
+
+# -- speculative modes are greedy, token for token --------------------------------------------------
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_speculative_equals_greedy_random_model(head_type):
+    model = random_model(head_type)
+    prompts = ragged_prompts()
+    greedy = run_batched(model, prompts, 8, mode="greedy", max_new_tokens=20)
+    eos = eos_hit_mid_batch(greedy)
+    greedy_eos = run_batched(model, prompts, 8, mode="greedy", max_new_tokens=20, eos_id=eos)
+    assert len(greedy_eos[2]) <= 6 and greedy_eos[2][-1] == eos
+    assert any(len(o) == 20 for o in greedy_eos), "some sequences must run to max tokens"
+    for mode in SPEC_MODES:
+        if mode == "tree" and head_type == "causal":
+            continue
+        for bs in (1, 8):
+            assert run_batched(model, prompts, bs, mode=mode, max_new_tokens=20) == greedy, (mode, bs)
+            assert run_batched(model, prompts, bs, mode=mode, max_new_tokens=20, eos_id=eos) == greedy_eos
+
+
+def test_tree_with_causal_heads_raises_clearly():
+    model = random_model("causal")
+    with pytest.raises(NotImplementedError, match="independent heads"):
+        generate(model, [[1, 2]], mode="tree", max_new_tokens=4)
+
+
+def train_repetitive(head_type: str, n: int, steps: int, seed: int = 0, vocab: int = 32, cycle_len: int = 20):
+    """Train a tiny model on a repeated random cycle of tokens with 5% noise: the future is
+    predictable, so heads 2..n learn it and their drafts get accepted."""
+    torch.manual_seed(seed)
+    cfg = ModelConfig(vocab_size=vocab, dim=32, n_layers=2, n_heads=4, n_future=n, head_type=head_type,
+                      max_seq_len=256, init_std=0.05)
+    model = MTPTransformer(cfg)
+    model.init_weights(seed)
+    g = torch.Generator().manual_seed(seed)
+    cycle = torch.randperm(vocab, generator=g)[:cycle_len]
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.0)
+    T = 32
+    for _ in range(steps):
+        idx = (torch.randint(0, cycle_len, (8, 1), generator=g) + torch.arange(T + n)) % cycle_len
+        tokens = cycle[idx]
+        noise = torch.rand(tokens.shape, generator=g) < 0.05
+        tokens = torch.where(noise, torch.randint(0, vocab, tokens.shape, generator=g), tokens)
+        logits = model(tokens, seq_len=T)
+        loss = sum(F.cross_entropy(lg.reshape(-1, vocab), tokens[:, i + 1: i + 1 + T].reshape(-1))
+                   for i, lg in enumerate(logits))
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return model.eval(), cycle.tolist()
+
+
+@pytest.fixture(scope="module")
+def trained():
+    return train_repetitive("transformer", n=4, steps=120)
+
+
+def cycle_prompts(cycle) -> list[list[int]]:
+    spans = [(0, 5), (3, 9), (7, 2), (1, 12), (5, 1), (10, 7), (2, 3), (4, 6)]
+    prompts = [[cycle[(i + j) % len(cycle)] for j in range(length)] for i, length in spans]
+    prompts[6] = [cycle[3], cycle[11], cycle[0], cycle[7]]  # off-cycle: heads disagree here
+    return prompts
+
+
+def test_trained_model_accepts_drafts_and_stays_exact(trained):
+    model, cycle = trained
+    prompts = cycle_prompts(cycle)
+    greedy = run_batched(model, prompts, 8, mode="greedy", max_new_tokens=40)
+    assert greedy == [full_recompute_greedy(model, p, 40) for p in prompts]
+    for mode in SPEC_MODES:
+        results = {bs: [generate(model, prompts[i: i + bs], mode=mode, max_new_tokens=40)
+                        for i in range(0, len(prompts), bs)] for bs in (1, 8)}
+        for bs, runs in results.items():
+            assert [t for r in runs for t in r.tokens] == greedy, (mode, bs)
+        stats = results[8][0].stats
+        assert stats.accepted_per_forward > 2.0, stats.to_dict()  # drafts really are accepted
+        assert stats.forward_passes < 40
+        rates = stats.acceptance_rate_per_position()
+        assert len(rates) == 3 and rates[0] > 0.5
+
+
+def test_trained_model_eos_mid_batch(trained):
+    model, cycle = trained
+    prompts = cycle_prompts(cycle)
+    eos = cycle[15]  # every on-cycle sequence reaches it, each after a different number of tokens
+    greedy = generate(model, prompts, mode="greedy", max_new_tokens=30, eos_id=eos)
+    lengths = sorted({len(t) for t in greedy.tokens})
+    assert len(lengths) > 2 and min(lengths) < 30
+    reasons = {s.finish_reason for s in greedy.stats.sequences}
+    assert "eos" in reasons
+    for mode in SPEC_MODES:
+        for bs in (1, 8):
+            assert run_batched(model, prompts, bs, mode=mode, max_new_tokens=30, eos_id=eos) == greedy.tokens
+
+
+def test_causal_heads_speculative_trained():
+    model, cycle = train_repetitive("causal", n=3, steps=80, seed=1)
+    prompts = cycle_prompts(cycle)
+    greedy = generate(model, prompts, mode="greedy", max_new_tokens=24)
+    spec = generate(model, prompts, mode="self_speculative", max_new_tokens=24)
+    assert spec.tokens == greedy.tokens
+    assert run_batched(model, prompts, 1, mode="self_speculative", max_new_tokens=24) == greedy.tokens
+    assert spec.stats.accepted_per_forward > 1.5, spec.stats.to_dict()
+    assert spec.stats.head_passes == 2 * spec.stats.forward_passes  # heads 2, 3 draft in sequence
+
+
+# -- the heads' caches: drafts are exactly what a full forward would propose ------------------------
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_drafts_equal_full_forward_drafts(head_type):
+    """After every step, heads 2..n's drafts at the last accepted position equal those of an
+    uncached forward of the accepted sequence: the heads' own caches hold exactly the accepted
+    positions (for causal heads: computed with the accepted tokens, not stale drafts)."""
+    model = random_model(head_type, n=4, logit_scale=40.0)
+    checked = []
+
+    class CheckingDecoder(Decoder):
+        def _causal_drafting(self, st, n_drafts, cfg, gen):
+            passes = super()._causal_drafting(st, n_drafts, cfg, gen)
+            for b in range(st.rows.numel()):
+                L = int(st.length[b])
+                seq = st.tokens[b, :L].tolist() + [int(st.next_token[b])] + st.drafts[b, :-1].tolist()
+                logits = model(torch.tensor([seq]), seq_len=L)
+                expected = [int(logits[i][0, L - 1].argmax()) for i in range(1, model.n_future)]
+                assert st.drafts[b].tolist() == expected
+                checked.append(b)
+            return passes
+
+    prompts = ragged_prompts(4)
+    out = CheckingDecoder(model).generate(prompts, GenerationConfig(mode="self_speculative", max_new_tokens=12))
+    assert out.tokens == [full_recompute_greedy(model, p, 12) for p in prompts]
+    assert len(checked) >= 4 * 3
+
+
+# -- rollback ---------------------------------------------------------------------------------------
+
+
+def cache_equal_upto(a: KVCache, b: KVCache, n_slots: int, atol=1e-5) -> None:
+    assert a.layer_ids() == b.layer_ids()
+    for lid in a.layer_ids():
+        torch.testing.assert_close(a.keys[lid][:, :, :n_slots], b.keys[lid][:, :, :n_slots], atol=atol, rtol=0)
+        torch.testing.assert_close(a.values[lid][:, :, :n_slots], b.values[lid][:, :, :n_slots], atol=atol, rtol=0)
+
+
+def test_chain_rollback_leaves_no_trace():
+    """Feed 4 speculative tokens, keep 2, continue: cache and next logits are those of a run that
+    only ever fed the 2 accepted tokens (and of a full forward); nothing was copied."""
+    model = random_model("transformer", n=4)
+    dec = Decoder(model)
+    heads = [1, 2, 3, 4]
+    prompts = [[5, 9, 2, 7, 1], [3, 8]]  # ragged: per-sequence lengths and rollback points
+    P = torch.tensor([5, 2])
+    padded = torch.tensor([[5, 9, 2, 7, 1], [3, 8, 0, 0, 0]])
+    fed = torch.tensor([[11, 12, 13, 14], [21, 22, 23, 24]])
+    keep = torch.tensor([2, 3])  # sequence 0 keeps 2 of 4, sequence 1 keeps 3
+    nxt = torch.tensor([[30], [31]])
+
+    spec = KVCache(2, 32)
+    dec.forward_step(padded, torch.zeros(2, dtype=torch.long), heads, cache=spec)
+    dec.forward_step(fed, P, heads, cache=spec)
+    after_spec = dec.forward_step(nxt, P + keep, heads, cache=spec)  # rollback = the new start
+
+    plain = KVCache(2, 32)
+    dec.forward_step(padded, torch.zeros(2, dtype=torch.long), heads, cache=plain)
+    for b in range(2):  # each sequence alone, fed only what it accepted
+        one = KVCache(1, 32)
+        dec.forward_step(torch.tensor([prompts[b]]), torch.zeros(1, dtype=torch.long), heads, cache=one)
+        dec.forward_step(fed[b: b + 1, : keep[b]], P[b: b + 1], heads, cache=one)
+        ref = dec.forward_step(nxt[b: b + 1], P[b: b + 1] + keep[b], heads, cache=one)
+        n_slots = int(P[b] + keep[b] + 1)
+        for lid in one.layer_ids():
+            torch.testing.assert_close(spec.keys[lid][b: b + 1, :, :n_slots], one.keys[lid][:, :, :n_slots],
+                                       atol=1e-5, rtol=0)
+            torch.testing.assert_close(spec.values[lid][b: b + 1, :, :n_slots], one.values[lid][:, :, :n_slots],
+                                       atol=1e-5, rtol=0)
+        full = model(torch.tensor([prompts[b] + fed[b, : keep[b]].tolist() + nxt[b].tolist()]))
+        for i in heads:
+            got = model.unembed(after_spec[i][1][b, -1])
+            torch.testing.assert_close(got, model.unembed(ref[i][1][0, -1]), atol=1e-4, rtol=1e-5)
+            torch.testing.assert_close(got, full[i - 1][0, -1], atol=1e-4, rtol=1e-5)
+            assert int(got.argmax()) == int(full[i - 1][0, -1].argmax())
+
+
+def test_tree_pass_and_path_packing():
+    """A tree pass gives each node the outputs of its own branch fed as a chain; packing the
+    accepted path leaves the cache as if only that branch had been fed."""
+    model = random_model("transformer", n=3)
+    dec = Decoder(model)
+    heads = [1, 2, 3]
+    tree = DraftTree([2, 2])  # root; depth 1: nodes 1, 2; depth 2: 3, 4 (under 1), 5, 6 (under 2)
+    assert tree.parent.tolist() == [-1, 0, 0, 1, 1, 2, 2]
+    prompt = torch.tensor([[4, 8, 15, 16]])
+    P = torch.tensor([4])
+    nodes = torch.tensor([[40, 41, 42, 43, 44, 45, 46]])
+
+    tree_cache = KVCache(1, 32)
+    dec.forward_step(prompt, torch.zeros(1, dtype=torch.long), heads, cache=tree_cache)
+    tree_out = dec.forward_step(nodes, P, heads, tree.depth, tree.mask, cache=tree_cache)
+    path = [0, 2, 6]
+    tree_cache.move(P[:, None] + torch.tensor([[2, 6]]), P[:, None] + torch.tensor([[1, 2]]))
+    after_tree = dec.forward_step(torch.tensor([[50]]), P + 3, heads, cache=tree_cache)
+
+    chain_cache = KVCache(1, 32)
+    dec.forward_step(prompt, torch.zeros(1, dtype=torch.long), heads, cache=chain_cache)
+    chain_out = dec.forward_step(nodes[:, path], P, heads, cache=chain_cache)
+    after_chain = dec.forward_step(torch.tensor([[50]]), P + 3, heads, cache=chain_cache)
+
+    for i in heads:
+        torch.testing.assert_close(tree_out[i][1][:, path], chain_out[i][1], atol=1e-5, rtol=0)
+        torch.testing.assert_close(after_tree[i][1], after_chain[i][1], atol=1e-5, rtol=0)
+    cache_equal_upto(tree_cache, chain_cache, 4 + 3 + 1)
+
+
+def test_cache_mask_and_capacity_checks():
+    cache = KVCache(2, 8)
+    cache.prepare(torch.tensor([2, 0]), 3)
+    m = cache._mask[:, 0]
+    assert m.shape == (2, 3, 5)
+    assert m[0].tolist() == [[True, True, True, False, False], [True, True, True, True, False],
+                             [True, True, True, True, True]]
+    assert m[1, 0].tolist() == [True, False, False, False, False]
+    with pytest.raises(ValueError, match="overflow"):
+        cache.prepare(torch.tensor([6, 0]), 3)
+    with pytest.raises(ValueError, match="itself"):
+        cache.prepare(torch.tensor([0, 0]), 2, torch.zeros(2, 2, dtype=torch.bool))
+
+
+# -- sampling -----------------------------------------------------------------------------------
+
+
+def test_top_p_filter():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    torch.testing.assert_close(filtered_probs(logits, 1.0, 0.7), torch.tensor([[0.625, 0.375, 0.0, 0.0]]))
+    torch.testing.assert_close(filtered_probs(logits, 1.0, 0.1), torch.tensor([[1.0, 0.0, 0.0, 0.0]]))
+    torch.testing.assert_close(filtered_probs(logits, 1.0), torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+
+
+def chi_square(counts: torch.Tensor, probs: torch.Tensor) -> tuple[float, int]:
+    """Pearson statistic, pooling cells of expected count < 5; returns (statistic, dof)."""
+    expected = probs * counts.sum()
+    small = expected < 5
+    obs = torch.cat([counts[~small], counts[small].sum().view(1)])
+    exp = torch.cat([expected[~small], expected[small].sum().view(1)])
+    keep = exp > 0
+    obs, exp = obs[keep], exp[keep]
+    return float(((obs - exp) ** 2 / exp).sum()), int(keep.sum()) - 1
+
+
+@torch.no_grad()
+def test_speculative_sampling_is_exact_in_distribution():
+    """The joint law of the first two sampled tokens and the law of the third, under
+    speculative sampling, match the model's (temperature 0.8, top-p 0.95) distribution, computed
+    exactly by enumeration; plain sampling is checked the same way. Drafts are far from the
+    verifier (random heads), so rejections and residual draws really happen."""
+    V, N, temp, top_p = 8, 6000, 0.8, 0.95
+    model = random_model("transformer", n=3, vocab=V, logit_scale=8.0, seed=3)
+    prompt = [1, 5, 2]
+    p1 = filtered_probs(model(torch.tensor([prompt]))[0][0, -1], temp, top_p)  # [V]
+    pairs = torch.tensor([prompt + [a, b] for a in range(V) for b in range(V)])
+    out = model(pairs)[0]
+    p2 = filtered_probs(out[:, -2], temp, top_p).view(V, V, V)[:, 0]  # p(x2 | x1): same for every b
+    joint12 = (p1[:, None] * p2).flatten()  # [V*V]
+    p3 = (joint12[:, None] * filtered_probs(out[:, -1], temp, top_p)).sum(0)  # p(x3)
+    draft2 = filtered_probs(model(torch.tensor([prompt]))[1][0, -1], temp, top_p)  # head 2's law of x2
+    tv_draft = 0.5 * float(((p1[:, None] * p2).sum(0) - draft2).abs().sum())
+    assert tv_draft > 0.1, tv_draft  # accepting drafts blindly would be visibly wrong
+
+    for mode in ("sample", "self_speculative"):
+        res = generate(model, [prompt] * N, mode=mode, max_new_tokens=3, temperature=temp, top_p=top_p, seed=7)
+        toks = torch.tensor(res.tokens)
+        assert toks.shape == (N, 3)
+        c12 = torch.bincount(toks[:, 0] * V + toks[:, 1], minlength=V * V).float()
+        c3 = torch.bincount(toks[:, 2], minlength=V).float()
+        for counts, probs in ((c12, joint12), (c3, p3)):
+            stat, dof = chi_square(counts, probs)
+            # mean dof, sd sqrt(2 dof): 6 sd is a false-alarm rate far below 1e-6
+            assert stat < dof + 6 * math.sqrt(2 * dof), (mode, stat, dof)
+        if mode == "self_speculative":
+            assert res.stats.sequence_forward_passes < 2.9 * N  # drafts accepted: fewer passes than tokens
+            assert 0 < res.stats.acceptance_rate_per_position()[0] < 1
+
+
+def test_sampling_rejected_for_tree_and_greedy():
+    with pytest.raises(ValueError):
+        GenerationConfig(mode="tree", temperature=1.0)
+    with pytest.raises(ValueError):
+        GenerationConfig(mode="sample", temperature=0.0)
+
+
+# -- statistics and CLI -------------------------------------------------------------------------
+
+
+def test_statistics_are_consistent():
+    model = random_model("transformer", n=3)
+    prompts = ragged_prompts(3)
+    res = generate(model, prompts, mode="self_speculative", max_new_tokens=10)
+    d = res.stats.to_dict()
+    assert d["tokens_generated"] == 30 and d["batch_size"] == 3
+    for s in res.stats.sequences:
+        assert s.tokens_generated == 10 and s.finish_reason == "length"
+        assert 1.0 <= s.accepted_per_forward <= 3.0
+        # tokens = 1 (prompt pass) + sum over steps of (accepted drafts + 1), capped at max
+        assert s.tokens_generated <= 1 + (s.forward_passes - 1) + sum(s.drafts_accepted)
+    greedy = generate(model, prompts, mode="greedy", max_new_tokens=10).stats
+    assert greedy.forward_passes == 10 and greedy.accepted_per_forward == 1.0
+    json.dumps(d)
+
+
+def write_export(tmp_path, model):
+    """The single-file export layout (mtp_pretrain.export): weights, config, tokenizer."""
+    from safetensors.torch import save_file
+
+    from mtp_pretrain.data import ByteTokenizer
+
+    out = tmp_path / "export"
+    out.mkdir()
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, out / "model.safetensors")
+    (out / "config.json").write_text(json.dumps({"model": asdict(model.cfg)}))
+    ByteTokenizer().save(out / "tokenizer.json")
+    return out
+
+
+def test_cli_json(tmp_path, capsys):
+    from mtp_pretrain.data import ByteTokenizer
+    from mtp_pretrain.inference import cli
+
+    model = random_model("transformer", n=3, vocab=259, logit_scale=25.0)
+    path = write_export(tmp_path, model)
+    prompts_file = tmp_path / "prompts.txt"
+    prompts_file.write_text("hello\nab\nx = 1\n")
+    cli.main([str(path), "--prompts-file", str(prompts_file), "--prompt", "zzz", "--mode", "self_speculative",
+              "--max-new-tokens", "6", "--batch-size", "3", "--json"])
+    lines = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [r["prompt"] for r in lines] == ["hello", "ab", "x = 1", "zzz"]
+    tok = ByteTokenizer()
+    expected = run_batched(model, [tok.encode(p) for p in ["hello", "ab", "x = 1", "zzz"]], 1,
+                           mode="greedy", max_new_tokens=6, eos_id=tok.eos_id)
+    assert [r["token_ids"] for r in lines] == expected
+    for r in lines:
+        assert r["text"] == tok.decode(r["token_ids"])
+        assert r["stats"]["tokens_generated"] == len(r["token_ids"])
+        assert r["run"]["mode"] == "self_speculative"
+
+    cli.main([str(path), "--prompt", "hi", "--max-new-tokens", "3"])
+    text = capsys.readouterr().out
+    assert "hi" in text and "accepted_per_forward" in text
