@@ -211,12 +211,67 @@ def register_configs() -> None:
     """Make JobConfig the schema under conf/config.yaml (its defaults list names it first)."""
     from hydra.core.config_store import ConfigStore
 
-    ConfigStore.instance().store(name="job_schema", node=JobConfig)
+    ConfigStore.instance().store(name="job_schema", node=job_schema())
+
+
+def job_schema():
+    """JobConfig as an OmegaConf schema, with fields whose declared default is None kept None.
+
+    OmegaConf builds the nested defaults by calling the default factories, which runs their
+    ``__post_init__``: ModelConfig() fills ``n_kv_heads`` and ``ffn_dim`` from its own default
+    shape (4 and 384). Left in the schema, those would be inherited by every conf/model/*.yaml
+    that does not set them (124m and 7b silently got 4 KV heads, small failed to compose, a
+    ``model.dim`` override kept ffn_dim 384); reset, they are derived from the composed shape.
+    """
+    import dataclasses
+
+    schema = OmegaConf.structured(JobConfig)
+
+    def reset(node, cls) -> None:
+        for f in dataclasses.fields(cls):
+            child = node[f.name]
+            if f.default is None:
+                node[f.name] = None
+            elif OmegaConf.is_dict(child) and dataclasses.is_dataclass(OmegaConf.get_type(child)):
+                reset(child, OmegaConf.get_type(child))
+
+    reset(schema, JobConfig)
+    return schema
 
 
 def to_job_config(cfg) -> JobConfig:
     """Hydra's DictConfig -> validated JobConfig (runs every __post_init__)."""
-    return OmegaConf.to_object(cfg) if not isinstance(cfg, JobConfig) else cfg
+    if isinstance(cfg, JobConfig):
+        return cfg
+    # A key added with Hydra's "+key=value" escapes the schema's struct flag, and to_object drops
+    # it without a word: reject it here instead of training with a silently ignored setting.
+    unknown = unknown_keys(cfg)
+    if unknown:
+        raise ValueError(f"unknown config key(s): {', '.join(unknown)} (not fields of JobConfig; see conf/ "
+                         f"and mtp_pretrain/config.py)")
+    return OmegaConf.to_object(cfg)
+
+
+def unknown_keys(node, prefix: str = "") -> list[str]:
+    """Dotted names of keys of ``node`` (a DictConfig typed by a dataclass) that are not fields."""
+    import dataclasses
+
+    cls = OmegaConf.get_type(node)
+    names = {f.name for f in dataclasses.fields(cls)} if dataclasses.is_dataclass(cls) else None
+    out = []
+    for key in node.keys():
+        if names is not None and key not in names:
+            out.append(f"{prefix}{key}")
+            continue
+        child = node._get_node(key)
+        if OmegaConf.is_dict(child):
+            out += unknown_keys(child, f"{prefix}{key}.")
+        elif OmegaConf.is_list(child):
+            for i in range(len(child)):
+                item = child._get_node(i)
+                if OmegaConf.is_dict(item):
+                    out += unknown_keys(item, f"{prefix}{key}[{i}].")
+    return out
 
 
 def compose_job_config(overrides: list[str] | tuple = ()) -> JobConfig:
