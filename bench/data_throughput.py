@@ -22,10 +22,6 @@ import tempfile
 import time
 from pathlib import Path
 
-# Imported before the memory baseline: the stream imports torch on its first batch, and torch's own
-# ~130 MB of heap is not growth of the loader.
-import torch  # noqa: F401
-
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from data_tools import default_corpus  # noqa: E402
@@ -60,6 +56,11 @@ def bench_tokenize(data_dir: Path, max_mb: float, tmp: Path) -> dict[str, float]
 
 
 def bench_loader(tmp: Path, gb: float, window: int, batch: int) -> dict:
+    # Imported before the memory baseline: the stream imports torch on its first batch, and torch's
+    # own ~130 MB of heap is not growth of the loader. (Not at module level: the tokenizer worker
+    # processes, spawned, re-import this module and need no torch.)
+    import torch  # noqa: F401
+
     path = tmp / "synthetic"
     num_tokens = int(gb * 1e9) // 2 + 1  # uint16: 2 bytes a token
     t0 = time.perf_counter()

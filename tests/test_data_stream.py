@@ -133,8 +133,14 @@ def test_epochs_reshuffle_and_each_covers_everything(single):
     assert stream.state_dict()["sources"][0]["consumed"] == 2 * NUM_WINDOWS
 
 
-def test_finite_stream_stops_after_one_epoch(single):
-    assert len(list(make(single, infinite=False))) == NUM_WINDOWS // B
+def test_finite_stream_stops_after_one_epoch_and_replays(single):
+    stream = make(single, infinite=False, prefetch=2)
+    first_pass = rows(stream)
+    assert len(first_pass) == NUM_WINDOWS and set(first_pass) == all_windows(single)
+    assert stream.state_dict()["cursor"] == NUM_WINDOWS
+    partial = rows(b for _, b in zip(range(3), stream))  # an evaluation capped at 3 batches
+    assert partial == first_pass[: 3 * B]
+    assert rows(stream) == first_pass  # every evaluation sees the same batches
 
 
 @pytest.mark.parametrize("prefetch", [0, 3])

@@ -34,8 +34,10 @@ class ArrowTokenStream:
     state_dict() — identical on all ranks — resumes the sequence exactly, on any world size.
 
     prefetch > 0 builds that many batches ahead in a background thread; state_dict() still
-    describes the batches *yielded*, never those merely prefetched. One live iterator at a time:
-    a new iter() continues from the last yielded batch.
+    describes the batches *yielded*, never those merely prefetched. One live iterator at a time.
+    An infinite stream's new iter() continues after the last yielded batch; a finite one
+    (infinite=False, for validation) replays its epoch from its start state (the beginning, or the
+    state given to load_state_dict), so that every evaluation sees the same batches.
     """
 
     def __init__(
@@ -71,6 +73,11 @@ class ArrowTokenStream:
         self.vocab_size, self.eos_id, self.pad_id = first.vocab_size, first.eos_id, first.pad_id
         self.tokenizer_hash = first.tokenizer_hash
         self._state = SamplerState(seed=seed, consumed=[0] * len(self.sources))
+        self._start_state = self._copy(self._state)
+
+    @staticmethod
+    def _copy(state: SamplerState) -> SamplerState:
+        return SamplerState(state.seed, state.cursor, list(state.consumed))
 
     # -- state --------------------------------------------------------------------------------
 
@@ -100,6 +107,7 @@ class ArrowTokenStream:
             if s["num_windows"] != ds.num_windows:
                 raise DataError(f"{ds.path}: {ds.num_windows} windows, the data state was saved with {s['num_windows']} (dataset changed)")
         self._state = SamplerState(seed=state["seed"], cursor=state["cursor"], consumed=[s["consumed"] for s in saved])
+        self._start_state = self._copy(self._state)
 
     # -- iteration ----------------------------------------------------------------------------
 
@@ -122,10 +130,10 @@ class ArrowTokenStream:
             # Row i of this rank is global sample cursor + rank + i * world_size.
             for i, (s, w) in enumerate(zip(sources[self.rank :: self.world_size], windows[self.rank :: self.world_size])):
                 self.datasets[s].read(int(w), out[i])
-            yield torch.from_numpy(out), SamplerState(state.seed, state.cursor, list(state.consumed))
+            yield torch.from_numpy(out), self._copy(state)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
-        start = SamplerState(self._state.seed, self._state.cursor, list(self._state.consumed))
+        start = self._copy(self._state if self.infinite else self._start_state)
         source = self._batches(start) if self.prefetch <= 0 else _prefetched(self._batches(start), self.prefetch)
         for batch, state_after in source:
             self._state = state_after
