@@ -33,7 +33,15 @@ def _already_built(out: Path, settings: dict) -> bool:
         metas = [read_metadata(out / name) for name in ("code", "text")]
     except DataError:
         return False
-    return all(m.get("build_settings") == settings and m["tokenizer"]["hash"] == file_hash(tok_path) for m in metas)
+    shards_present = all(
+        (out / name / e["file"]).exists() and (out / name / e["file"]).stat().st_size == e["bytes"]
+        for name, m in zip(("code", "text"), metas)
+        for split in m["splits"].values()
+        for e in split["shards"]
+    )
+    return shards_present and all(
+        m.get("build_settings") == settings and m["tokenizer"]["hash"] == file_hash(tok_path) for m in metas
+    )
 
 
 def _sample(docs: list[dict], max_bytes: int):

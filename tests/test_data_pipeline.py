@@ -15,7 +15,7 @@ import pytest
 from data_tools.corpus import cap_bytes, deduplicate, iter_directory, iter_jsonl, iter_parquet, iter_text_files
 from data_tools.tokenize_corpus import is_validation, tokenize_to_dataset
 from mtp_pretrain.data import BPETokenizer, ByteTokenizer, load_tokenizer
-from mtp_pretrain.data.shards import SPLITS, read_metadata
+from mtp_pretrain.data.shards import SPLITS, read_metadata, token_dtype
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,6 +79,10 @@ def test_parallel_tokenization_gives_the_same_dataset(bpe_file, tmp_path):
                                  chunk_bytes=500, shard_mb=0.004) for w in (1, 2)]
     shards = [[(s["sha256"], s["num_tokens"]) for s in m["splits"]["train"]["shards"]] for m in metas]
     assert shards[0] == shards[1]
+
+
+def test_token_dtype_by_vocab_size():
+    assert token_dtype(259) == np.uint16 and token_dtype(65536) == np.uint16 and token_dtype(65537) == np.uint32
 
 
 def test_bpe_specials_are_not_matched_inside_text(bpe_file):
@@ -153,3 +157,6 @@ def test_build_default_small_and_idempotent(tmp_path):
     r = run_cli(*args)
     assert r.returncode == 0 and "nothing to do" in r.stdout
     assert (tmp_path / "d" / "code" / "metadata.json").stat().st_mtime_ns == mtime
+    (tmp_path / "d" / "text" / "val-00000.arrow").unlink()  # an incomplete build is rebuilt
+    r = run_cli(*args)
+    assert r.returncode == 0 and "nothing to do" not in r.stdout and (tmp_path / "d" / "text" / "val-00000.arrow").exists()
