@@ -228,8 +228,7 @@ def multirun_command(args: argparse.Namespace) -> list[str]:
     if "hydra.sweep.dir" not in keys:
         # A fixed sweep dir, so that a resubmitted job finds its checkpoints again.
         cmd.append(f"hydra.sweep.dir={sweep_dir}")
-    if "checkpoint.dir" not in keys:
-        cmd.append("checkpoint.dir=${hydra:runtime.output_dir}/checkpoints")
+    # checkpoint.dir defaults to <the job's output dir>/checkpoints, distinct for each point.
     if "train.resume" not in keys:
         cmd.append("train.resume=auto")
     return cmd + list(args.overrides)
