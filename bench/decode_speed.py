@@ -1,0 +1,203 @@
+"""Decoding speed: greedy vs self-speculative vs tree decoding, on held-out code and text.
+
+    .venv/bin/python bench/decode_speed.py                       # newest runs/*/checkpoints
+    .venv/bin/python bench/decode_speed.py --checkpoint runs/X/checkpoints --batch-sizes 1 8
+    .venv/bin/python bench/decode_speed.py --random-init --num-prompts 2 --max-new-tokens 32  # smoke test
+    .venv/bin/python bench/decode_speed.py --train-steps 200    # quickly trained tiny n=4 model
+
+Prompts are the first ``--num-prompts`` windows of ``--prompt-len`` tokens of the *val* split of
+each data set (``data/default/code``, ``data/default/text``), or the lines of ``--prompts``. For
+every data set and batch size the three modes decode the same prompts (``--max-new-tokens``,
+EOS ignored so every mode generates the same number of tokens); reported: tokens/s, mean
+accepted tokens per forward pass, acceptance rate per draft position, speedup over greedy, and
+``exact``: self-speculative and tree outputs are identical to greedy's, token for token. The last
+line of output is one JSON object with all of it.
+
+A random-init model's heads do not agree, so it accepts ~1 token per pass and speculative modes
+are *slower* than greedy (they run the extra heads for nothing): use it only to check that the
+script runs. ``--train-steps`` trains the model briefly on the train split first; only a
+properly trained checkpoint gives meaningful speedups.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from mtp_pretrain.inference import Decoder, GenerationConfig, RunStats
+
+MODES = ("greedy", "self_speculative", "tree")
+
+
+def newest_checkpoint_dir() -> str | None:
+    candidates = [p for p in glob.glob("runs/*/checkpoints") if os.listdir(p)]
+    return max(candidates, key=os.path.getmtime) if candidates else None
+
+
+def load_data_prompts(data_dir: Path, names, num: int, length: int, seed: int) -> dict[str, list[list[int]]]:
+    from mtp_pretrain.data import ArrowTokenStream, DataSource
+
+    prompts = {}
+    for name in names:
+        stream = ArrowTokenStream([DataSource(str(data_dir / name))], window=length, micro_batch_size=num,
+                                  split="val", seed=seed, prefetch=0, infinite=False)
+        prompts[name] = next(iter(stream)).tolist()
+    return prompts
+
+
+def file_prompts(path: str, tokenizer) -> dict[str, list[list[int]]]:
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip()]
+    if path.endswith(".jsonl"):
+        items = [json.loads(line) for line in lines]
+        ids = [it["ids"] if "ids" in it else tokenizer.encode(it["prompt"]) for it in items]
+    else:
+        if tokenizer is None:
+            raise SystemExit("--prompts with text lines needs a tokenizer (checkpoint or --data-dir)")
+        ids = [tokenizer.encode(line) for line in lines]
+    return {Path(path).stem: ids}
+
+
+def quick_train(model, data_dir: Path, names, steps: int, seq_len: int = 128, batch: int = 8, lr: float = 3e-3):
+    """A few optimizer steps of the plain multi-token loss on the train split (smoke testing)."""
+    from mtp_pretrain.data import ArrowTokenStream, DataSource
+
+    n = model.n_future
+    stream = ArrowTokenStream([DataSource(str(data_dir / name)) for name in names], window=seq_len + n,
+                              micro_batch_size=batch, split="train", seed=0)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    model.train()
+    t0 = time.perf_counter()
+    for step, tokens in zip(range(steps), stream):
+        logits = model(tokens, seq_len=seq_len)
+        losses = [F.cross_entropy(lg.flatten(0, 1).float(), tokens[:, i + 1: i + 1 + seq_len].flatten())
+                  for i, lg in enumerate(logits)]
+        opt.zero_grad()
+        sum(losses).backward()
+        opt.step()
+        if step % 50 == 0 or step == steps - 1:
+            print(f"train step {step}: head losses {[round(x.item(), 3) for x in losses]} "
+                  f"({time.perf_counter() - t0:.0f}s)", flush=True)
+    return model.eval()
+
+
+def run_mode(decoder, prompts, batch_size, config) -> tuple[list[list[int]], dict]:
+    """Decode all prompts in batches of batch_size; statistics summed over the batches."""
+    tokens, total = [], RunStats(mode=config.mode, batch_size=batch_size)
+    for i in range(0, len(prompts), batch_size):
+        res = decoder.generate(prompts[i: i + batch_size], config)
+        tokens += res.tokens
+        total.forward_passes += res.stats.forward_passes
+        total.head_passes += res.stats.head_passes
+        total.wall_time_s += res.stats.wall_time_s
+        total.sequences += res.stats.sequences
+    return tokens, total.to_dict()
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    src = ap.add_mutually_exclusive_group()
+    src.add_argument("--checkpoint", help="export dir or training checkpoint (default: newest runs/*/checkpoints)")
+    src.add_argument("--random-init", action="store_true", help="random tiny model (smoke test only)")
+    ap.add_argument("--train-steps", type=int, default=0, help="train the model this many steps first")
+    ap.add_argument("--model-size", default="tiny", help="model for --random-init / --train-steps")
+    ap.add_argument("--n-future", type=int, default=4)
+    ap.add_argument("--data-dir", default="data/default")
+    ap.add_argument("--datasets", nargs="+", default=["code", "text"])
+    ap.add_argument("--prompts", help="prompt file instead of the val splits (text lines, or .jsonl with 'prompt'/'ids')")
+    ap.add_argument("--num-prompts", type=int, default=8)
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--max-new-tokens", type=int, default=256)
+    ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
+    ap.add_argument("--tree-widths", default="3,2,1")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--seed", type=int, default=0)
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    data_dir = Path(args.data_dir)
+
+    tokenizer = None
+    if args.random_init or (args.train_steps and not args.checkpoint):
+        from mtp_pretrain.model import MTPTransformer, model_config
+
+        model = MTPTransformer(model_config(args.model_size, n_future=args.n_future))
+        model.init_weights(args.seed)
+        source = f"random-init {args.model_size} n_future={args.n_future}"
+    else:
+        checkpoint = args.checkpoint or newest_checkpoint_dir()
+        if checkpoint is None:
+            raise SystemExit("no checkpoint: pass --checkpoint (make train prints its run dir), "
+                             "or --random-init / --train-steps N for a smoke test")
+        from mtp_pretrain.export import load_model
+
+        model, tokenizer = load_model(checkpoint)
+        source = checkpoint
+    if args.train_steps:
+        model = quick_train(model, data_dir, args.datasets, args.train_steps)
+        source += f" + {args.train_steps} quick training steps"
+    model = model.to(args.device).eval()
+    if tokenizer is None and (data_dir / args.datasets[0]).is_dir():
+        from mtp_pretrain.data import load_tokenizer
+
+        tokenizer = load_tokenizer(data_dir / args.datasets[0])
+
+    if args.prompts:
+        datasets = file_prompts(args.prompts, tokenizer)
+    else:
+        datasets = load_data_prompts(data_dir, args.datasets, args.num_prompts, args.prompt_len, args.seed)
+    widths = tuple(int(w) for w in args.tree_widths.split(","))
+    decoder = Decoder(model)
+    print(f"model: {source}; n_future={model.n_future} head_type={model.cfg.head_type}; "
+          f"threads={torch.get_num_threads()}", flush=True)
+    # Warm-up: first calls pay for allocator and kernel selection.
+    for mode in MODES:
+        decoder.generate(next(iter(datasets.values()))[:1], GenerationConfig(mode=mode, max_new_tokens=8, tree_widths=widths))
+
+    summary = {"exact": True, "exact_across_batch_sizes": True, "model": source,
+               "max_new_tokens": args.max_new_tokens, "results": {}}
+    for name, prompts in datasets.items():
+        summary["results"][name] = {}
+        greedy_by_bs = []
+        for bs in args.batch_sizes:
+            outputs, rows = {}, {}
+            for mode in MODES:
+                cfg = GenerationConfig(mode=mode, max_new_tokens=args.max_new_tokens, tree_widths=widths)
+                outputs[mode], rows[mode] = run_mode(decoder, prompts, bs, cfg)
+                print(f"{name} bs={bs} {mode:17s} {json.dumps(rows[mode])}", flush=True)
+            exact = all(outputs[m] == outputs["greedy"] for m in MODES)
+            greedy_by_bs.append(outputs["greedy"])
+            base = rows["greedy"]["tokens_per_s"] or float("nan")
+            entry = {
+                "exact": exact,
+                "accepted_per_forward": rows["self_speculative"]["accepted_per_forward"],
+                "accepted_per_forward_tree": rows["tree"]["accepted_per_forward"],
+                "speedup_self_speculative": round(rows["self_speculative"]["tokens_per_s"] / base, 3),
+                "speedup_tree": round(rows["tree"]["tokens_per_s"] / base, 3),
+                "tokens_per_s": {m: rows[m]["tokens_per_s"] for m in MODES},
+                "acceptance_rate_per_position": {m: rows[m]["acceptance_rate_per_position"] for m in MODES[1:]},
+            }
+            summary["results"][name][str(bs)] = entry
+            summary["exact"] &= exact
+            print(f"{name} bs={bs}: exact={exact} accepted/forward={entry['accepted_per_forward']} "
+                  f"(tree {entry['accepted_per_forward_tree']}) speedup self_speculative="
+                  f"{entry['speedup_self_speculative']} tree={entry['speedup_tree']}", flush=True)
+        summary["exact_across_batch_sizes"] &= all(g == greedy_by_bs[0] for g in greedy_by_bs)
+        if tokenizer is not None:
+            sample = tokenizer.decode(greedy_by_bs[0][0][:48])
+            print(f"{name} sample continuation: {sample!r}", flush=True)
+    print(json.dumps(summary))
+    sys.stdout.flush()
+
+
+if __name__ == "__main__":
+    main()
