@@ -244,12 +244,17 @@ class Trainer:
                 now = time.perf_counter()
                 self._log_step(out, (self.tokens_seen - tokens_last) / (now - t_last), start_step)
                 t_last, tokens_last = now, self.tokens_seen
+            # Validation and checkpoint time is kept out of the next tokens_per_s (training throughput).
             if cfg.logging.val_interval and self.step % cfg.logging.val_interval == 0:
+                paused = time.perf_counter()
                 self._log_val()
+                t_last += time.perf_counter() - paused
             preempted = self._preempted()
             if preempted or self.step == cfg.train.max_steps or (
                     cfg.checkpoint.interval and self.step % cfg.checkpoint.interval == 0):
+                paused = time.perf_counter()
                 self.save_checkpoint()
+                t_last += time.perf_counter() - paused
             if preempted:
                 self.log(f"received {signal.Signals(preempted).name}: checkpoint saved at step {self.step}; "
                          f"exiting with code {EXIT_PREEMPTED} so the job can be requeued")
@@ -320,7 +325,11 @@ def main() -> None:
     @hydra.main(config_path="../conf", config_name="config", version_base=None)
     def _app(dict_cfg) -> None:
         cfg = to_job_config(dict_cfg)
-        code = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        try:
+            code = run(cfg, Path(HydraConfig.get().runtime.output_dir))
+        except NonFiniteLossError as e:  # every rank sees the same all-reduced loss: all stop here
+            print(f"[mtp] error: {e}", file=sys.stderr, flush=True)
+            code = EXIT_NONFINITE
         if code:
             sys.exit(code)
 
