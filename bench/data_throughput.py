@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -45,14 +46,22 @@ def bench_tokenize(data_dir: Path, max_mb: float, tmp: Path) -> dict[str, float]
         build_default(data_dir)
     docs = list(cap_bytes(deduplicate(default_corpus.stdlib_python_sources()), int(max_mb * 2**20)))
     mb = sum(len(d["text"].encode()) for d in docs) / 1e6
-    rates = {}
+    rates, per_cpu_s = {}, {}
     for workers in (1, 2):
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), cpu_seconds()
         tokenize_to_dataset(docs, data_dir / "tokenizer.json", tmp / f"tok{workers}", source_description="bench",
                             workers=workers, total_bytes=int(mb * 1e6))
         rates[str(workers)] = mb / (time.perf_counter() - t0)
-        print(f"tokenize  {mb:6.1f} MB of code, {workers} worker(s): {rates[str(workers)]:6.2f} MB/s", flush=True)
-    return rates
+        per_cpu_s[str(workers)] = mb / (cpu_seconds() - cpu0)
+        print(f"tokenize  {mb:6.1f} MB of code, {workers} worker(s): {rates[str(workers)]:6.2f} MB/s wall, "
+              f"{per_cpu_s[str(workers)]:.2f} MB per CPU-second", flush=True)
+    return rates, per_cpu_s
+
+
+def cpu_seconds() -> float:
+    """CPU time of this process and its finished children (the tokenizer workers, once joined)."""
+    own, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return own.ru_utime + own.ru_stime + kids.ru_utime + kids.ru_stime
 
 
 def bench_loader(tmp: Path, gb: float, window: int, batch: int) -> dict:
@@ -111,18 +120,19 @@ def main() -> None:
     args = p.parse_args()
 
     with tempfile.TemporaryDirectory(prefix="data_bench_") as tmp:
-        tok_rates = bench_tokenize(Path(args.data_dir), args.tokenize_mb, Path(tmp))
+        tok_rates, tok_per_cpu_s = bench_tokenize(Path(args.data_dir), args.tokenize_mb, Path(tmp))
         loader = bench_loader(Path(tmp), args.loader_gb, args.window, args.batch)
 
     print(f"\nload average (1 min) at the end: {os.getloadavg()[0]:.2f} on {os.cpu_count()} cores (shared machine)")
     print("\n| measurement | value |\n| --- | --- |")
     for w, r in tok_rates.items():
-        print(f"| tokenize (BPE 8192, code), {w} worker process(es) | {r:.2f} MB/s |")
+        print(f"| tokenize (BPE 8192, code), {w} worker process(es) | {r:.2f} MB/s wall, {tok_per_cpu_s[w]:.2f} MB/CPU-s |")
     print(f"| loader, 1 rank, prefetch 2, window {args.window}, batch {args.batch} | {loader['loader_tokens_per_s'] / 1e6:.1f} M tokens/s |")
     print(f"| streamed | {loader['streamed_gb']:.2f} GB of {loader['shard_gb']:.2f} GB of shards |")
     print(f"| memory growth, RssAnon (heap only) | {loader['rss_growth_mb']:.1f} MB |")
     print(f"| memory growth, VmRSS (includes mapped file pages; not a leak) | {loader['vmrss_growth_mb']:.1f} MB |")
     print(json.dumps({"tokenize_mb_per_s": {k: round(v, 3) for k, v in tok_rates.items()},
+                      "tokenize_mb_per_cpu_s": {k: round(v, 3) for k, v in tok_per_cpu_s.items()},
                       **{k: round(v, 3) for k, v in loader.items()}, "window": args.window, "batch": args.batch,
                       "cpus": os.cpu_count(), "load_avg_1min_at_end": round(os.getloadavg()[0], 2)}))
 
