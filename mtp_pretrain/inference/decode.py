@@ -167,8 +167,11 @@ class Decoder:
         """Decode all prompts together (one batch); returns generated ids and statistics."""
         cfg = config
         self._check(prompts, cfg)
-        gen = torch.Generator(device=self.device)
-        gen.manual_seed(cfg.seed if cfg.seed is not None else torch.seed())
+        gen = torch.Generator(device=self.device)  # own generator: leaves the global RNG alone
+        if cfg.seed is not None:
+            gen.manual_seed(cfg.seed)
+        else:
+            gen.seed()
         B = len(prompts)
         n_drafts = 0 if cfg.mode in ("greedy", "sample") else self.n - 1
         tree = None
