@@ -160,6 +160,27 @@ def test_resume_mid_epoch_gives_exactly_the_remaining_batches(single, prefetch):
     assert resumed.state_dict() == reference.state_dict()
 
 
+def test_close_stops_the_prefetch_thread(single):
+    import threading
+
+    def prefetchers():
+        return [t for t in threading.enumerate() if t.name == "ArrowTokenStream-prefetch" and t.is_alive()]
+
+    stream = make(single, infinite=True, prefetch=2)
+    it = iter(stream)
+    next(it)
+    assert len(prefetchers()) == 1
+    it2 = iter(stream)  # a new iterator replaces the old one and continues after the yielded batch
+    assert stream.state_dict()["cursor"] == B and next(it2).shape == (B, WINDOW)
+    assert len(prefetchers()) == 1
+    stream.close()
+    assert prefetchers() == []
+    it3 = iter(stream)
+    next(it3)
+    del it, it2, it3  # an iterator that is dropped stops its thread too
+    assert prefetchers() == []
+
+
 def test_state_reflects_yielded_not_prefetched_batches(single):
     eager = make(single, infinite=True, prefetch=4)
     lazy = make(single, infinite=True, prefetch=0)

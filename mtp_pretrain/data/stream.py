@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
@@ -74,6 +75,7 @@ class ArrowTokenStream:
         self.tokenizer_hash = first.tokenizer_hash
         self._state = SamplerState(seed=seed, consumed=[0] * len(self.sources))
         self._start_state = self._copy(self._state)
+        self._active: weakref.ref | None = None
 
     @staticmethod
     def _copy(state: SamplerState) -> SamplerState:
@@ -133,11 +135,28 @@ class ArrowTokenStream:
             yield torch.from_numpy(out), self._copy(state)
 
     def __iter__(self) -> Iterator[torch.Tensor]:
+        self.close()  # one live iterator: stop the previous one's prefetch thread
+        iterator = self._iterate()
+        # A weak reference: an iterator the caller drops is closed (its thread stopped) at once.
+        self._active = weakref.ref(iterator)
+        return iterator
+
+    def _iterate(self) -> Iterator[torch.Tensor]:
         start = self._copy(self._state if self.infinite else self._start_state)
         source = self._batches(start) if self.prefetch <= 0 else _prefetched(self._batches(start), self.prefetch)
-        for batch, state_after in source:
-            self._state = state_after
-            yield batch
+        try:
+            for batch, state_after in source:
+                self._state = state_after
+                yield batch
+        finally:
+            source.close()
+
+    def close(self) -> None:
+        """Stop the live iterator and its prefetch thread (also done by the next iter())."""
+        active = self._active() if self._active is not None else None
+        self._active = None
+        if active is not None:
+            active.close()
 
 
 _END = object()
