@@ -132,3 +132,8 @@ def test_byte_tokenizer_file_round_trip(tmp_path):
     ByteTokenizer().save(tmp_path / "t.json")
     tok = load_tokenizer(tmp_path / "t.json")
     assert isinstance(tok, ByteTokenizer) and tok.decode(tok.encode("héllo")) == "héllo"
+
+
+def test_finite_split_too_small_for_one_step(ds):
+    with pytest.raises(DataError, match=r"split 'val' has 4 windows.*fewer than one step of 2 x 3 ranks"):
+        open_stream(ds, split="val", infinite=False, world_size=3)

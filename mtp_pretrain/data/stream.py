@@ -64,6 +64,12 @@ class ArrowTokenStream:
         self.split, self.prefetch, self.infinite = split, prefetch, infinite
         self.datasets = [TokenWindows(s.path, split, window, verify) for s in self.sources]
 
+        if not infinite and sum(ds.num_windows for ds in self.datasets) < micro_batch_size * world_size:
+            raise DataError(
+                f"{', '.join(str(ds.path) for ds in self.datasets)}: split '{split}' has "
+                f"{sum(ds.num_windows for ds in self.datasets)} windows of {window} tokens, fewer than one step "
+                f"of {micro_batch_size} x {world_size} ranks; a finite stream would yield nothing"
+            )
         first = self.datasets[0]
         for ds in self.datasets[1:]:
             if ds.tokenizer_hash != first.tokenizer_hash:
