@@ -30,7 +30,7 @@ their drafting pass recomputes the positions after it each step, sequentially th
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import Optional, Sequence
 
 import torch
