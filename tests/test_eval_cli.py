@@ -168,7 +168,7 @@ def _check_outputs(out: Path, task: str) -> dict:
 
 def test_cli_per_head(tiny_export, tiny_dataset, tmp_path):
     out = tmp_path / "out"
-    cli.main(["per_head", "--checkpoint", str(tiny_export), "--out", str(out), "--seq-len", "16",
+    cli.evaluate(["per_head", "--checkpoint", str(tiny_export), "--out", str(out), "--seq-len", "16",
               "--max-batches", "2", "--batch-size", "2", *sum((["--data", str(p)] for p in tiny_dataset), [])])
     r = _check_outputs(out, "per_head")["result"]
     assert len(r["loss"]) == 2 and r["batches"] == 2 and r["tokens"] == [64, 64]
@@ -177,7 +177,7 @@ def test_cli_per_head(tiny_export, tiny_dataset, tmp_path):
 
 def test_cli_polynomial(tiny_export, tmp_path):
     out = tmp_path / "out"
-    cli.main(["polynomial", "--checkpoint", str(tiny_export), "--out", str(out), "--limit", "1",
+    cli.evaluate(["polynomial", "--checkpoint", str(tiny_export), "--out", str(out), "--limit", "1",
               "--max-new-tokens", "4", "--ops", "1-2", "--ood-ops", "6"])
     r = _check_outputs(out, "polynomial")["result"]
     assert set(r["test_in_domain"]["accuracy"]) == {"1", "2"} and set(r["test_out_of_domain"]["accuracy"]) == {"6"}
@@ -186,14 +186,14 @@ def test_cli_polynomial(tiny_export, tmp_path):
 
 def test_cli_induction(tiny_export, tmp_path):
     out = tmp_path / "out"
-    cli.main(["induction", "--checkpoint", str(tiny_export), "--out", str(out), "--limit", "2"])
+    cli.evaluate(["induction", "--checkpoint", str(tiny_export), "--out", str(out), "--limit", "2"])
     r = _check_outputs(out, "induction")["result"]
     assert r["stories"] == 2 and r["targets"] > 0 and 0.0 <= r["accuracy"] <= 1.0
 
 
 def test_cli_humaneval(tiny_export, tmp_path):
     out = tmp_path / "out"
-    cli.main(["humaneval", "--checkpoint", str(tiny_export), "--out", str(out), "--limit", "2",
+    cli.evaluate(["humaneval", "--checkpoint", str(tiny_export), "--out", str(out), "--limit", "2",
               "--max-new-tokens", "4"])
     r = _check_outputs(out, "humaneval")["result"]
     assert r["problems"] == 2 and r["pass_at_k"] == {"1": 0.0} and sum(r["statuses"].values()) == 2
@@ -206,7 +206,7 @@ def test_cli_wandb_failure_is_not_fatal(tiny_export, tmp_path, monkeypatch, caps
         raise RuntimeError("no wandb here")
 
     monkeypatch.setattr(wandb, "init", broken_init)
-    record = cli.main(["induction", "--checkpoint", str(tiny_export), "--limit", "1",
+    record = cli.evaluate(["induction", "--checkpoint", str(tiny_export), "--limit", "1",
                        "--wandb-run-id", "abc123", "--wandb-mode", "offline"])
     assert record["result"]["stories"] == 1
     assert "wandb logging skipped" in capsys.readouterr().err
@@ -262,8 +262,8 @@ def test_finetune_n4_into_n1_copies_trunk_and_head1(n4_run, tiny_dataset, tmp_pa
 
 def test_cli_per_head_defaults_to_checkpoint_sources(n4_run, tmp_path):
     out = tmp_path / "out"
-    cli.main(["per_head", "--checkpoint", str(n4_run / "checkpoints"), "--out", str(out), "--seq-len", "16",
-              "--max-batches", "1", "--batch-size", "2"])
+    assert cli.main(["per_head", "--checkpoint", str(n4_run / "checkpoints"), "--out", str(out), "--seq-len", "16",
+              "--max-batches", "1", "--batch-size", "2"]) is None  # the console script
     record = json.loads((out / "per_head.json").read_text())
     assert record["step"] == 2 and len(record["result"]["loss"]) == 4
     assert len(record["result"]["sources"]) == 2

@@ -276,7 +276,8 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def main(argv: Optional[list[str]] = None) -> dict:
+def evaluate(argv: Optional[list[str]] = None) -> dict:
+    """Run ``mtp-eval`` with these arguments; returns the record written to ``<task>.json``."""
     args = build_parser().parse_args(argv)
     from mtp_pretrain.export import load_model, resolve_checkpoint
 
@@ -311,6 +312,11 @@ def main(argv: Optional[list[str]] = None) -> dict:
     if run_id:
         print(f"logged to wandb run {run_id}")
     return record
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    """The ``mtp-eval`` console script (exit status 0 on success)."""
+    evaluate(argv)
 
 
 if __name__ == "__main__":
