@@ -27,6 +27,8 @@ Helpers (import them: ``from conftest import run_inprocess, ...``)
 ``train_records(records)``              step -> list of train records (a re-done step appears
                                         once per attempt).
 ``loss_keys(n_future)``                 ``["loss", "loss/head_1", ..]``: what equality tests compare.
+``assert_same_losses(records, reference, exact=True)`` every attempt of every step logged the
+                                        reference's losses (bitwise, or within ``tol``), lr, tokens_seen.
 ``wandb_history(run_dir)``              the history rows logged to the offline wandb run(s) under
                                         ``<run_dir>/wandb``, read from their ``.wandb`` files.
 
@@ -202,6 +204,24 @@ def train_records(records: list[dict]) -> dict[int, list[dict]]:
 
 def loss_keys(n_future: int = N_FUTURE) -> list[str]:
     return ["loss"] + [f"loss/head_{i}" for i in range(1, n_future + 1)]
+
+
+def assert_same_losses(records: list[dict], reference: list[dict], exact: bool = True, tol: float = 1e-4,
+                       steps=range(1, REF_STEPS + 1)) -> None:
+    """Every record of each step in ``steps`` (all attempts) carries the reference's losses, lr
+    and tokens_seen."""
+    got, ref = train_records(records), train_records(reference)
+    assert sorted(got) == list(steps), f"logged steps {sorted(got)}"
+    for step in steps:
+        want = ref[step][-1]
+        for attempt in got[step]:
+            for k in loss_keys():
+                if exact:
+                    assert attempt[k] == want[k], f"step {step} {k}: {attempt[k]!r} != {want[k]!r}"
+                else:
+                    assert abs(attempt[k] - want[k]) <= tol, f"step {step} {k}: {attempt[k]} vs {want[k]}"
+            assert attempt["lr"] == pytest.approx(want["lr"], rel=1e-12), f"step {step} lr"
+            assert attempt["tokens_seen"] == want["tokens_seen"], f"step {step} tokens_seen"
 
 
 def wandb_history(run_dir: Path) -> list[dict]:

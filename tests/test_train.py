@@ -9,37 +9,17 @@ bitwise, as the same process count on CPU is deterministic.
 from __future__ import annotations
 
 import math
-import os
 import signal
-import subprocess
 
 import pytest
 import torch
 
-from conftest import (N_FUTURE, REF_STEPS, latest_step, log_text, loss_keys, read_metrics, run_cli,
-                      run_inprocess, start_cli, train_records, wait_for_checkpoint, wandb_history)
+from conftest import (N_FUTURE, REF_STEPS, assert_same_losses, latest_step, log_text, loss_keys, read_metrics,
+                      run_cli, run_inprocess, start_cli, train_records, wait_for_checkpoint, wandb_history)
 
 TOKENS_PER_STEP = 4 * 32  # train_overrides: micro_batch_size 4 x seq_len 32, one process
 TRAIN_KEYS = ["step", "loss", "lr", "grad_norm", "tokens_per_s", "tokens_per_s_per_rank", "peak_mem_mb",
               "tokens_seen", "nonfinite_skipped"] + [f"loss/head_{i}" for i in range(1, N_FUTURE + 1)]
-
-
-def assert_same_losses(records: list[dict], reference: list[dict], exact: bool = True, tol: float = 1e-4,
-                       steps=range(1, REF_STEPS + 1)) -> None:
-    """Every record of each step in ``steps`` (all attempts) carries the reference's losses, lr
-    and tokens_seen."""
-    got, ref = train_records(records), train_records(reference)
-    assert sorted(got) == list(steps), f"logged steps {sorted(got)}"
-    for step in steps:
-        want = ref[step][-1]
-        for attempt in got[step]:
-            for k in loss_keys():
-                if exact:
-                    assert attempt[k] == want[k], f"step {step} {k}: {attempt[k]!r} != {want[k]!r}"
-                else:
-                    assert abs(attempt[k] - want[k]) <= tol, f"step {step} {k}: {attempt[k]} vs {want[k]}"
-            assert attempt["lr"] == pytest.approx(want["lr"], rel=1e-12), f"step {step} lr"
-            assert attempt["tokens_seen"] == want["tokens_seen"], f"step {step} tokens_seen"
 
 
 # --- metrics -------------------------------------------------------------------------------------
