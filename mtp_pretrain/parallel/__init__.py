@@ -23,6 +23,22 @@ def build_strategy(cfg: ParallelConfig, env: DistEnv, param_dtype: torch.dtype |
         from mtp_pretrain.parallel.fsdp import FSDPStrategy
 
         return FSDPStrategy(cfg, env, param_dtype)
+    if cfg.strategy == "tp":
+        from mtp_pretrain.parallel.tp import TPStrategy
+
+        return TPStrategy(cfg, env, param_dtype)
+    if cfg.strategy == "fsdp_tp":
+        from mtp_pretrain.parallel.tp import FSDPTPStrategy
+
+        return FSDPTPStrategy(cfg, env, param_dtype)
+    if cfg.strategy == "deepspeed":
+        from mtp_pretrain.parallel.deepspeed import DeepSpeedStrategy
+
+        return DeepSpeedStrategy(cfg, env, param_dtype)
+    if cfg.strategy == "megatron":
+        from mtp_pretrain.parallel.megatron import MegatronStrategy
+
+        return MegatronStrategy(cfg, env, param_dtype)
     raise ValueError(f"parallel.strategy={cfg.strategy!r} is not available in this build")
 
 

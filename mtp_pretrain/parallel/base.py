@@ -7,11 +7,15 @@ The train loop calls, per step: ``grad_sync_hooks`` (handed to the loss, once pe
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
+                                                     set_model_state_dict, set_optimizer_state_dict)
+from torch.distributed.checkpoint.stateful import Stateful
 
 from mtp_pretrain.config import ParallelConfig
 from mtp_pretrain.loss import GradSyncHooks
@@ -35,17 +39,24 @@ class Strategy:
     def dp_rank(self) -> int:
         return self.env.rank
 
-    def validate(self, model_cfg) -> None:
+    def validate(self, model_cfg, seq_len: int | None = None) -> None:
         """Fail at start-up on a layout this strategy cannot run (override)."""
 
     # --- model and optimizer -------------------------------------------------------------------
     def parallelize(self, model: nn.Module) -> nn.Module:
-        return model.to(self.env.device)
+        from mtp_pretrain.parallel.blocks import apply_block_options
+
+        return apply_block_options(model.to(self.env.device), self.cfg)
 
     def build_optimizer(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]):
         return make_optimizer(model)
 
     # --- one step -----------------------------------------------------------------------------
+    def loss_context(self):
+        """Entered around each loss call (forward *and* its backward passes): TP's
+        ``loss_parallel``; nothing for the other strategies."""
+        return contextlib.nullcontext()
+
     def grad_sync_hooks(self, model: nn.Module, last_micro_batch: bool) -> GradSyncHooks:
         return GradSyncHooks()
 
@@ -74,3 +85,31 @@ class Strategy:
         if self.env.distributed:
             dist.all_reduce(t, op=dist.ReduceOp.MAX)
         return t
+
+    # --- checkpoints --------------------------------------------------------------------------
+    def checkpoint_state(self, model: nn.Module, optimizer) -> dict:
+        """DCP-saveable Stateful objects for model and optimizer, keyed by parameter names of the
+        plain model, so any strategy and world size can load what any other wrote."""
+        return {"model": ModelState(model), "optim": OptimState(model, optimizer)}
+
+
+class ModelState(Stateful):
+    def __init__(self, model):
+        self.model = model
+
+    def state_dict(self):
+        return get_model_state_dict(self.model)
+
+    def load_state_dict(self, sd):
+        set_model_state_dict(self.model, sd)
+
+
+class OptimState(Stateful):
+    def __init__(self, model, optimizer):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self):
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, sd):
+        set_optimizer_state_dict(self.model, self.optimizer, sd)

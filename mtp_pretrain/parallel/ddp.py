@@ -14,6 +14,7 @@ from torch import nn
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from mtp_pretrain.parallel.base import Strategy
+from mtp_pretrain.parallel.blocks import apply_block_options
 
 BUCKET_BYTES = 25 * 2**20
 
@@ -23,6 +24,7 @@ class DDPStrategy(Strategy):
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         model.to(self.env.device)
+        apply_block_options(model, self.cfg)
         if self.env.distributed:
             with torch.no_grad():
                 for t in list(model.parameters()) + list(model.buffers()):

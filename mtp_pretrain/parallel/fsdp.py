@@ -20,13 +20,17 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 from mtp_pretrain.loss import GradSyncHooks
 from mtp_pretrain.parallel.base import Strategy
+from mtp_pretrain.parallel.blocks import apply_block_options
 
 
 class FSDPGradSync(GradSyncHooks):
-    def __init__(self, model: nn.Module, last_micro_batch: bool):
-        self.model, self.last_micro_batch = model, last_micro_batch
+    def __init__(self, model: nn.Module, last_micro_batch: bool, defer: bool = True):
+        self.model, self.last_micro_batch, self.defer = model, last_micro_batch, defer
 
     def before_head_backward(self, head: int, last: bool) -> None:
+        if not self.defer:  # measurement only (bench/scaling.py): reduce after every head
+            self.model.unembed.set_requires_gradient_sync(True, recurse=False)
+            return
         self.model.unembed.set_requires_gradient_sync(self.last_micro_batch and last, recurse=False)
         if self.model.cfg.tie_embeddings or self.model.heads_chain:
             # The embedding's gradient also arrives in several passes (tied weight / causal heads).
@@ -36,8 +40,29 @@ class FSDPGradSync(GradSyncHooks):
         self.model.tok_embeddings.set_requires_gradient_sync(self.last_micro_batch, recurse=False)
 
 
+def shard_units(model: nn.Module, mesh, param_dtype: torch.dtype | None = None, cpu_offload: bool = False) -> nn.Module:
+    """fully_shard the units described above over ``mesh`` (1-D data-parallel mesh; for
+    fsdp_tp the parameters are already TP DTensors and FSDP shards them further)."""
+    kw = dict(mesh=mesh,
+              mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+              offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+    for block in model.trunk:
+        fully_shard(block, **kw)
+    for head in model.heads:
+        fully_shard(head, **kw)
+    # Used once per head: keep unsharded between heads rather than all-gather n times.
+    if model.cfg.tie_embeddings:
+        fully_shard([model.tok_embeddings, model.unembed], reshard_after_forward=False, **kw)
+    else:
+        fully_shard(model.tok_embeddings, **kw)
+        fully_shard(model.unembed, reshard_after_forward=False, **kw)
+    fully_shard(model, **kw)
+    return model
+
+
 class FSDPStrategy(Strategy):
     name = "fsdp"
+    defer_shared_grad_sync = True  # False only to measure what deferring saves
 
     def __init__(self, cfg, env, param_dtype: torch.dtype | None = None):
         super().__init__(cfg, env)
@@ -48,23 +73,10 @@ class FSDPStrategy(Strategy):
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         model.to(self.env.device)
-        mesh = self.mesh()
-        kw = dict(mesh=mesh,
-                  mp_policy=MixedPrecisionPolicy(param_dtype=self.param_dtype, reduce_dtype=torch.float32),
-                  offload_policy=CPUOffloadPolicy() if self.cfg.cpu_offload else OffloadPolicy())
-        for block in model.trunk:
-            fully_shard(block, **kw)
-        for head in model.heads:
-            fully_shard(head, **kw)
-        # Used once per head: keep unsharded between heads rather than all-gather n times.
-        if model.cfg.tie_embeddings:
-            fully_shard([model.tok_embeddings, model.unembed], reshard_after_forward=False, **kw)
-        else:
-            fully_shard(model.tok_embeddings, **kw)
-            fully_shard(model.unembed, reshard_after_forward=False, **kw)
-        fully_shard(model, **kw)
+        apply_block_options(model, self.cfg)
+        shard_units(model, self.mesh(), self.param_dtype, self.cfg.cpu_offload)
         return model
 
     def grad_sync_hooks(self, model: nn.Module, last_micro_batch: bool) -> GradSyncHooks:
         model.set_requires_gradient_sync(last_micro_batch)
-        return FSDPGradSync(model, last_micro_batch)
+        return FSDPGradSync(model, last_micro_batch, self.defer_shared_grad_sync)

@@ -355,7 +355,23 @@ class MegatronStrategy(Strategy):
         }
         self.engine, self.ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
                                                                     config=ds_config, mpu=MegatronMPU(ps))
+        self._init_zero_optimizer_state(optimizer)
         return optimizer  # the torch optimizer: the LR scheduler drives its param_groups
+
+    def _init_zero_optimizer_state(self, optimizer) -> None:
+        """Create AdamW's state (zeros, step 0: what its first step would create) on DeepSpeed's
+        flat fp32 partitions now and link it to the parameters' fragments, so that checkpoints can
+        be loaded before the first step (DeepSpeed otherwise links lazily after the first group's
+        step, missing the later groups' state)."""
+        for group in optimizer.param_groups:
+            for flat in group["params"]:
+                st = optimizer.state[flat]
+                if not st:
+                    st["step"] = torch.zeros((), dtype=torch.float32)
+                    for k in _ADAM_KEYS:
+                        st[k] = torch.zeros_like(flat, memory_format=torch.preserve_format)
+        self.ds_optimizer._hp_optimizer_states_linked = False
+        self.ds_optimizer._lazy_init_hp_params_optimizer_state()
 
     # --- one step -------------------------------------------------------------------------------
     def grad_sync_hooks(self, model: nn.Module, last_micro_batch: bool) -> GradSyncHooks:

@@ -1,0 +1,276 @@
+"""DeepSpeed ZeRO stage 1 / 2 / 3 (``parallel.strategy=deepspeed parallel.zero_stage=N``).
+
+``deepspeed.initialize`` wraps the plain model and the AdamW built by ``mtp_pretrain.optim``; the
+engine's config is generated from the Hydra config (``ds_config``): fp32 or bf16 from
+``train.dtype``, ``gradient_clipping`` from ``optim.grad_clip``, gradient accumulation left to
+the Trainer (the engine sees one accumulation step per optimizer step). The learning-rate
+schedule keeps driving the wrapped AdamW's param groups, which ZeRO steps.
+
+The head-sequential loss calls the model's modules directly (trunk, each head, the shared
+unembedding); ZeRO-3's fetch/release hooks sit on every module, so that works unchanged. All of a
+step's backward passes -- n per micro-batch for the unembedding -- run inside the engine's
+``coalesce_grad_reduction()``: gradients accumulate locally and are reduced (ZeRO-1: all-reduced,
+ZeRO-2/3: reduce-scattered into the partitions) once, when the last micro-batch is done. So the
+shared unembedding's gradient is communicated once per step, not once per head.
+
+The engine owns the optimizer step: ``clip_grad_norm`` runs ``engine.step()`` (which clips
+with ``optim.grad_clip`` and returns DeepSpeed's global norm); the Trainer's skip of a
+non-finite step is therefore not available (DeepSpeed's own fp16 loss scaler is the mechanism
+there).
+
+Checkpoints: the engine's partitioned state is mapped onto the common DCP layout -- each
+parameter's full fp32 value and full AdamW moments under its plain-model name, assembled with
+``deepspeed.utils.safe_get_full_*`` -- so a ZeRO checkpoint loads under any other strategy and
+world size, exports with ``mtp-export``, and a run under ``deepspeed`` resumes from any
+strategy's checkpoint. The limit: every rank materialises each full tensor while saving/loading
+(one at a time, not the whole model at once for the model weights under ZeRO-3 -- but the
+state-dict dict holds all of them; see docs/parallelism.md).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.distributed.checkpoint.stateful import Stateful
+
+from mtp_pretrain.loss import GradSyncHooks
+from mtp_pretrain.parallel.base import Strategy
+from mtp_pretrain.parallel.blocks import apply_block_options
+
+ADAM_KEYS = ("exp_avg", "exp_avg_sq")
+# DeepSpeed 0.19 still calls the collectives torch 2.13 renamed: one warning per call otherwise.
+warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)"
+                        r"` is deprecated")
+
+
+def import_deepspeed(device_type: str):
+    """Import deepspeed for this device, or raise a clear error."""
+    if device_type == "cpu":
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    try:
+        import deepspeed
+        from deepspeed.accelerator import get_accelerator
+    except Exception as e:  # noqa: BLE001 - any import failure means: cannot initialise here
+        raise RuntimeError(f"parallel.strategy=deepspeed: deepspeed cannot be imported on this machine "
+                           f"({type(e).__name__}: {e})") from e
+    acc = get_accelerator().device_name()
+    if acc != device_type and not (device_type == "cuda" and acc == "cuda"):
+        raise RuntimeError(f"parallel.strategy=deepspeed: DeepSpeed's accelerator is {acc!r} but the job runs on "
+                           f"{device_type!r} (set DS_ACCELERATOR={device_type} before starting)")
+    return deepspeed
+
+
+def ds_config(stage: int, param_dtype: torch.dtype | None, grad_clip: float = 0.0) -> dict:
+    return {
+        "train_micro_batch_size_per_gpu": 1,  # bookkeeping only: the Trainer owns batching
+        "gradient_accumulation_steps": 1,  # the Trainer accumulates; one engine step per optimizer step
+        "gradient_clipping": grad_clip,
+        "zero_optimization": {
+            "stage": stage,
+            "overlap_comm": False,
+            "contiguous_gradients": False,
+            "reduce_bucket_size": 50_000_000,
+            "stage3_param_persistence_threshold": 0,  # partition every parameter under ZeRO-3
+        },
+        "bf16": {"enabled": param_dtype == torch.bfloat16},
+        "zero_allow_untested_optimizer": True,
+        "steps_per_print": 2**31 - 1,
+        "wall_clock_breakdown": False,
+    }
+
+
+def _ensure_process_group(env) -> None:
+    """DeepSpeed needs a process group even for one process (torchrun/srun/deepspeed launchers
+    with several ranks already made one in ``init_distributed``)."""
+    import socket
+
+    import torch.distributed as dist
+
+    # DeepSpeed reads these (srun sets SLURM_* instead; one process sets nothing)
+    os.environ.setdefault("LOCAL_RANK", str(env.local_rank))
+    os.environ.setdefault("RANK", str(env.rank))
+    os.environ.setdefault("WORLD_SIZE", str(env.world_size))
+    if dist.is_initialized():
+        return
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    dist.init_process_group(env.backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+class DeepSpeedGradSync(GradSyncHooks):
+    """Nothing per head: the whole step is one coalesced reduction (see the module docstring)."""
+
+
+class DeepSpeedStrategy(Strategy):
+    name = "deepspeed"
+
+    def __init__(self, cfg, env, param_dtype: torch.dtype | None = None):
+        super().__init__(cfg, env)
+        self.param_dtype = param_dtype
+        self.engine = None
+        self._coalesce: contextlib.ExitStack | None = None
+
+    def validate(self, model_cfg, seq_len: int | None = None) -> None:
+        if self.cfg.zero_stage not in (1, 2, 3):
+            raise ValueError(f"parallel.zero_stage must be 1, 2 or 3 for parallel.strategy=deepspeed, "
+                             f"got {self.cfg.zero_stage}")
+        if self.cfg.tp_size != 1:
+            raise ValueError(f"parallel.strategy=deepspeed does not combine with tensor parallelism here "
+                             f"(parallel.tp_size={self.cfg.tp_size}); use fsdp_tp")
+        if self.cfg.cpu_offload:
+            raise ValueError("parallel.cpu_offload is an fsdp option; DeepSpeed offload is not wired up")
+        deepspeed = import_deepspeed(self.env.device.type)
+        if not hasattr(deepspeed.DeepSpeedEngine, "coalesce_grad_reduction"):
+            raise RuntimeError(f"parallel.strategy=deepspeed needs DeepSpeedEngine.coalesce_grad_reduction "
+                               f"(DeepSpeed >= 0.19); this is {deepspeed.__version__}")
+        if model_cfg.tie_embeddings and self.cfg.zero_stage == 3:
+            raise ValueError("model.tie_embeddings with ZeRO-3 is untested here; use zero_stage 1/2 or fsdp")
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        model.to(self.env.device)
+        return apply_block_options(model, self.cfg)
+
+    def build_optimizer(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]):
+        deepspeed = import_deepspeed(self.env.device.type)
+        _ensure_process_group(self.env)
+        optimizer = make_optimizer(model)
+        self.engine, self.ds_optimizer, _, _ = deepspeed.initialize(
+            model=model, optimizer=optimizer, config=ds_config(self.cfg.zero_stage, self.param_dtype),
+            dist_init_required=False)
+        # The LR scheduler drives the wrapped AdamW: ZeRO steps it with its flat partitions.
+        return optimizer
+
+    # --- one step ------------------------------------------------------------------------------
+    def grad_sync_hooks(self, model: nn.Module, last_micro_batch: bool) -> GradSyncHooks:
+        if self._coalesce is None:  # first micro-batch of the step: one reduction for all of them
+            self._coalesce = contextlib.ExitStack()
+            self._coalesce.enter_context(self.engine.coalesce_grad_reduction())
+        return DeepSpeedGradSync()
+
+    def finish_backward(self, model: nn.Module) -> None:
+        if self._coalesce is not None:
+            self._coalesce.close()  # the single reduction pass
+            self._coalesce = None
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        self.engine.optimizer.clip_grad = max_norm
+        self.engine.step()
+        norm = self.engine.get_global_grad_norm()
+        return torch.as_tensor(float(norm) if norm is not None else float("nan"))
+
+    def optimizer_step(self, optimizer) -> None:
+        pass  # done by engine.step() in clip_grad_norm
+
+    def zero_grad(self, model: nn.Module, optimizer) -> None:
+        pass  # engine.step() clears the gradients
+
+    # --- checkpoints ---------------------------------------------------------------------------
+    def checkpoint_state(self, model: nn.Module, optimizer) -> dict:
+        return {"model": _DSModelState(model, self.cfg.zero_stage),
+                "optim": _DSOptimState(model, optimizer, self.engine)}
+
+
+def _named_params(model: nn.Module):
+    seen = set()
+    for name, p in model.named_parameters():
+        if id(p) not in seen:
+            seen.add(id(p))
+            yield name, p
+
+
+def _full_shape(p) -> torch.Size:
+    return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+
+class _DSModelState(Stateful):
+    """{name: full fp32 tensor}: what ``get_model_state_dict`` gives for the plain model."""
+
+    def __init__(self, model, stage: int):
+        self.model, self.stage = model, stage
+
+    def state_dict(self):
+        from deepspeed.utils import safe_get_full_fp32_param
+
+        return {name: safe_get_full_fp32_param(p).detach().reshape(_full_shape(p)).clone().cpu()
+                for name, p in _named_params(self.model)}
+
+    def load_state_dict(self, sd):
+        import deepspeed
+        from deepspeed.utils import safe_set_full_fp32_param
+
+        params = dict(_named_params(self.model))
+        for name, p in params.items():
+            value = sd[name].to(torch.float32)
+            safe_set_full_fp32_param(p, value)  # the optimizer's fp32 master partition
+            # ...and the module's (working-precision) weight
+            if self.stage == 3:
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                    with torch.no_grad():
+                        p.data.copy_(value.reshape(p.shape).to(p.dtype))
+            else:
+                with torch.no_grad():
+                    p.data.copy_(value.reshape(p.shape).to(p.dtype))
+
+
+class _DSOptimState(Stateful):
+    """The AdamW state in ``get_optimizer_state_dict``'s layout: {"state": {name: {step,
+    exp_avg, exp_avg_sq}}, "param_groups": [{"params": [names], hyper-parameters}]}."""
+
+    def __init__(self, model, optimizer, engine):
+        self.model, self.optimizer, self.engine = model, optimizer, engine
+
+    def _step(self) -> torch.Tensor:
+        for st in self.optimizer.state.values():
+            if "step" in st:
+                return torch.as_tensor(st["step"], dtype=torch.float32).clone().cpu()
+        return torch.tensor(0.0)
+
+    def state_dict(self):
+        from deepspeed.utils import safe_get_full_optimizer_state
+
+        step = self._step()
+        state, names = {}, []
+        for name, p in _named_params(self.model):
+            names.append(name)
+            entry = {"step": step.clone()}
+            for key in ADAM_KEYS:
+                v = safe_get_full_optimizer_state(p, key)
+                entry[key] = (torch.zeros(_full_shape(p)) if v is None else v.detach().reshape(_full_shape(p))).cpu()
+            state[name] = entry
+        groups = []
+        by_id = {id(p): n for n, p in _named_params(self.model)}
+        # ZeRO replaced the groups' params with flat partitions: name them from the original split
+        from mtp_pretrain.optim import param_groups
+
+        for g, orig in zip(self.optimizer.param_groups, param_groups(self.model, 0.0)):
+            meta = {k: v for k, v in g.items() if k != "params"}
+            meta["params"] = [by_id[id(p)] for p in orig["params"]]
+            groups.append(meta)
+        return {"state": state, "param_groups": groups}
+
+    def load_state_dict(self, sd):
+        from deepspeed.utils import safe_set_full_optimizer_state
+
+        step = None
+        for name, p in _named_params(self.model):
+            entry = sd["state"].get(name)
+            if entry is None:
+                continue
+            for key in ADAM_KEYS:
+                safe_set_full_optimizer_state(p, entry[key].to(torch.float32).reshape(-1), key)
+            step = entry["step"]
+        if step is not None:
+            for st in self.optimizer.state.values():
+                if "step" in st:
+                    st["step"] = torch.as_tensor(step, dtype=torch.float32).clone().reshape(st["step"].shape) \
+                        if torch.is_tensor(st["step"]) else float(step)
+        for g, saved in zip(self.optimizer.param_groups, sd.get("param_groups", [])):
+            for k, v in saved.items():
+                if k not in ("params",) and k in g:
+                    g[k] = v

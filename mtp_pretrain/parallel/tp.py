@@ -1,0 +1,237 @@
+"""Tensor parallelism with ``torch.distributed.tensor`` (``tp``), and its 2-D combination with
+FSDP2 (``fsdp_tp``), executing the plan in ``tp_plan.py``.
+
+Layout: a DeviceMesh ``(dp, tp)`` with tp innermost (the ranks of one TP group are neighbours,
+on one node). ``tp`` is the special case dp = 1. Sequence parallelism: norms run on T/tp
+positions per rank, attention and the MLP all-gather it, split their matmuls by head / ffn column,
+and reduce-scatter back. Between blocks the residual stream is a DTensor sharded along the
+sequence (so shapes, hence RoPE positions, read as global), each rank holding [B, T/tp, dim].
+
+The shared unembedding is split over the vocabulary. Its forward is replaced on the instance
+(the model code knows nothing of it) by ``vocab_parallel_unembed``: gather the sequence,
+``F.linear`` with the vocab-sharded weight gives logits sharded over the vocabulary,
+``F.cross_entropy`` of those under ``loss_parallel`` reduces max / sum-exp / target logit across
+the TP ranks. No rank holds B x T x V logits. ``loss.chunk_size`` bounds them further: the
+tokens are taken ``chunk_size`` at a time, each chunk under activation checkpointing, so the
+backward too recomputes one chunk's logits at a time (costing one extra unembedding matmul).
+The backward of the loss must run inside ``loss_parallel()``: ``Strategy.loss_context``.
+
+The head-sequential loss: every head's forward and backward runs on the TP modules as on plain
+ones. Under pure TP the unembedding's gradient is a vocab shard that needs no communication at
+all (the all-gather of its input in forward has a reduce-scatter as backward); replicated
+parameters (norms) are all-reduced by DTensor as their gradients are formed. Under ``fsdp_tp``
+the data-parallel reduce-scatter of the unembedding is held back to the last head, as in fsdp.
+"""
+
+from __future__ import annotations
+
+import types
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
+from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel, loss_parallel,
+                                               parallelize_module)
+from torch.utils.checkpoint import checkpoint
+
+from mtp_pretrain.loss import GradSyncHooks
+from mtp_pretrain.parallel import tp_plan
+from mtp_pretrain.parallel.base import Strategy
+from mtp_pretrain.parallel.blocks import apply_block_options, clip_grads_
+from mtp_pretrain.parallel.tp_plan import SEQUENCE_DIM
+
+SEQ = Shard(SEQUENCE_DIM)
+
+
+# --- executing the plan -----------------------------------------------------------------------
+def _gather_first_input(module: nn.Module, mesh) -> None:
+    """gather_input: first positional input sharded along the sequence -> replicated DTensor."""
+
+    def hook(_mod, args):
+        x = args[0]
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, mesh, (SEQ,), run_check=False)
+        return (x.redistribute(mesh, (Replicate(),)),) + tuple(args[1:])
+
+    module.register_forward_pre_hook(hook)
+
+
+def _replicate(module: nn.Module, mesh) -> None:
+    """replicate: weights replicated; runs on the sequence-sharded activations."""
+
+    def partition(name, mod, device_mesh):
+        for p_name, p in list(mod.named_parameters(recurse=False)):
+            mod.register_parameter(p_name, nn.Parameter(distribute_tensor(p.data, device_mesh, [Replicate()])))
+
+    def input_fn(mod, inputs, device_mesh):
+        x = inputs[0]
+        if not isinstance(x, DTensor):
+            x = DTensor.from_local(x, device_mesh, (SEQ,), run_check=False)
+        return (x,) + tuple(inputs[1:])
+
+    distribute_module(module, mesh, partition, input_fn)
+
+
+def _vocab_shard(module: nn.Module, mesh) -> None:
+    module.weight = nn.Parameter(distribute_tensor(module.weight.data, mesh, [Shard(0)]))
+
+
+def vocab_parallel_unembed(self, h: torch.Tensor, targets=None, *, chunk_size: int = 0,
+                           ignore_index: int = -100) -> torch.Tensor:
+    """The TP forward of ``Unembedding`` (bound to the instance by ``apply_tp``).
+
+    h: [B, T/tp, dim] local slice of the sequence (or a DTensor). Without targets: the full
+    logits (inference only; they are gathered). With targets: the summed cross-entropy as a plain
+    tensor, computed by ``F.cross_entropy`` on vocab-sharded logits under ``loss_parallel``."""
+    mesh = self._tp_mesh
+    if not isinstance(h, DTensor):
+        h = DTensor.from_local(h, mesh, (SEQ,), run_check=False)
+    h = h.redistribute(mesh, (Replicate(),))
+    if targets is None:
+        return F.linear(h, self.weight).full_tensor()
+    h2 = h.reshape(-1, h.shape[-1])
+    t1 = targets.reshape(-1)
+
+    def ce(hc, tc):
+        logits = F.linear(hc, self.weight).float()  # [n, V], sharded over V
+        return F.cross_entropy(logits, tc, ignore_index=ignore_index, reduction="sum")
+
+    if chunk_size <= 0 or chunk_size >= h2.shape[0]:
+        loss = ce(h2, t1)
+    else:
+        chunked = torch.is_grad_enabled() and h2.requires_grad
+        loss = None
+        for s in range(0, h2.shape[0], chunk_size):
+            hc, tc = h2[s:s + chunk_size], t1[s:s + chunk_size]
+            part = checkpoint(ce, hc, tc, use_reentrant=False) if chunked else ce(hc, tc)
+            loss = part if loss is None else loss + part
+    return loss.to_local()
+
+
+def apply_tp(model: nn.Module, mesh) -> dict[str, str]:
+    """Shard ``model`` in place over the 1-D TP ``mesh`` following ``tp_plan.TP_PLAN``; returns
+    the {module: style} assignment."""
+    assignment = tp_plan.assign(name for name, _ in model.named_modules())
+    modules = dict(model.named_modules())
+    dtensor_plan = {}
+    for name, style in assignment.items():
+        if style == tp_plan.COLUMN:
+            dtensor_plan[name] = ColwiseParallel()
+        elif style == tp_plan.ROW:
+            dtensor_plan[name] = RowwiseParallel(output_layouts=SEQ, use_local_output=False)
+        elif style == tp_plan.VOCAB_EMBEDDING:
+            dtensor_plan[name] = RowwiseParallel(input_layouts=Replicate(), output_layouts=SEQ,
+                                                 use_local_output=False)
+        elif style == tp_plan.SEQUENCE:
+            dtensor_plan[name] = SequenceParallel(sequence_dim=SEQUENCE_DIM)
+    parallelize_module(model, mesh, dtensor_plan)
+    for name, style in assignment.items():
+        mod = modules[name]
+        if style == tp_plan.GATHER_INPUT:
+            _gather_first_input(mod, mesh)
+        elif style == tp_plan.REPLICATE:
+            _replicate(mod, mesh)
+        elif style == tp_plan.VOCAB_COLUMN:
+            if model.cfg.tie_embeddings:
+                mod.weight = model.tok_embeddings.weight  # already vocab-sharded, same layout
+            else:
+                _vocab_shard(mod, mesh)
+            mod._tp_mesh = mesh
+            mod.forward = types.MethodType(vocab_parallel_unembed, mod)
+    return assignment
+
+
+# --- strategies -------------------------------------------------------------------------------
+class TPStrategy(Strategy):
+    """``tp``: all ranks form one TP group (dp = 1). ``fsdp_tp`` subclasses it with dp > 1."""
+
+    name = "tp"
+
+    def __init__(self, cfg, env, param_dtype: torch.dtype | None = None):
+        super().__init__(cfg, env)
+        self.param_dtype = param_dtype
+        self.tp = self._tp_degree()
+        self._mesh = None
+
+    def _tp_degree(self) -> int:
+        return self.cfg.tp_size if self.cfg.tp_size > 1 else self.env.world_size
+
+    @property
+    def dp_size(self) -> int:
+        return self.env.world_size // self.tp
+
+    @property
+    def dp_rank(self) -> int:
+        return self.env.rank // self.tp
+
+    @property
+    def mesh(self):
+        if self._mesh is None:
+            self._mesh = init_device_mesh(self.env.device.type, (self.dp_size, self.tp), mesh_dim_names=("dp", "tp"))
+        return self._mesh
+
+    def validate(self, model_cfg, seq_len: int | None = None) -> None:
+        ws = self.env.world_size
+        if self.name == "tp" and self.cfg.tp_size > 1 and self.cfg.tp_size != ws:
+            raise ValueError(f"parallel.strategy=tp uses every rank for tensor parallelism, but parallel.tp_size="
+                             f"{self.cfg.tp_size} and the launcher started {ws} processes; set tp_size={ws} "
+                             f"(or 1 = all ranks), or use parallel.strategy=fsdp_tp for data x tensor parallelism")
+        if ws % self.tp:
+            raise ValueError(f"world size {ws} is not divisible by parallel.tp_size={self.tp}")
+        tp_plan.check_divisible(model_cfg, self.tp, seq_len)
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        model.to(self.env.device)
+        if self.param_dtype is not None and self.name == "tp":
+            raise ValueError("parallel.strategy=tp runs in float32 on this build (bf16 autocast with DTensor is "
+                             "untested); set train.dtype=float32 or use fsdp_tp, whose mixed-precision policy casts")
+        self.assignment = apply_tp(model, self.mesh["tp"])
+        apply_block_options(model, self.cfg)
+        return model
+
+    def loss_context(self):
+        return loss_parallel()
+
+    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        return clip_grads_(model.parameters(), max_norm)
+
+    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
+        # TP ranks of one group hold the same values: average over the data-parallel ranks only.
+        if self.dp_size > 1:
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.mesh["dp"].get_group())
+            t /= self.dp_size
+        return t
+
+
+class FSDPTPStrategy(TPStrategy):
+    """``fsdp_tp``: TP inside each group of ``tp_size`` neighbouring ranks, FSDP2 across groups."""
+
+    name = "fsdp_tp"
+    defer_shared_grad_sync = True
+
+    def _tp_degree(self) -> int:
+        return self.cfg.tp_size
+
+    def validate(self, model_cfg, seq_len: int | None = None) -> None:
+        if self.cfg.tp_size < 2:
+            raise ValueError(f"parallel.strategy=fsdp_tp needs parallel.tp_size >= 2, got {self.cfg.tp_size} "
+                             f"(use parallel.strategy=fsdp for data parallelism alone)")
+        super().validate(model_cfg, seq_len)
+
+    def parallelize(self, model: nn.Module) -> nn.Module:
+        from mtp_pretrain.parallel.fsdp import shard_units
+
+        model.to(self.env.device)
+        self.assignment = apply_tp(model, self.mesh["tp"])
+        apply_block_options(model, self.cfg)
+        shard_units(model, self.mesh["dp"], self.param_dtype, self.cfg.cpu_offload)
+        return model
+
+    def grad_sync_hooks(self, model: nn.Module, last_micro_batch: bool) -> GradSyncHooks:
+        from mtp_pretrain.parallel.fsdp import FSDPGradSync
+
+        model.set_requires_gradient_sync(last_micro_batch)
+        return FSDPGradSync(model, last_micro_batch, self.defer_shared_grad_sync)

@@ -1,0 +1,86 @@
+"""One launch of the real Trainer per strategy, for the parallel tests and bench/scaling.py.
+
+    torchrun --nproc-per-node N tests/parallel_worker.py SPEC.json
+
+SPEC: {"out": dir, "runs": [{"name": str, "overrides": [hydra overrides...],
+                             "count_comm": bool, "unembed_sync": "deferred"|"per_head"}]}
+Each run trains with ``mtp_pretrain.train.Trainer`` (run dir ``out/<name>``, metrics.jsonl with one
+line per step, a DCP checkpoint at the last step) in the same process group, one after another;
+rank 0 writes ``out/<name>/result.json`` with the per-step losses, throughput, peak memory and,
+with count_comm, the collective bytes each rank sent (wrapped torch.distributed calls).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+
+
+def run_one(run: dict, out: Path) -> None:
+    from mtp_pretrain.config import compose_job_config
+    from mtp_pretrain.parallel.comm import CommCounter
+    from mtp_pretrain.train import Trainer
+
+    run_dir = out / run["name"]
+    cfg = compose_job_config(["logging=quiet", f"checkpoint.dir={run_dir / 'checkpoints'}"] + run["overrides"])
+    trainer = Trainer(cfg, run_dir)
+    if run.get("unembed_sync") == "per_head":  # measurement only: reduce the unembedding per head
+        trainer.strategy.defer_shared_grad_sync = False
+    counter = CommCounter() if run.get("count_comm") else None
+    t0 = time.perf_counter()
+    try:
+        if counter:
+            with counter:
+                trainer.train()
+        else:
+            trainer.train()
+    finally:
+        trainer.metrics.close()
+        if hasattr(trainer.train_stream, "close"):
+            trainer.train_stream.close()
+    elapsed = time.perf_counter() - t0
+    comm = counter.summary() if counter else None
+    ws = dist.get_world_size() if dist.is_initialized() else 1
+    gathered = [None] * ws
+    mine = {"rank": trainer.env.rank, "comm": comm,
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    if ws > 1:
+        dist.all_gather_object(gathered, mine)
+    else:
+        gathered = [mine]
+    if trainer.env.is_main:
+        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        steps = [x for x in lines if "loss" in x]
+        (run_dir / "result.json").write_text(json.dumps({
+            "name": run["name"], "world_size": ws, "strategy": cfg.parallel.strategy,
+            "losses": [x["loss"] for x in steps], "steps": [x["step"] for x in steps],
+            "tokens_per_s": [x["tokens_per_s"] for x in steps], "grad_norms": [x["grad_norm"] for x in steps],
+            "mfu": [x.get("mfu") for x in steps], "elapsed_s": elapsed, "tokens_per_step": trainer.tokens_per_step,
+            "grad_accum": trainer.grad_accum, "ranks": gathered}, indent=1))
+    del trainer
+    if ws > 1:
+        dist.barrier()
+
+
+def main() -> None:
+    spec = json.loads(Path(sys.argv[1]).read_text())
+    out = Path(spec["out"])
+    for run in spec["runs"]:
+        run_one(run, out)
+    from mtp_pretrain.parallel import destroy_distributed
+
+    destroy_distributed()
+
+
+if __name__ == "__main__":
+    main()
