@@ -89,7 +89,7 @@ class Trainer:
         self.env = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
         self.amp_dtype = autocast_dtype(cfg, self.env.device)
         self.strategy = build_strategy(cfg.parallel, self.env, self.amp_dtype)
-        self.strategy.validate(cfg.model)
+        self.strategy.validate(cfg.model, seq_len=cfg.data.seq_len)
         self.seq_len = cfg.data.seq_len
         n = cfg.model.n_future
         tokens_per_micro = cfg.train.micro_batch_size * self.seq_len * self.strategy.dp_size
@@ -148,7 +148,7 @@ class Trainer:
             split=split, prefetch=prefetch, infinite=infinite)
 
     def _state(self) -> dict:
-        return {"model": _ModelState(self.model), "optim": _OptimState(self.model, self.optimizer)}
+        return self.strategy.checkpoint_state(self.model, self.optimizer)
 
     def _maybe_resume(self) -> Optional[str]:
         resume = self.cfg.train.resume
@@ -186,7 +186,7 @@ class Trainer:
         for micro in range(self.grad_accum):
             tokens = next(self.train_iter).to(self.env.device, non_blocking=True)
             hooks = self.strategy.grad_sync_hooks(self.model, last_micro_batch=micro == self.grad_accum - 1)
-            with autocast:
+            with autocast, self.strategy.loss_context():
                 out = mtp_loss(cfg.loss.impl, self.model, tokens, seq_len=self.seq_len,
                                weights=cfg.loss.head_weights, chunk_size=cfg.loss.chunk_size,
                                pad_id=self.pad_id, loss_scale=1.0 / self.grad_accum, hooks=hooks)
@@ -222,8 +222,9 @@ class Trainer:
         for k, tokens in enumerate(stream):
             if k >= self.cfg.logging.val_batches:
                 break
-            s, c = evaluate_loss(self.model, tokens.to(self.env.device), seq_len=self.seq_len,
-                                 chunk_size=self.cfg.loss.chunk_size, pad_id=self.pad_id)
+            with self.strategy.loss_context():
+                s, c = evaluate_loss(self.model, tokens.to(self.env.device), seq_len=self.seq_len,
+                                     chunk_size=self.cfg.loss.chunk_size, pad_id=self.pad_id)
             sums += torch.stack(s).double().cpu()
             counts += torch.tensor(c, dtype=torch.float64)
         both = self.strategy.all_reduce_mean(torch.cat([sums, counts]).float()).double()
