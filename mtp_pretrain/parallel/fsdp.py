@@ -29,7 +29,7 @@ class FSDPGradSync(GradSyncHooks):
 
     def before_head_backward(self, head: int, last: bool) -> None:
         if not self.defer:  # measurement only (bench/scaling.py): reduce after every head
-            self.model.unembed.set_requires_gradient_sync(True, recurse=False)
+            self.model.unembed.set_requires_gradient_sync(self.last_micro_batch, recurse=False)
             return
         self.model.unembed.set_requires_gradient_sync(self.last_micro_batch and last, recurse=False)
         if self.model.cfg.tie_embeddings or self.model.heads_chain:
