@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--val-fraction", type=float, default=0.02)
     s.add_argument("--workers", type=int, default=None, help="tokenizer processes (default: all cores)")
     s.set_defaults(func=cmd_build_default)
+
+    from .megatron import add_subcommands as add_megatron_subcommands
+
+    add_megatron_subcommands(sub)
     return p
 
 
