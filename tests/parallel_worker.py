@@ -26,6 +26,40 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
+def state_bytes(model, optimizer) -> int:
+    """Bytes of parameters, master copies and optimizer state this rank holds between steps
+    (local shards / ZeRO partitions; each storage counted once)."""
+    from torch.distributed.tensor import DTensor
+
+    seen, total = set(), 0
+
+    def add(t):
+        nonlocal total
+        if not isinstance(t, torch.Tensor):
+            return
+        if isinstance(t, DTensor):
+            t = t.to_local()
+        if hasattr(t, "ds_tensor"):  # ZeRO-3: the module parameter is a placeholder
+            t = t.ds_tensor
+        if t.numel() == 0:
+            return
+        key = (t.untyped_storage().data_ptr(), t.storage_offset())
+        if key not in seen:
+            seen.add(key)
+            total += t.numel() * t.element_size()
+
+    for p in model.parameters():
+        add(p)
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            add(p)
+    for st in optimizer.state.values():
+        for v in st.values():
+            if isinstance(v, torch.Tensor) and v.numel() > 1:
+                add(v)
+    return total
+
+
 def run_one(run: dict, out: Path) -> None:
     from mtp_pretrain.config import compose_job_config
     from mtp_pretrain.parallel.comm import CommCounter
@@ -52,7 +86,7 @@ def run_one(run: dict, out: Path) -> None:
     comm = counter.summary() if counter else None
     ws = dist.get_world_size() if dist.is_initialized() else 1
     gathered = [None] * ws
-    mine = {"rank": trainer.env.rank, "comm": comm,
+    mine = {"rank": trainer.env.rank, "comm": comm, "state_bytes": state_bytes(trainer.model, trainer.optimizer),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if ws > 1:
         dist.all_gather_object(gathered, mine)
@@ -66,7 +100,8 @@ def run_one(run: dict, out: Path) -> None:
             "losses": [x["loss"] for x in steps], "steps": [x["step"] for x in steps],
             "tokens_per_s": [x["tokens_per_s"] for x in steps], "grad_norms": [x["grad_norm"] for x in steps],
             "mfu": [x.get("mfu") for x in steps], "elapsed_s": elapsed, "tokens_per_step": trainer.tokens_per_step,
-            "grad_accum": trainer.grad_accum, "ranks": gathered}, indent=1))
+            "grad_accum": trainer.grad_accum, "n_params": sum(trainer.param_counts[k] for k in (
+                "embedding", "trunk", "heads", "unembedding")), "ranks": gathered}, indent=1))
     del trainer
     if ws > 1:
         dist.barrier()

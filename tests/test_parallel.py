@@ -176,6 +176,21 @@ def test_fsdp_checkpoint_resumes_under_tp_and_one_process(data, workdir, referen
 
 
 @pytest.mark.distributed
+def test_fsdp_checkpoint_resumes_under_zero2(data, workdir, reference):
+    """The common checkpoint layout also loads into DeepSpeed's partitions (weights and moments)."""
+    fsdp = strategy_runs("fsdp", data, workdir)["hs"]
+    step3 = Path(fsdp["dir"]) / "checkpoints" / "step-00000003"
+    base = base_overrides(data) + [f"train.resume={step3}", "parallel=deepspeed", "parallel.zero_stage=2"]
+    res = launch(workdir / "resume_zero2", 2, [{"name": "zero2", "overrides": base}])["zero2"]
+    ref_losses = dict(zip(reference["hs"]["steps"], reference["hs"]["losses"]))
+    assert res["steps"] == [4, 5]
+    for step, loss in zip(res["steps"], res["losses"]):
+        assert abs(loss - ref_losses[step]) < TOL, f"zero2 step {step}: {loss} vs {ref_losses[step]}"
+    diff, name = max_param_diff(final_params(res["dir"]), reference["params"])
+    assert diff < TOL, f"zero2 resume: {name} differs by {diff:.2e}"
+
+
+@pytest.mark.distributed
 def test_zero3_checkpoint_exports_to_one_file(data, workdir, reference, tmp_path):
     from safetensors.torch import load_file
 
@@ -204,6 +219,29 @@ def test_unembedding_gradient_reduced_once_per_step(data, workdir):
     assert rs["per_head"] - rs["deferred"] == 2 * (N_FUTURE - 1) * unembed_grad, rs
     # and the numbers do not change
     assert max(abs(a - b) for a, b in zip(res["deferred"]["losses"], res["per_head"]["losses"])) < TOL
+
+
+# --- torch.compile ------------------------------------------------------------------------------
+def test_compile_unavailable_fails_clearly(monkeypatch):
+    from mtp_pretrain.parallel import blocks
+
+    def broken(*a, **k):
+        raise RuntimeError("no C++ compiler found")
+
+    monkeypatch.setattr(torch, "compile", broken)
+    with pytest.raises(RuntimeError, match="parallel.compile=true but torch.compile cannot run on this machine"):
+        blocks.check_compile_available()
+
+
+@pytest.mark.slow
+def test_compiled_blocks_match(data, workdir, reference):
+    """parallel.compile=true (+ every-2nd-block AC), one process, 2 steps: same losses (compiling
+    the blocks takes ~1 min on a 2-core CPU)."""
+    base = base_overrides(data) + ["parallel.compile=true", "parallel.activation_checkpointing=every_k",
+                                   "train.max_steps=2"]
+    res = launch(workdir / "compile", 1, [{"name": "compiled", "overrides": base}])["compiled"]
+    for a, b in zip(res["losses"], reference["hs"]["losses"]):
+        assert abs(a - b) < TOL
 
 
 # --- start-up validation (no processes) -----------------------------------------------------------
