@@ -161,6 +161,9 @@ class DeepSpeedStrategy(Strategy):
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         self.engine.optimizer.clip_grad = max_norm
         self.engine.step()
+        if not getattr(self, "_relinked", False):
+            _link_optimizer_state(self.engine)
+            self._relinked = True
         norm = self.engine.get_global_grad_norm()
         return torch.as_tensor(float(norm) if norm is not None else float("nan"))
 
@@ -174,6 +177,32 @@ class DeepSpeedStrategy(Strategy):
     def checkpoint_state(self, model: nn.Module, optimizer) -> dict:
         return {"model": _DSModelState(model, self.cfg.zero_stage),
                 "optim": _DSOptimState(model, optimizer, self.engine)}
+
+
+def _link_optimizer_state(engine) -> None:
+    """ZeRO-1/2 link each parameter to its slice of the AdamW moments after the first step() --
+    but after the *first param group's* step, before the second group has any state, so the
+    second group (norms, embeddings, unembedding) stays unlinked (DeepSpeed 0.19.8). Link again
+    once every group has state."""
+    zero = engine.optimizer
+    if hasattr(zero, "_lazy_init_hp_params_optimizer_state"):
+        zero._hp_optimizer_states_linked = False
+        zero._lazy_init_hp_params_optimizer_state()
+
+
+def _ensure_adam_state(engine, optimizer) -> None:
+    """Give every (flat, partitioned) parameter of the wrapped AdamW its state -- zeros, step 0 --
+    so that a checkpoint can be loaded into it before the first step."""
+    created = False
+    # ZeRO-3 empties the groups between steps; its flat fp32 partitions are the AdamW params
+    flat = list(getattr(engine.optimizer, "fp32_partitioned_groups_flat", None) or [])
+    for p in flat or [p for group in optimizer.param_groups for p in group["params"]]:
+        if not optimizer.state.get(p):
+            optimizer.state[p] = {"step": torch.tensor(0.0), "exp_avg": torch.zeros_like(p),
+                                  "exp_avg_sq": torch.zeros_like(p)}
+            created = True
+    if created:
+        _link_optimizer_state(engine)
 
 
 def _named_params(model: nn.Module):
@@ -210,7 +239,7 @@ class _DSModelState(Stateful):
             safe_set_full_fp32_param(p, value)  # the optimizer's fp32 master partition
             # ...and the module's (working-precision) weight
             if self.stage == 3:
-                with deepspeed.zero.GatheredParameters([p], modifier_rank=None):
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
                     with torch.no_grad():
                         p.data.copy_(value.reshape(p.shape).to(p.dtype))
             else:
@@ -234,6 +263,7 @@ class _DSOptimState(Stateful):
     def state_dict(self):
         from deepspeed.utils import safe_get_full_optimizer_state
 
+        _ensure_adam_state(self.engine, self.optimizer)  # the template of a load before step 1
         step = self._step()
         state, names = {}, []
         for name, p in _named_params(self.model):
@@ -257,6 +287,7 @@ class _DSOptimState(Stateful):
     def load_state_dict(self, sd):
         from deepspeed.utils import safe_set_full_optimizer_state
 
+        _ensure_adam_state(self.engine, self.optimizer)
         step = None
         for name, p in _named_params(self.model):
             entry = sd["state"].get(name)
