@@ -122,8 +122,9 @@ def main() -> None:
     rows, t_start = [], time.perf_counter()
     for strat, extra in STRATEGIES.items():
         for w in worlds:
-            runs = [{"name": "small", "overrides": overrides("small", args.steps) + extra, "count_comm": True},
-                    {"name": "tiny", "overrides": overrides("tiny", 2) + extra}]
+            # tiny first: ru_maxrss only grows, so each run's peak is read in increasing size order
+            runs = [{"name": "tiny", "overrides": overrides("tiny", 2) + extra},
+                    {"name": "small", "overrides": overrides("small", args.steps) + extra, "count_comm": True}]
             res = launch(tmp / f"{strat}-{w}", w, runs)
             row = {"strategy": strat, **summarize(res["small"]),
                    "tiny_peak_rss_mb_per_rank": summarize(res["tiny"])["peak_rss_mb_per_rank"],
