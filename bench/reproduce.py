@@ -165,6 +165,37 @@ def read_metrics(run_dir: Path) -> list[dict]:
 # Evaluation
 
 
+def constant_baseline(data_dir: Path, answer: str = "0") -> dict:
+    """Accuracy of always answering ``answer`` (the most common answer: products and
+    compositions often vanish mod X^5), per split and number of operations."""
+    out = {}
+    for split in ("test_in_domain", "test_out_of_domain"):
+        examples = polynomial.read_examples(data_dir / f"{split}.jsonl")
+        ops = sorted({e.n_ops for e in examples})
+        acc = {str(k): sum(e.answer == answer for e in examples if e.n_ops == k) /
+               sum(e.n_ops == k for e in examples) for k in ops}
+        out[split], out[split + "_mean"] = acc, sum(acc.values()) / len(acc)
+    return out
+
+
+def answer_token_accuracy(model, tok, data_dir: Path) -> dict:
+    """Teacher-forced head-1 top-1 accuracy on the answer's tokens (and the EOS after it), per
+    split: partial progress that exact match does not show."""
+    batch_logits = make_batch_logits(model, batch_size=64, prefix_ids=[tok.eos_id])
+    out = {}
+    for split in ("test_in_domain", "test_out_of_domain"):
+        examples = polynomial.read_examples(data_dir / f"{split}.jsonl")
+        seqs = [tok.encode(e.prompt + e.answer) + [tok.eos_id] for e in examples]
+        hits = total = 0
+        for e, seq, logits in zip(examples, seqs, batch_logits(seqs)):
+            start = len(tok.encode(e.prompt))
+            pred = logits[start - 1: len(seq) - 1].argmax(-1)
+            hits += int((pred == torch.tensor(seq[start:])).sum())
+            total += len(seq) - start
+        out[split] = hits / total
+    return out
+
+
 def eval_polynomial(run_dir: Path, data_dir: Path, seq_len: int) -> dict:
     model, tok = load_model(run_dir / "checkpoints")
     torch.manual_seed(0)
@@ -175,6 +206,7 @@ def eval_polynomial(run_dir: Path, data_dir: Path, seq_len: int) -> dict:
         acc = polynomial.score(examples, generate, max_new_tokens=24, batch_size=64)
         out[split] = {str(k): v for k, v in acc.items()}
         out[split + "_mean"] = sum(acc.values()) / len(acc)
+    out["answer_token_accuracy"] = answer_token_accuracy(model, tok, data_dir)
     out["per_head"] = evaluate_per_head(model, [data_dir / "dataset"], seq_len=seq_len, batch_size=16,
                                         max_batches=16, lookahead=4).to_dict()
     return out
@@ -214,6 +246,17 @@ def results_markdown(res: dict) -> str:
             accs = {**r["test_in_domain"], **r["test_out_of_domain"]}
             lines.append(f"| {n} | " + " | ".join(fmt(accs[str(o)]) for o in ops)
                          + f" | **{fmt(r['test_in_domain_mean'])}** | **{fmt(r['test_out_of_domain_mean'])}** |")
+        if poly.get("always_zero"):
+            z = poly["always_zero"]
+            accs = {**z["test_in_domain"], **z["test_out_of_domain"]}
+            lines.append("| always `0` | " + " | ".join(fmt(accs[str(o)]) for o in ops)
+                         + f" | {fmt(z['test_in_domain_mean'])} | {fmt(z['test_out_of_domain_mean'])} |")
+        if all("answer_token_accuracy" in r for r in poly["runs"].values()):
+            lines += ["", "Teacher-forced head-1 accuracy (%) on the answer's tokens and the EOS after it "
+                      "(partial progress that exact match hides):", "",
+                      "| n | in domain | out of domain |", "|---|---|---|"]
+            lines += [f"| {n} | {fmt(r['answer_token_accuracy']['test_in_domain'])} | "
+                      f"{fmt(r['answer_token_accuracy']['test_out_of_domain'])} |" for n, r in poly["runs"].items()]
         lines += ["", per_head_table(poly["runs"]), ""]
     ind = res.get("induction")
     if ind:
@@ -344,7 +387,22 @@ def main(argv=None) -> None:
                     "of 1, 2, all cores, timed)")
     ap.add_argument("--fresh", action="store_true", help="retrain runs that already exist")
     ap.add_argument("--smoke", action="store_true", help="about 2 minutes: tiny data, few steps; no docs written")
+    ap.add_argument("--report-only", action="store_true",
+                    help="redo the plots and docs/reproduction.md from docs/reproduction.json and the runs")
     args = ap.parse_args(argv)
+    if args.report_only:
+        docs, work = Path(args.docs_dir), Path(args.work_dir)
+        res = json.loads((docs / "reproduction.json").read_text())
+        if res.get("polynomial") and "always_zero" not in res["polynomial"]:
+            res["polynomial"]["always_zero"] = constant_baseline(work / "data" / "polynomial")
+        for n, r in (res.get("polynomial") or {}).get("runs", {}).items():
+            if "answer_token_accuracy" not in r:
+                model, tok = load_model(work / f"polynomial_n{n}" / "checkpoints")
+                r["answer_token_accuracy"] = answer_token_accuracy(model, tok, work / "data" / "polynomial")
+        plot(res, work, docs)
+        write_report(res, docs)
+        print(results_markdown(res))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.smoke:
@@ -409,7 +467,7 @@ def main(argv=None) -> None:
            "args": vars(args)}
     pcount = count_parameters(model_config(args, 1, byte_vocab, poly_max_len))["total"]
     res["polynomial"] = {"steps": poly_steps, "tokens_per_step": args.batch * args.seq_len, "params": pcount,
-                         "n_test_per_op": args.n_test_per_op, "runs": {}}
+                         "n_test_per_op": args.n_test_per_op, "always_zero": constant_baseline(poly_dir), "runs": {}}
     for n in futures:
         run_dir = train_one(args, "polynomial", n, poly_dir, byte_vocab, args.seq_len, args.batch, poly_steps,
                             poly_max_len, progress)
