@@ -175,6 +175,25 @@ def test_checkpoint_is_plain_layout(ref, two_ranks):
     assert {k: tuple(v.shape) for k, v in mg.items()} == {k: tuple(v.shape) for k, v in plain.items()}
 
 
+# --- one process (no torchrun): ZeRO's hooks, deferral and checkpoint mapping at TP=1, DP=1 ------
+def test_one_process_zero2_accumulation_and_resume_across(ref, tiny_dataset, out):
+    """ZeRO-2 with two accumulated micro-batches (every reduction held back to the last one),
+    then a ZeRO-1 run resumed from the single-process checkpoint and a plain run resumed from the
+    ZeRO-2 checkpoint: all on the reference's numbers."""
+    b = base(tiny_dataset) + ["parallel=megatron", "parallel.tp_size=1"]
+    z2 = out / "one_zero2"
+    assert run_inprocess(b + ["parallel.zero_stage=2", "train.micro_batch_size=2",
+                              "train.global_batch_tokens=128"], z2)[0] == 0
+    assert_close_losses(losses(z2), losses(ref), range(1, STEPS + 1))
+    z1 = out / "one_zero1_from_ref"
+    assert run_inprocess(b + ["parallel.zero_stage=1", f"train.resume={ckpt(ref, SAVE_AT)}"], z1)[0] == 0
+    assert_close_losses(losses(z1), losses(ref), range(SAVE_AT + 1, STEPS + 1))
+    plain = out / "one_none_from_zero2"
+    assert run_inprocess(base(tiny_dataset) + [f"train.resume={ckpt(z2, SAVE_AT)}"], plain)[0] == 0
+    assert_close_losses(losses(plain), losses(ref), range(SAVE_AT + 1, STEPS + 1))
+    assert_close_params(full_model(ckpt(z2, STEPS)), full_model(ckpt(ref, STEPS)))
+
+
 # --- bad set-ups --------------------------------------------------------------------------------
 def _strategy(world_size=2, **kw):
     from mtp_pretrain.config import ParallelConfig

@@ -163,6 +163,7 @@ def shard_of(full: torch.Tensor, dim: Optional[int], tp: int, rank: int) -> torc
 def convert_model(model: nn.Module, tp: int, tp_rank: int) -> dict[str, Optional[int]]:
     """Replace the plain modules in place following ``tp_plan.TP_PLAN``; weights are copied
     shard by shard from the plain ones. Returns {parameter FQN: shard dim or None}."""
+    _, tensor_parallel = require_megatron()
     cls = _layer_classes()
     config = _mcore_config(tp)
     assignment = tp_plan.assign(name for name, _ in model.named_modules())
@@ -186,6 +187,10 @@ def convert_model(model: nn.Module, tp: int, tp_rank: int) -> dict[str, Optional
                                        gather_output=False, skip_bias_add=True)
         else:
             raise ValueError(f"tp_plan style {style!r} of module {name} has no megatron executor")
+        # What megatron's own initialisation would have set (perform_initialization=False skips it):
+        # DeepSpeed's gradient norm counts parameters with tensor_model_parallel once per TP rank.
+        if not hasattr(new.weight, "tensor_model_parallel"):
+            tensor_parallel.set_tensor_model_parallel_attributes(new.weight, True, SHARD_DIM[style], 1)
         with torch.no_grad():
             if tied and style == tp_plan.VOCAB_COLUMN:
                 new.weight = model.tok_embeddings.weight  # same vocab range per rank: one parameter
@@ -308,10 +313,13 @@ class MegatronStrategy(Strategy):
         ps, _ = require_megatron()
         if not dist.is_initialized():  # one process: a one-rank group so parallel_state works
             dist.init_process_group(self.env.backend, store=dist.HashStore(), rank=0, world_size=1)
-        if ps.model_parallel_is_initialized() and ps.get_tensor_model_parallel_world_size() != self.tp:
-            ps.destroy_model_parallel()
+        world = dist.distributed_c10d._get_default_group()
+        if ps.model_parallel_is_initialized() and (getattr(ps, "_mtp_world", None) is not world
+                                                   or ps.get_tensor_model_parallel_world_size() != self.tp):
+            ps.destroy_model_parallel()  # groups of an earlier process group, or another TP size
         if not ps.model_parallel_is_initialized():
             ps.initialize_model_parallel(tensor_model_parallel_size=self.tp)
+            ps._mtp_world = world
         assert ps.get_data_parallel_rank() == self.dp_rank and ps.get_tensor_model_parallel_rank() == self.tp_rank
         return ps
 
@@ -343,8 +351,11 @@ class MegatronStrategy(Strategy):
         self.group_fqns = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
         if self.cfg.zero_stage == 0:
             return optimizer
+        import os
+
         import deepspeed
 
+        os.environ.setdefault("LOCAL_RANK", str(self.env.local_rank))  # srun / one process: DeepSpeed asks
         ps = self._groups()
         ds_config = {
             "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
