@@ -7,11 +7,12 @@
 # Preemption: SLURM delivers USR1 to every process of the step. torchrun itself would die of it
 # (it only handles TERM/INT/HUP/QUIT), so it is started with USR1 ignored; the workers inherit
 # that, and the trainer installs its own USR1 handler over it. torchrun turns the workers' exit
-# code 75 into its own failure code, so this wrapper reports 75 when it saw the signal.
+# code 75 into its own failure code, so when this wrapper saw the signal and torchrun failed, it
+# reports the preemption the way slurm/run_rank.sh does: a marker file in LOG_DIR and exit 0
+# (a non-zero exit would make `srun --kill-on-bad-exit` kill the other nodes mid-checkpoint).
 set -uo pipefail
 PYTHON=$1 PROCS_PER_NODE=$2 LOG_DIR=$3
 shift 3
-EXIT_PREEMPTED=75   # = mtp_pretrain.train.EXIT_PREEMPTED
 
 trap '' USR1        # inherited by torchrun (and its workers, until they set a handler)
 "$PYTHON" -m torch.distributed.run \
@@ -27,6 +28,7 @@ while kill -0 "$CHILD" 2>/dev/null; do wait "$CHILD"; done
 wait "$CHILD"
 RC=$?
 if ((RC != 0)) && [[ -n $PREEMPTED ]]; then
-    exit "$EXIT_PREEMPTED"
+    touch "$LOG_DIR/preempted.node$SLURM_NODEID"
+    exit 0
 fi
 exit "$RC"

@@ -154,6 +154,7 @@ def batch_values(args: argparse.Namespace, run_dir: Path, overrides: list[str]) 
         "account": _plain("--account", args.account) if args.account else "",
         "workdir": _plain("--workdir", str(Path(args.workdir).resolve())),
         "torchrun_node": str(REPO_ROOT / "slurm" / "torchrun_node.sh"),
+        "run_rank": str(REPO_ROOT / "slurm" / "run_rank.sh"),
         "log_dir": _plain("run dir", str(log_dir)),
         "run_dir": str(run_dir),
         "batch_script": str(log_dir / "train.sbatch"),

@@ -88,6 +88,9 @@ def main() -> int:
             print(f"rank {rank}: signal {int(flag.item())} -> checkpoint at step {step}, exit {EXIT_PREEMPTED}", flush=True)
             save()
             dist.destroy_process_group()
+            # Ranks never leave at exactly the same moment; make the gap visible so that the
+            # tests catch a launcher that kills the stragglers (srun --kill-on-bad-exit).
+            time.sleep(float(cfg.get("fake.exit_skew_s", 1.0)) * rank)
             return EXIT_PREEMPTED
         if step % interval == 0:
             save()

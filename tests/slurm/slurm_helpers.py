@@ -50,14 +50,25 @@ def wait_for_end(job_id: str, timeout: float) -> dict[str, str]:
     return wait_until(done, timeout, f"job {job_id} to end", poll=1.0)
 
 
-def task_pids(job_id: str) -> dict[int, int]:
-    """{global rank: pid} of the tasks of the job's steps, from `scontrol listpids`."""
+def task_pids(job_id: str, program: str) -> dict[int, int]:
+    """{rank: pid} of the job-step processes running `program` (the name of argv[0]).
+
+    `scontrol listpids` lists every process of the job; only the task leaders (our wrapper
+    shells) carry a rank there, so the rank is read from each process's SLURM_PROCID."""
     out = subprocess.run(["scontrol", "listpids", job_id], capture_output=True, text=True).stdout
     pids = {}
     for line in out.splitlines()[1:]:   # PID JOBID STEPID LOCALID GLOBALID
         fields = line.split()
-        if len(fields) == 5 and fields[4].isdigit() and fields[2].isdigit():
-            pids[int(fields[4])] = int(fields[0])
+        if len(fields) != 5 or not fields[2].isdigit():   # skip the batch step
+            continue
+        proc = Path("/proc") / fields[0]
+        try:
+            argv0 = (proc / "cmdline").read_bytes().split(b"\0")[0].decode()
+            env = dict(v.split(b"=", 1) for v in (proc / "environ").read_bytes().split(b"\0") if b"=" in v)
+        except OSError:
+            continue
+        if Path(argv0).name.startswith(program) and b"SLURM_PROCID" in env:
+            pids[int(env[b"SLURM_PROCID"])] = int(fields[0])
     return pids
 
 

@@ -10,11 +10,12 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import time
 
 import pytest
 
-from slurm_helpers import (batch_log, job_info, metrics, rank_log, submit, task_pids, wait_for_end,
+from slurm_helpers import (REPO_ROOT, batch_log, metrics, rank_log, submit, task_pids, wait_for_end,
                            wait_until)
 
 pytestmark = pytest.mark.slurm
@@ -59,7 +60,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(tmp_path, datase
     log = batch_log(pre_dir, pre)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
     assert "received SIGUSR1" in log
-    assert "preempted (exit 75): checkpoint saved; requeueing job" in log
+    assert "preempted (2 of 2 tasks exited 75 after a checkpoint; step exit 0): checkpoint saved; requeueing job" in log
     assert f"job {pre} restart 1] start:" in log and "training finished" in log
 
     # Saved at step k on the signal, resumed at step k after the requeue.
@@ -85,12 +86,13 @@ def test_dead_rank_fails_fast_and_resubmission_resumes(tmp_path, dataset):
     run_dir = tmp_path / "run"
     job = submit(*TWO_RANKS, "--job-name", "deadrank", "--run-dir", str(run_dir), *tiny_overrides(dataset, 50))
     wait_until(lambda: (run_dir / "checkpoints" / "latest").exists(), 240, "the first checkpoint")
-    pids = wait_until(lambda: task_pids(job) if 1 in task_pids(job) else None, 30, "rank 1's pid")
+    rank1 = wait_until(lambda: task_pids(job, "python").get(1), 30, "rank 1's trainer process")
 
-    os.kill(pids[1], signal.SIGKILL)
+    os.kill(rank1, signal.SIGKILL)
     t0 = time.monotonic()
     info = wait_for_end(job, 120)
     elapsed = time.monotonic() - t0
+    print(f"job {job} ended {elapsed:.1f}s after rank 1 was killed")
     log = batch_log(run_dir, job)
     assert info["JobState"] == "FAILED" and info["Restarts"] == "0", (info, log)
     assert elapsed < 90, f"the job took {elapsed:.0f}s to fail after a rank died"
@@ -118,7 +120,8 @@ def test_signal_to_the_tasks_requeues(tmp_path):
     log = batch_log(run_dir, job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
     assert "received SIGUSR1" not in log   # the batch shell was not signalled
-    assert "preempted (exit 75)" in log
+    # Rank 1 of the stand-in exits a second after rank 0: both must still count as preempted.
+    assert "preempted (2 of 2 tasks exited 75" in log
     assert sorted(metrics(run_dir)) == list(range(1, 41))
 
 
@@ -143,5 +146,20 @@ def test_torchrun_launcher_preempts_and_resumes(tmp_path):
     info = wait_for_end(job, 150)
     log = batch_log(run_dir, job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
-    assert "preempted (exit 75)" in log
+    assert "preempted (1 of 1 tasks exited 75" in log   # one torchrun per node
     assert sorted(metrics(run_dir)) == list(range(1, 41))
+
+
+def test_multirun_sweep_through_the_submitit_launcher(tmp_path, dataset):
+    """`mtp-submit --multirun`: one 2-rank job per point, through conf/hydra/launcher/slurm.yaml."""
+    sweep_dir = tmp_path / "sweep"
+    overrides = [o for o in tiny_overrides(dataset, 3) if not o.startswith("checkpoint.")]
+    proc = subprocess.run([sys.executable, "-m", "mtp_pretrain.launch.submit", "--multirun", *TWO_RANKS,
+                           "--run-dir", str(sweep_dir), *overrides, "model.n_future=1,2"],
+                          capture_output=True, text=True, timeout=240, cwd=REPO_ROOT)
+    assert proc.returncode == 0, proc.stdout + proc.stderr[-3000:]
+    for point, n_future in [(0, 1), (1, 2)]:
+        # Rank 0's output, kept by submitit as .submitit/<array job>_<point>/<...>_0_log.out
+        rank0_log = next((sweep_dir / ".submitit").glob(f"*_{point}/*_0_log.out")).read_text()
+        assert "world_size=2" in rank0_log and f"n_future={n_future}" in rank0_log, rank0_log
+        assert sorted(metrics(sweep_dir / str(point))) == [1, 2, 3]
