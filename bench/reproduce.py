@@ -2,8 +2,8 @@
 
 Gloeckle et al. 2024 report that, at equal parameter count and compute, multi-token prediction
 improves polynomial arithmetic over F7[X]/(X^5) (more so out of domain, i.e. with more
-operations than seen in training; their Fig. S13/S14) and helps induction on two-token names at
-small model sizes (their Fig. 7). This script trains one tiny model per n in {1, 2, 4} on each
+operations than seen in training; their section 4.2) and helps induction on two-token names at
+small model sizes (their section 4.1). This script trains one tiny model per n in {1, 2, 4} on each
 task, through the real trainer (`mtp_pretrain.train.run`) with `model.match_baseline_params=true`
 (parameter counts match), the same steps, batch, learning-rate schedule, seed and data order,
 then evaluates
