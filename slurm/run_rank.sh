@@ -14,10 +14,13 @@ MARKER_DIR=$1
 shift
 EXIT_PREEMPTED=75   # = mtp_pretrain.train.EXIT_PREEMPTED
 
-# SLURM signals every process of the step, this shell included. Survive USR1/TERM here (a trap,
-# not an ignore, so the trainer starts with the default handling and installs its own); bash
-# runs the trap only once the foreground command has finished.
-trap ':' USR1 TERM
+# SLURM signals every process of the step, this shell included, so this shell must survive
+# USR1 and TERM. USR1 is ignored, and the trainer inherits that until it installs its own handler:
+# a USR1 that comes while a rank is still starting is lost for that rank instead of killing it,
+# and the ranks agree on stopping as soon as one of them has seen the signal. TERM gets a no-op
+# trap, so the trainer starts with the default TERM (a cancel during start-up ends it).
+trap '' USR1
+trap ':' TERM
 "$@"
 RC=$?
 if ((RC == EXIT_PREEMPTED)); then

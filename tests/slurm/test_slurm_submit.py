@@ -45,7 +45,7 @@ def test_rendered_script_has_resources_signal_requeue_and_overrides(tmp_path):
     args_line = next(line for line in script.splitlines() if line.startswith("TRAIN_ARGS="))
     assert args_line == (f"TRAIN_ARGS=(-m mtp_pretrain.train hydra.run.dir={run_dir} checkpoint.dir={run_dir}/checkpoints "
                          "train.resume=auto model=tiny optim.lr=3e-4 'data.sources=[{path:/d,weight:1.0}]')")
-    assert "srun --kill-on-bad-exit=1" in script
+    assert "srun --kill-on-bad-exit=1" in script and f"bash {REPO_ROOT}/slurm/run_rank.sh" in script
     subprocess.run(["bash", "-n"], input=script, text=True, check=True)   # valid shell
 
 
