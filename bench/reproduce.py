@@ -301,6 +301,9 @@ def plot(res: dict, work: Path, docs: Path) -> None:
             accs = {int(k): v for s in ("test_in_domain", "test_out_of_domain") for k, v in r[s].items()}
             xs = sorted(accs)
             ax.plot(xs, [100 * accs[x] for x in xs], "o-", color=colors.get(n), label=f"n={n}")
+        if poly.get("always_zero"):
+            z = {int(k): v for s in ("test_in_domain", "test_out_of_domain") for k, v in poly["always_zero"][s].items()}
+            ax.plot(sorted(z), [100 * z[x] for x in sorted(z)], "x:", color="0.5", label="always answer 0")
         ax.axvspan(5.5, 10.5, color="0.92", zorder=0)
         ax.text(8, ax.get_ylim()[1] * 0.95, "out of domain", ha="center", va="top", color="0.4")
         ax.set_xlabel("number of operations")
