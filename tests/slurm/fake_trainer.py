@@ -21,8 +21,19 @@ import time
 from datetime import timedelta
 from pathlib import Path
 
-import torch
-import torch.distributed as dist
+# Catch the preemption signals before the slow `import torch`, so that none is lost at start-up.
+STOP = {"signal": 0}
+
+
+def _on_signal(signum, _frame):
+    STOP["signal"] = signum
+
+
+signal.signal(signal.SIGUSR1, _on_signal)
+signal.signal(signal.SIGTERM, _on_signal)
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
 
 EXIT_PREEMPTED = 75
 
@@ -50,12 +61,6 @@ def main() -> int:
     max_steps = int(cfg.get("train.max_steps", 20))
     step_seconds = float(cfg.get("fake.step_seconds", 0.2))
 
-    stop = {"signal": 0}
-    def on_signal(signum, _frame):
-        stop["signal"] = signum
-    signal.signal(signal.SIGUSR1, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
-
     rank, world = init_distributed()
     run_dir.mkdir(parents=True, exist_ok=True)
     step = 0
@@ -82,7 +87,7 @@ def main() -> int:
             with open(run_dir / "metrics.jsonl", "a") as f:
                 f.write(json.dumps({"step": step, "loss": loss}) + "\n")
         # Every rank must agree to stop after the same step, whichever rank saw the signal.
-        flag = torch.tensor([float(stop["signal"])])
+        flag = torch.tensor([float(STOP["signal"])])
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         if flag.item():
             print(f"rank {rank}: signal {int(flag.item())} -> checkpoint at step {step}, exit {EXIT_PREEMPTED}", flush=True)

@@ -155,7 +155,7 @@ cluster_stop() {
     # Cancel whatever is still queued or running, and give the job steps time to end, while
     # slurmd is still there to clean them up.
     if scontrol ping >/dev/null 2>&1; then
-        scancel --full --quiet $(squeue -h -o %i 2>/dev/null) 2>/dev/null || true
+        squeue -h -o %i 2>/dev/null | xargs -r scancel --full --quiet 2>/dev/null || true
         _wait_for 30 bash -c '[[ -z $(squeue -h -o %i) ]]' || _cluster_log "jobs still listed at stop"
     fi
     # Stop the daemons in reverse start order: slurmd, slurmctld, munged.

@@ -46,9 +46,10 @@ def tiny_overrides(dataset, max_steps: int) -> list[str]:
 
 
 def test_preempted_job_checkpoints_requeues_and_resumes_exactly(tmp_path, dataset):
+    steps = 20
     base_dir, pre_dir = tmp_path / "uninterrupted", tmp_path / "preempted"
-    base = submit(*TWO_RANKS, "--job-name", "baseline", "--run-dir", str(base_dir), *tiny_overrides(dataset, 30))
-    pre = submit(*TWO_RANKS, "--job-name", "preempt", "--run-dir", str(pre_dir), *tiny_overrides(dataset, 30))
+    base = submit(*TWO_RANKS, "--job-name", "baseline", "--run-dir", str(base_dir), *tiny_overrides(dataset, steps))
+    pre = submit(*TWO_RANKS, "--job-name", "preempt", "--run-dir", str(pre_dir), *tiny_overrides(dataset, steps))
 
     # The second job starts once the first is done (2 CPUs); preempt it after its first checkpoint,
     # the way `scancel --signal=USR1 --batch` or a SIGTERM to the batch shell does.
@@ -67,7 +68,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(tmp_path, datase
     saved = re.search(r"checkpoint saved at step (\d+)", rank_log(pre_dir, pre, 0, 0))
     assert saved, rank_log(pre_dir, pre, 0, 0)
     k = int(saved.group(1))
-    assert 5 <= k < 30
+    assert 5 <= k < steps
     resumed = rank_log(pre_dir, pre, 1, 0)
     assert re.search(rf"resumed from .*step-0*{k} at step {k}\b", resumed), resumed
     env = (pre_dir / "slurm" / f"job-{pre}" / "restart-1" / "env.txt").read_text()
@@ -75,7 +76,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(tmp_path, datase
 
     # Same losses, step for step, as the run that was never interrupted.
     base_losses, pre_losses = metrics(base_dir), metrics(pre_dir)
-    assert sorted(base_losses) == list(range(1, 31)) and sorted(pre_losses) == list(range(1, 31))
+    assert sorted(base_losses) == list(range(1, steps + 1)) and sorted(pre_losses) == list(range(1, steps + 1))
     diffs = {s: (base_losses[s], pre_losses[s]) for s in base_losses if base_losses[s] != pytest.approx(pre_losses[s], rel=1e-6, abs=1e-6)}
     assert not diffs, f"losses differ after resume at step {k}: {diffs}"
     print(f"resumed at step {k}; largest loss difference {max(abs(base_losses[s] - pre_losses[s]) for s in base_losses)}")
@@ -85,7 +86,7 @@ def test_dead_rank_fails_fast_and_resubmission_resumes(tmp_path, dataset):
     from mtp_pretrain.checkpoint import find_latest
 
     run_dir = tmp_path / "run"
-    job = submit(*TWO_RANKS, "--job-name", "deadrank", "--run-dir", str(run_dir), *tiny_overrides(dataset, 50))
+    job = submit(*TWO_RANKS, "--job-name", "deadrank", "--run-dir", str(run_dir), *tiny_overrides(dataset, 30))
     wait_until(lambda: (run_dir / "checkpoints" / "latest").exists(), 240, "the first checkpoint")
     rank1 = wait_until(lambda: task_pids(job, "python").get(1), 30, "rank 1's trainer process")
 
@@ -107,15 +108,17 @@ def test_dead_rank_fails_fast_and_resubmission_resumes(tmp_path, dataset):
     again = out.strip().split(";")[0]
     assert wait_for_end(again, 180)["JobState"] == "COMPLETED", batch_log(run_dir, again)
     assert f"resumed from {last_good} at step" in rank_log(run_dir, again, 0, 0)
-    assert max(metrics(run_dir)) == 50
+    assert max(metrics(run_dir)) == 30
 
 
 def test_time_limit_signal_requeues_until_max_restarts(tmp_path):
-    """The real `#SBATCH --signal=USR1@N`: with a 1-minute limit and N=40, SLURM signals the tasks
-    (not the batch shell) 20-40 s into each attempt. The first attempt requeues; the second one,
-    at the restart limit, stops with exit code 75."""
+    """The real `#SBATCH --signal=USR1@N`: SLURM signals the tasks (not the batch shell) when at
+    most N s (+ up to 30 s, its check interval) are left. With a 1-minute limit and N=15 that is
+    15-45 s into each attempt, after the ranks have started (a signal sent before the job step
+    exists reaches nobody). The first attempt requeues; the second one, at the restart limit,
+    stops with exit code 75."""
     run_dir = tmp_path / "run"
-    job = submit("--ntasks-per-node", "2", "--time", "1", "--signal-seconds", "40", "--max-restarts", "1",
+    job = submit("--ntasks-per-node", "2", "--time", "1", "--signal-seconds", "15", "--max-restarts", "1",
                  *FAKE, "--run-dir", str(run_dir), "train.max_steps=100000", "checkpoint.interval=20")
     info = wait_for_end(job, 240)
     log = batch_log(run_dir, job)
