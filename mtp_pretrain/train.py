@@ -86,6 +86,8 @@ def autocast_dtype(cfg: JobConfig, device: torch.device) -> Optional[torch.dtype
 class Trainer:
     def __init__(self, cfg: JobConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
+        # First, so that a preemption signal arriving during set-up is not lost.
+        self.preemption = PreemptionFlag()
         self.env = init_distributed(cfg.train.device, cfg.parallel.timeout_s)
         self.amp_dtype = autocast_dtype(cfg, self.env.device)
         self.strategy = build_strategy(cfg.parallel, self.env, self.amp_dtype)
@@ -128,7 +130,6 @@ class Trainer:
                                      OmegaConf.to_container(OmegaConf.structured(cfg)), wandb_run_id)
         self.flops_per_token = training_flops_per_token(cfg.model, self.seq_len)
         self.peak_flops = device_peak_flops(self.env.device, cfg.hardware.peak_flops)
-        self.preemption = PreemptionFlag()
         self.log(f"model {cfg.model.name}: n_future={n} head_type={cfg.model.head_type} "
                  + " ".join(f"{k}={v / 1e6:.2f}M" for k, v in self.param_counts.items()))
         self.log(f"strategy={self.strategy.name} world_size={self.env.world_size} dp={self.strategy.dp_size} "
