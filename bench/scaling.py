@@ -69,8 +69,9 @@ def launch(out: Path, nproc: int, runs: list[dict]) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     spec = out / "spec.json"
     spec.write_text(json.dumps({"out": str(out), "runs": runs}))
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}"]
-           if nproc > 1 else [sys.executable]) + [str(REPO / "tests" / "parallel_worker.py"), str(spec)]
+    # torchrun even for one process: fsdp needs a process group (a world of one)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(REPO / "tests" / "parallel_worker.py"), str(spec)]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
     if p.returncode:
