@@ -97,6 +97,10 @@ def _ensure_process_group(env) -> None:
     os.environ.setdefault("WORLD_SIZE", str(env.world_size))
     if dist.is_initialized():
         return
+    if "MASTER_ADDR" in os.environ and "MASTER_PORT" in os.environ:
+        # a launcher's rendezvous (torchrun with one process: its agent hosts the store)
+        dist.init_process_group(env.backend, rank=env.rank, world_size=env.world_size)
+        return
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
