@@ -280,7 +280,6 @@ def test_deepspeed_validation():
 @pytest.mark.parametrize("head_type", ["transformer", "linear", "causal"])
 def test_tp_plan_covers_every_parameter(head_type):
     """Every parameter's module has a style in the one plan; attention/MLP get the expected ones."""
-    model = torch.nn.Module()
     from mtp_pretrain.model import MTPTransformer
 
     with torch.device("meta"):
