@@ -250,23 +250,49 @@ class Decoder:
         start = st.length
         slots = start[:, None] + torch.arange(n_drafts + 1, device=self.device)
         st.tokens.scatter_(1, slots, inputs)  # provisional: rejected ones get overwritten
-        out = self.forward_step(inputs, start, self._heads(n_drafts))
-        logits = self.model.unembed(out[1][1])  # [B, K+1, V]: head 1 verifies every input
+        # Trunk and head 1 on every fed position; the drafting heads wait for the verdict.
+        positions = self._rope_positions(slots)
+        self.cache.prepare(start, n_drafts + 1)
+        z = self.model.trunk_forward(inputs, positions, self.cache)
+        out = {1: self.model.head_forward(1, z, None, positions, self.cache)}
+        h1 = out[1][1]  # [B, K+1, dim]: head 1 verifies every input
         if cfg.sampling:
-            p = filtered_probs(logits, cfg.temperature, cfg.top_p)
+            p = filtered_probs(self.model.unembed(h1), cfg.temperature, cfg.top_p)
             n_acc, nxt = speculative_accept(p, st.draft_probs, drafts, gen)
         else:
-            greedy = logits.argmax(-1)
-            n_acc = leading_true(drafts == greedy[:, :n_drafts])
-            nxt = greedy[rows, n_acc]
+            n_acc, nxt = self._verify_greedy(h1, drafts)
         emitted = torch.cat([drafts, nxt[:, None]], dim=1)
         emitted[rows, n_acc] = nxt  # accepted drafts, then head 1's token after them
         self._store_head1_states(st, out, start, n_drafts + 1)
         st.length = start + n_acc + 1
         st.next_token = nxt
         st.tokens[rows, st.length] = nxt
+        if n_drafts and not self.model.heads_chain:
+            # Independent heads only need positions up to the last accepted one: their cache
+            # slots after it would be rolled back anyway, and they draft at n_acc.
+            T = int(n_acc.max()) + 1
+            self.cache.prepare(start, T)
+            zT, posT = z[:, :T], positions[:, :T]
+            for i in range(2, n_drafts + 2):
+                out[i] = self.model.head_forward(i, zT, None, posT, self.cache)
         self._propose_independent(st, out, n_acc, n_drafts, None, cfg, gen)
         return emitted, n_acc
+
+    def _verify_greedy(self, h1: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Greedy verification, unembedding head 1 one position at a time and stopping once
+        every row has rejected a draft (the unembedding is the largest matmul; positions after
+        the first rejection are never needed). Returns (accepted drafts [B], next token [B])."""
+        B, K1, _ = h1.shape
+        K = K1 - 1
+        greedy = drafts.new_zeros(B, K1)
+        for j in range(K1):
+            greedy[:, j] = self.model.unembed(h1[:, j]).argmax(-1)
+            if j == K or not bool((drafts[:, : j + 1] == greedy[:, : j + 1]).all(dim=1).any()):
+                break
+        # Positions never computed hold 0 but lie after every row's first mismatch.
+        n_acc = leading_true(drafts == greedy[:, :K])
+        nxt = greedy.gather(1, n_acc[:, None]).squeeze(1)
+        return n_acc, nxt
 
     def _tree_step(self, st: _BatchState, tree: DraftTree, cfg) -> tuple[torch.Tensor, torch.Tensor]:
         B = st.rows.numel()
