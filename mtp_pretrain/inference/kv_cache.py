@@ -55,20 +55,24 @@ class KVCache:
         start = start.to(self.device, torch.long)
         if start.shape != (self.batch_size,):
             raise ValueError(f"start must have shape ({self.batch_size},), got {tuple(start.shape)}")
-        if int(start.max()) + T > self.capacity:
-            raise ValueError(f"KV cache overflow: writing up to slot {int(start.max()) + T} of {self.capacity}")
-        if step_mask is None:
-            step_mask = torch.ones(T, T, dtype=torch.bool, device=self.device).tril()
-        step_mask = step_mask.to(self.device)
-        if not bool(step_mask.diagonal().all()):
-            raise ValueError("step_mask must let every new token attend to itself")
-        self._slots = start[:, None] + torch.arange(T, device=self.device)
         S = int(start.max()) + T
-        rel = torch.arange(S, device=self.device)[None, :] - start[:, None]  # [B, S]
-        committed = rel < 0
-        new = (rel >= 0) & (rel < T)
-        new_visible = step_mask[:, rel.clamp(0, T - 1)].permute(1, 0, 2)  # [B, T, S]
-        self._mask = (committed[:, None, :] | (new[:, None, :] & new_visible)).unsqueeze(1)
+        if S > self.capacity:
+            raise ValueError(f"KV cache overflow: writing up to slot {S} of {self.capacity}")
+        self._slots = start[:, None] + torch.arange(T, device=self.device)
+        cols = torch.arange(S, device=self.device)
+        if step_mask is None:
+            # Causal: query i (at slot start + i) sees every slot up to its own (one comparison
+            # instead of composing the committed and new parts).
+            self._mask = (cols[None, None, :] <= self._slots[:, :, None]).unsqueeze(1)
+        else:
+            step_mask = step_mask.to(self.device)
+            if not bool(step_mask.diagonal().all()):
+                raise ValueError("step_mask must let every new token attend to itself")
+            rel = cols[None, :] - start[:, None]  # [B, S]
+            committed = rel < 0
+            new = (rel >= 0) & (rel < T)
+            new_visible = step_mask[:, rel.clamp(0, T - 1)].permute(1, 0, 2)  # [B, T, S]
+            self._mask = (committed[:, None, :] | (new[:, None, :] & new_visible)).unsqueeze(1)
         self._extent = S
 
     def update(self, layer_id: int, k: torch.Tensor, v: torch.Tensor
