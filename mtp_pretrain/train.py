@@ -17,9 +17,6 @@ from typing import Optional
 
 import torch
 from omegaconf import OmegaConf
-from torch.distributed.checkpoint.state_dict import (get_model_state_dict, get_optimizer_state_dict,
-                                                     set_model_state_dict, set_optimizer_state_dict)
-from torch.distributed.checkpoint.stateful import Stateful
 
 from mtp_pretrain.checkpoint import CheckpointManager, find_latest
 from mtp_pretrain.config import JobConfig, register_configs, to_job_config
@@ -38,28 +35,6 @@ EXIT_NONFINITE = 3
 
 class NonFiniteLossError(RuntimeError):
     pass
-
-
-class _ModelState(Stateful):
-    def __init__(self, model):
-        self.model = model
-
-    def state_dict(self):
-        return get_model_state_dict(self.model)
-
-    def load_state_dict(self, sd):
-        set_model_state_dict(self.model, sd)
-
-
-class _OptimState(Stateful):
-    def __init__(self, model, optimizer):
-        self.model, self.optimizer = model, optimizer
-
-    def state_dict(self):
-        return get_optimizer_state_dict(self.model, self.optimizer)
-
-    def load_state_dict(self, sd):
-        set_optimizer_state_dict(self.model, self.optimizer, sd)
 
 
 class PreemptionFlag:

@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 import torch
-import torch.nn.functional as F
 from conftest import run_inprocess
 from safetensors.torch import load_file, save_file
 
@@ -20,7 +19,7 @@ from mtp_pretrain.eval import cli, induction
 from mtp_pretrain.eval.adapters import (full_recompute_greedy, generate_ids, has_kv_cache_decoder,
                                         make_batch_logits, make_generate)
 from mtp_pretrain.eval.per_head import evaluate_per_head, per_head_sums
-from mtp_pretrain.export import export_single_file, load_model, read_state_dict
+from mtp_pretrain.export import export_single_file, load_model
 from mtp_pretrain.loss import evaluate_loss
 from mtp_pretrain.model import MTPTransformer
 from mtp_pretrain.model.config import ModelConfig
