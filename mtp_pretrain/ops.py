@@ -64,3 +64,21 @@ class _ChunkedLinearCrossEntropy(torch.autograd.Function):
         return (None if grad_h is None else grad_h * grad_loss.to(grad_h.dtype),
                 None if grad_w is None else grad_w * grad_loss.to(grad_w.dtype),
                 None, None, None)
+
+
+def checkpointed_chunk_sum(loss_fn, h: torch.Tensor, targets: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """sum over token chunks of ``loss_fn(h_chunk, targets_chunk)``, each chunk under activation
+    checkpointing, so only one chunk's logits exist at a time, forward and backward (the logits
+    are recomputed in backward). For the tensor-parallel unembeddings, whose sharded weights the
+    fused op above cannot take. h [N, d], targets [N]."""
+    from torch.utils.checkpoint import checkpoint
+
+    if chunk_size <= 0 or chunk_size >= h.shape[0]:
+        return loss_fn(h, targets)
+    grad = torch.is_grad_enabled() and h.requires_grad
+    loss = None
+    for s in range(0, h.shape[0], chunk_size):
+        hc, tc = h[s:s + chunk_size], targets[s:s + chunk_size]
+        part = checkpoint(loss_fn, hc, tc, use_reentrant=False) if grad else loss_fn(hc, tc)
+        loss = part if loss is None else loss + part
+    return loss

@@ -32,18 +32,22 @@ class DDPStrategy(Strategy):
         return model
 
     def finish_backward(self, model: nn.Module) -> None:
-        if not self.env.distributed:
-            return
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        bucket, size = [], 0
-        for g in grads + [None]:
-            if g is not None:
-                bucket.append(g)
-                size += g.numel() * g.element_size()
-            if bucket and (g is None or size >= BUCKET_BYTES):
-                flat = _flatten_dense_tensors(bucket)
-                dist.all_reduce(flat)
-                flat /= self.env.world_size
-                for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
-                    dst.copy_(src)
-                bucket, size = [], 0
+        if self.env.distributed:
+            all_reduce_mean_grads(model, self.env.world_size)
+
+
+def all_reduce_mean_grads(model: nn.Module, world_size: int, group=None) -> None:
+    """Average every gradient over ``group`` in flat buckets of about BUCKET_BYTES."""
+    grads = [p.grad for p in model.parameters() if p.grad is not None]
+    bucket, size = [], 0
+    for g in grads + [None]:
+        if g is not None:
+            bucket.append(g)
+            size += g.numel() * g.element_size()
+        if bucket and (g is None or size >= BUCKET_BYTES):
+            flat = _flatten_dense_tensors(bucket)
+            dist.all_reduce(flat, group=group)
+            flat /= world_size
+            for dst, src in zip(bucket, _unflatten_dense_tensors(flat, bucket)):
+                dst.copy_(src)
+            bucket, size = [], 0

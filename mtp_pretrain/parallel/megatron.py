@@ -55,12 +55,13 @@ import torch
 import torch.distributed as dist
 from torch import nn
 from torch.distributed.checkpoint.stateful import Stateful
-from torch.utils.checkpoint import checkpoint
 
 from mtp_pretrain.loss import GradSyncHooks
+from mtp_pretrain.ops import checkpointed_chunk_sum
 from mtp_pretrain.parallel import tp_plan
 from mtp_pretrain.parallel.base import Strategy
 from mtp_pretrain.parallel.blocks import apply_block_options
+from mtp_pretrain.parallel.ddp import all_reduce_mean_grads
 
 BUCKET_BYTES = 25 * 2**20
 # Styles this executor runs as plain replicated modules (no sequence parallelism, see above).
@@ -123,15 +124,7 @@ def _layer_classes():
                 per_token = tensor_parallel.vocab_parallel_cross_entropy(part, torch.where(valid, tc, 0))
                 return (per_token * valid).sum()
 
-            if chunk_size <= 0 or chunk_size >= h2.shape[0]:
-                return ce(h2, t1)
-            chunked = torch.is_grad_enabled() and h2.requires_grad
-            loss = None
-            for s in range(0, h2.shape[0], chunk_size):
-                hc, tc = h2[s:s + chunk_size], t1[s:s + chunk_size]
-                part = checkpoint(ce, hc, tc, use_reentrant=False) if chunked else ce(hc, tc)
-                loss = part if loss is None else loss + part
-            return loss
+            return checkpointed_chunk_sum(ce, h2, t1, chunk_size)
 
     return types.SimpleNamespace(Column=Column, Row=Row, VocabEmbedding=VocabEmbedding,
                                  VocabUnembedding=VocabUnembedding)
@@ -396,22 +389,7 @@ class MegatronStrategy(Strategy):
             return
         if self.dp_size == 1:
             return
-        group = self._groups().get_data_parallel_group()
-        grads = [p.grad for p in model.parameters() if p.grad is not None]
-        bucket, size = [], 0
-        for g in grads + [None]:
-            if g is not None:
-                bucket.append(g)
-                size += g.numel() * g.element_size()
-            if bucket and (g is None or size >= BUCKET_BYTES):
-                flat = torch.cat([b.reshape(-1) for b in bucket])
-                dist.all_reduce(flat, group=group)
-                flat /= self.dp_size
-                offset = 0
-                for b in bucket:
-                    b.copy_(flat[offset:offset + b.numel()].view_as(b))
-                    offset += b.numel()
-                bucket, size = [], 0
+        all_reduce_mean_grads(model, self.dp_size, self._groups().get_data_parallel_group())
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         if self.engine is not None:  # DeepSpeed clips inside its step, with the same global norm

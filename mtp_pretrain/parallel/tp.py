@@ -35,9 +35,9 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel, loss_parallel,
                                                parallelize_module)
-from torch.utils.checkpoint import checkpoint
 
 from mtp_pretrain.loss import GradSyncHooks
+from mtp_pretrain.ops import checkpointed_chunk_sum
 from mtp_pretrain.parallel import tp_plan
 from mtp_pretrain.parallel.base import Strategy
 from mtp_pretrain.parallel.blocks import apply_block_options, clip_grads_
@@ -99,16 +99,7 @@ def vocab_parallel_unembed(self, h: torch.Tensor, targets=None, *, chunk_size: i
         logits = F.linear(hc, self.weight).float()  # [n, V], sharded over V
         return F.cross_entropy(logits, tc, ignore_index=ignore_index, reduction="sum")
 
-    if chunk_size <= 0 or chunk_size >= h2.shape[0]:
-        loss = ce(h2, t1)
-    else:
-        chunked = torch.is_grad_enabled() and h2.requires_grad
-        loss = None
-        for s in range(0, h2.shape[0], chunk_size):
-            hc, tc = h2[s:s + chunk_size], t1[s:s + chunk_size]
-            part = checkpoint(ce, hc, tc, use_reentrant=False) if chunked else ce(hc, tc)
-            loss = part if loss is None else loss + part
-    return loss.to_local()
+    return checkpointed_chunk_sum(ce, h2, t1, chunk_size).to_local()
 
 
 def apply_tp(model: nn.Module, mesh) -> dict[str, str]:
