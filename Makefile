@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= data/default
 NPROC ?= 2
 
-.PHONY: setup data train test test-slurm bench reproduce clean
+.PHONY: setup data train test test-slurm reproduce clean
 
 # One id for the whole `make train` invocation: its run directory is runs/$(RUN_ID).
 ifndef RUN_ID
@@ -49,9 +49,6 @@ test-slurm: setup
 
 reproduce: setup
 	$(PY) bench/reproduce.py
-
-bench: setup
-	for b in bench/*.py; do echo "== $$b"; $(PY) $$b || exit 1; done
 
 clean:
 	rm -rf $(VENV) outputs runs
