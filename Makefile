@@ -29,12 +29,14 @@ data: setup
 	$(PY) -m data_tools build-default --out $(DATA_DIR)
 
 # The main job: tiny n=4 model, default code+text mixture, FSDP over $(NPROC) CPU ranks, then a
-# sample from the trained model (self-speculative decoding, identical to greedy).
+# sample from the trained model (speculative sampling with its own heads: exact in distribution;
+# a few CPU minutes of training make a weak model, whose greedy output just repeats itself).
 train: data
 	MTP_RUN_ID=$(RUN_ID) OMP_NUM_THREADS=1 $(VENV)/bin/torchrun --standalone --nproc_per_node $(NPROC) \
 		-m mtp_pretrain.train parallel=fsdp $(ARGS)
 	@echo "--- a sample from the trained model ($(RUN_DIR)/checkpoints) ---"
 	$(PY) -m mtp_pretrain.inference.cli $(RUN_DIR)/checkpoints --mode self_speculative \
+		--temperature 0.8 --top-p 0.95 --seed 0 \
 		--prompt "def read_config(path):" --prompt "And it came to pass" --max-new-tokens 64
 	@echo "--- outputs ---"
 	@echo "metrics:     $(RUN_DIR)/metrics.jsonl   (plot: $(VENV)/bin/mtp-plot $(RUN_DIR))"
