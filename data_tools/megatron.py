@@ -22,7 +22,6 @@ tokenizer's vocabulary; a .bin whose size disagrees with its .idx is refused, na
 from __future__ import annotations
 
 import os
-import shutil
 import struct
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,10 +30,10 @@ from typing import Iterator, Sequence
 import numpy as np
 
 from mtp_pretrain.data.errors import DataError
-from mtp_pretrain.data.shards import SPLITS, build_metadata, open_shard, read_metadata, token_dtype, write_metadata
-from mtp_pretrain.data.tokenizer import TOKENIZER_FILE, load_tokenizer
+from mtp_pretrain.data.shards import SPLITS, build_metadata, open_shard, read_metadata, write_metadata
+from mtp_pretrain.data.tokenizer import load_tokenizer
 
-from .tokenize_corpus import _SplitWriter
+from .tokenize_corpus import _SplitWriter, prepare_dataset_dir
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -240,15 +239,7 @@ def import_megatron(prefixes: Sequence[str | Path], tokenizer_path: str | Path, 
                 bad = hi if hi >= tok.vocab_size else lo
                 raise DataError(f"{idx.bin_path}: token id {bad} is outside the vocabulary of {tokenizer_path} "
                                 f"(vocab size {tok.vocab_size}); name the tokenizer the dataset was built with")
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metadata.json").unlink(missing_ok=True)
-    for old in out_dir.glob("*.arrow"):
-        old.unlink()
-    if Path(tokenizer_path).resolve() != (out_dir / TOKENIZER_FILE).resolve():
-        shutil.copyfile(tokenizer_path, out_dir / TOKENIZER_FILE)
-    tok = load_tokenizer(out_dir / TOKENIZER_FILE)
-    dtype = token_dtype(tok.vocab_size)
-    shard_tokens = max(1, int(shard_mb * 2**20) // dtype.itemsize)
+    tok, dtype, shard_tokens = prepare_dataset_dir(out_dir, tokenizer_path, shard_mb)
     eos = np.array([tok.eos_id], dtype=dtype)
     splits = {}
     for split in SPLITS:

@@ -91,6 +91,21 @@ class _SplitWriter:
         return split_summary(self.shards, self.num_documents)
 
 
+
+def prepare_dataset_dir(out_dir: Path, tokenizer_path, shard_mb: float):
+    """Empty ``out_dir`` of an older dataset (metadata.json first, so a half-rewritten directory
+    never looks complete), put the tokenizer beside the shards; returns (tokenizer, token dtype,
+    tokens per shard)."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "metadata.json").unlink(missing_ok=True)
+    for old in out_dir.glob("*.arrow"):
+        old.unlink()
+    if Path(tokenizer_path).resolve() != (out_dir / TOKENIZER_FILE).resolve():
+        shutil.copyfile(tokenizer_path, out_dir / TOKENIZER_FILE)
+    tok = load_tokenizer(out_dir / TOKENIZER_FILE)
+    dtype = token_dtype(tok.vocab_size)
+    return tok, dtype, max(1, int(shard_mb * 2**20) // dtype.itemsize)
+
 def tokenize_to_dataset(
     docs: Iterable[Document],
     tokenizer_path: str | Path,
@@ -109,15 +124,7 @@ def tokenize_to_dataset(
     metadata.json is written last: its presence means the dataset is complete.
     """
     out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "metadata.json").unlink(missing_ok=True)
-    for old in out_dir.glob("*.arrow"):
-        old.unlink()
-    if Path(tokenizer_path).resolve() != (out_dir / TOKENIZER_FILE).resolve():
-        shutil.copyfile(tokenizer_path, out_dir / TOKENIZER_FILE)
-    tok = load_tokenizer(out_dir / TOKENIZER_FILE)
-    dtype = token_dtype(tok.vocab_size)
-    shard_tokens = max(1, int(shard_mb * 2**20) // dtype.itemsize)
+    tok, dtype, shard_tokens = prepare_dataset_dir(out_dir, tokenizer_path, shard_mb)
     writers = {s: _SplitWriter(out_dir, s, shard_tokens, dtype) for s in SPLITS}
 
     chunks = _chunks(docs, chunk_bytes, val_fraction)

@@ -114,9 +114,14 @@ def grad_norm_sharded(params, world_group=None) -> torch.Tensor:
 def clip_grads_(params, max_norm: float, world_group=None) -> torch.Tensor:
     params = [p for p in params if p.grad is not None]
     norm = grad_norm_sharded(params, world_group)
+    scale_grads_to_norm_(params, norm, max_norm)
+    return norm.float()
+
+
+def scale_grads_to_norm_(params, norm: torch.Tensor, max_norm: float) -> None:
+    """Scale gradients down so that their global norm ``norm`` becomes ``max_norm`` (0 = off)."""
     if max_norm > 0:
         coef = float(max_norm / (norm + 1e-6))
         if coef < 1.0:
             for p in params:
                 p.grad.mul_(coef)
-    return norm.float()

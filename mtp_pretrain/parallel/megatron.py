@@ -60,7 +60,7 @@ from mtp_pretrain.loss import GradSyncHooks
 from mtp_pretrain.ops import checkpointed_chunk_sum
 from mtp_pretrain.parallel import tp_plan
 from mtp_pretrain.parallel.base import Strategy
-from mtp_pretrain.parallel.blocks import apply_block_options
+from mtp_pretrain.parallel.blocks import apply_block_options, scale_grads_to_norm_
 from mtp_pretrain.parallel.ddp import all_reduce_mean_grads
 
 BUCKET_BYTES = 25 * 2**20
@@ -411,11 +411,7 @@ class MegatronStrategy(Strategy):
         if self.tp > 1:
             dist.all_reduce(sharded, group=ps.get_tensor_model_parallel_group())
         norm = (sharded + replicated).sqrt().float()
-        if max_norm > 0:
-            coef = float(max_norm / (norm + 1e-6))
-            if coef < 1.0:
-                for p in params:
-                    p.grad.mul_(coef)
+        scale_grads_to_norm_(params, norm, max_norm)
         return norm.cpu()
 
     def optimizer_step(self, optimizer) -> None:
