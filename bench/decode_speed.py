@@ -117,6 +117,7 @@ def main(argv=None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--tree-widths", default="3,2,1")
+    ap.add_argument("--num-drafts", type=int, default=None, help="draft with heads 2..K+1 only (default: all)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
@@ -161,7 +162,8 @@ def main(argv=None) -> None:
           f"threads={torch.get_num_threads()}", flush=True)
     # Warm-up: first calls pay for allocator and kernel selection.
     for mode in MODES:
-        decoder.generate(next(iter(datasets.values()))[:1], GenerationConfig(mode=mode, max_new_tokens=8, tree_widths=widths))
+        decoder.generate(next(iter(datasets.values()))[:1], GenerationConfig(
+            mode=mode, max_new_tokens=8, tree_widths=widths, num_drafts=None if mode == "greedy" else args.num_drafts))
 
     summary = {"exact": True, "exact_across_batch_sizes": True, "model": source,
                "max_new_tokens": args.max_new_tokens, "results": {}}
@@ -171,7 +173,8 @@ def main(argv=None) -> None:
         for bs in args.batch_sizes:
             outputs, rows = {}, {}
             for mode in MODES:
-                cfg = GenerationConfig(mode=mode, max_new_tokens=args.max_new_tokens, tree_widths=widths)
+                cfg = GenerationConfig(mode=mode, max_new_tokens=args.max_new_tokens, tree_widths=widths,
+                                       num_drafts=None if mode == "greedy" else args.num_drafts)
                 outputs[mode], rows[mode] = run_mode(decoder, prompts, bs, cfg)
                 print(f"{name} bs={bs} {mode:17s} {json.dumps(rows[mode])}", flush=True)
             exact = all(outputs[m] == outputs["greedy"] for m in MODES)

@@ -163,6 +163,28 @@ def test_trained_model_accepts_drafts_and_stays_exact(trained):
         assert len(rates) == 3 and rates[0] > 0.5
 
 
+@pytest.mark.parametrize("head_type", ("transformer", "causal"))
+def test_fewer_drafting_heads_stay_exact(trained, head_type):
+    """num_drafts=k drafts with heads 2..k+1 only: still greedy, k acceptance positions, and a
+    request for more drafting heads than the model has fails naming the count."""
+    model, cycle = trained if head_type == "transformer" else train_repetitive("causal", n=4, steps=80, seed=1)
+    prompts = cycle_prompts(cycle)
+    greedy = generate(model, prompts, mode="greedy", max_new_tokens=30).tokens
+    modes = SPEC_MODES if head_type == "transformer" else ("self_speculative",)
+    for mode in modes:
+        for k in (1, 2):
+            res = generate(model, prompts, mode=mode, max_new_tokens=30, num_drafts=k)
+            assert res.tokens == greedy, (mode, k)
+            assert len(res.stats.acceptance_rate_per_position()) == k
+            assert res.stats.accepted_per_forward <= k + 1
+            if head_type == "causal":
+                assert res.stats.head_passes == k * res.stats.forward_passes
+    with pytest.raises(ValueError, match="num_drafts=4.*3 drafting heads"):
+        generate(model, prompts, mode="self_speculative", max_new_tokens=4, num_drafts=4)
+    with pytest.raises(ValueError, match="num_drafts must be >= 1"):
+        GenerationConfig(mode="self_speculative", num_drafts=0)
+
+
 def test_trained_model_eos_mid_batch(trained):
     model, cycle = trained
     prompts = cycle_prompts(cycle)

@@ -76,6 +76,8 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                     help="sampling temperature (mode sample: default 1.0; self_speculative: >0 = speculative sampling)")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--tree-widths", default="3,2,1", help="tree mode: candidates per draft depth")
+    ap.add_argument("--num-drafts", type=int, default=None,
+                    help="speculative modes: draft with heads 2..K+1 only (default: all extra heads)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eos-id", type=int, default=None, help="default: the tokenizer's EOS")
     ap.add_argument("--no-eos", action="store_true", help="ignore EOS; always generate max tokens")
@@ -97,7 +99,8 @@ def main(argv: Optional[list[str]] = None) -> None:
     temperature = args.temperature if args.temperature is not None else (1.0 if args.mode == "sample" else 0.0)
     config = GenerationConfig(mode=args.mode, max_new_tokens=args.max_new_tokens, temperature=temperature,
                               top_p=args.top_p, eos_id=eos_id, seed=args.seed,
-                              tree_widths=tuple(int(w) for w in args.tree_widths.split(",")))
+                              tree_widths=tuple(int(w) for w in args.tree_widths.split(",")),
+                              num_drafts=args.num_drafts)
     decoder = Decoder(model)
     ids = [encode(p, tokenizer, args.prepend) for p in prompts]
     totals = {"forward_passes": 0, "tokens_generated": 0, "wall_time_s": 0.0, "sequence_forward_passes": 0}

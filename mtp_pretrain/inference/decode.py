@@ -55,6 +55,9 @@ class GenerationConfig:
     top_p: float = 1.0
     eos_id: Optional[int] = None
     tree_widths: tuple[int, ...] = (3, 2, 1)  # candidates per tree depth (head 2, 3, ...)
+    # Drafting heads used: heads 2..num_drafts+1 (None: all n-1). A late head whose drafts are
+    # rarely accepted costs a head pass, an unembedding row and a fed token every step.
+    num_drafts: Optional[int] = None
     seed: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -71,6 +74,8 @@ class GenerationConfig:
         if self.mode == "tree" and self.temperature > 0:
             raise ValueError("tree mode verifies greedily only (multi-candidate rejection sampling is not "
                              "implemented); use self_speculative for exact speculative sampling")
+        if self.num_drafts is not None and self.num_drafts < 1:
+            raise ValueError(f"num_drafts must be >= 1 (or None for all heads), got {self.num_drafts}")
         if any(w < 1 for w in self.tree_widths) or not self.tree_widths:
             raise ValueError(f"tree_widths must be positive, got {self.tree_widths}")
 
@@ -173,7 +178,7 @@ class Decoder:
         else:
             gen.seed()
         B = len(prompts)
-        n_drafts = 0 if cfg.mode in ("greedy", "sample") else self.n - 1
+        n_drafts = 0 if cfg.mode in ("greedy", "sample") else min(self.n - 1, cfg.num_drafts or self.n)
         tree = None
         if cfg.mode == "tree" and n_drafts > 0:
             tree = DraftTree(cfg.tree_widths[:n_drafts]).to(self.device)
@@ -279,17 +284,11 @@ class Decoder:
         return emitted, n_acc
 
     def _verify_greedy(self, h1: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Greedy verification, unembedding head 1 one position at a time and stopping once
-        every row has rejected a draft (the unembedding is the largest matmul; positions after
-        the first rejection are never needed). Returns (accepted drafts [B], next token [B])."""
-        B, K1, _ = h1.shape
-        K = K1 - 1
-        greedy = drafts.new_zeros(B, K1)
-        for j in range(K1):
-            greedy[:, j] = self.model.unembed(h1[:, j]).argmax(-1)
-            if j == K or not bool((drafts[:, : j + 1] == greedy[:, : j + 1]).all(dim=1).any()):
-                break
-        # Positions never computed hold 0 but lie after every row's first mismatch.
+        """Greedy verification: head 1's token after every fed position, in one unembedding
+        (no per-position host round trips, which a GPU would pay for in latency). Returns
+        (accepted drafts [B], next token [B]): the agreeing prefix, then head 1's correction."""
+        K = drafts.shape[1]
+        greedy = self.model.unembed(h1).argmax(-1)  # [B, K+1]
         n_acc = leading_true(drafts == greedy[:, :K])
         nxt = greedy.gather(1, n_acc[:, None]).squeeze(1)
         return n_acc, nxt
@@ -343,7 +342,9 @@ class Decoder:
         if n_drafts == 0 or self.model.heads_chain:
             return
         rows = torch.arange(st.rows.numel(), device=self.device)
-        logits = torch.stack([self.model.unembed(out[i][1][rows, idx]) for i in range(2, n_drafts + 2)], dim=1)
+        # One unembedding for all drafting heads: the shared matrix is read once per step.
+        states = torch.stack([out[i][1][rows, idx] for i in range(2, n_drafts + 2)], dim=1)  # [B, K, dim]
+        logits = self.model.unembed(states)
         if tree is not None:
             st.candidates = logits.topk(tree.max_width, dim=-1).indices
         elif cfg.sampling:
@@ -366,7 +367,7 @@ class Decoder:
         B = st.rows.numel()
         rows = torch.arange(B, device=self.device)
         drafts, probs = [], []
-        for i in range(2, self.n + 1):
+        for i in range(2, n_drafts + 2):
             # Positions [head_length[i], last]: from head i's first not-final slot to the last
             # committed position. Slots before it were computed with known tokens only.
             start = st.head_length[:, i]
@@ -378,7 +379,7 @@ class Decoder:
             shifted = st.tokens.gather(1, inside + i - 1)  # token t+i-1 (next_token or a draft at the end)
             self.cache.prepare(start, W)
             state, normed = self.model.head_forward(i, x_in, shifted, self._rope_positions(pos), self.cache)
-            if i < self.n:
+            if i <= n_drafts:  # the next drafting head reads this one's states
                 st.head_states[rows[:, None], i - 1, pos] = state  # padding lands beyond `last`
             logits = self.model.unembed(normed[rows, count - 1])
             if cfg.sampling:
@@ -393,7 +394,7 @@ class Decoder:
             st.head_length[:, i] = (last + 3 - i).clamp(min=0)
         st.drafts = torch.stack(drafts, dim=1)
         st.draft_probs = torch.stack(probs, dim=1) if probs else None
-        return self.n - 1
+        return n_drafts
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
@@ -446,6 +447,9 @@ class Decoder:
             if len(p) + cfg.max_new_tokens > self.cfg.max_seq_len:
                 raise ValueError(f"prompt of {len(p)} tokens + max_new_tokens {cfg.max_new_tokens} exceeds "
                                  f"model.max_seq_len={self.cfg.max_seq_len}")
+        if cfg.num_drafts is not None and cfg.num_drafts > self.n - 1:
+            raise ValueError(f"num_drafts={cfg.num_drafts}, but a model with n_future={self.n} has "
+                             f"{self.n - 1} drafting heads")
         if cfg.mode == "tree" and self.model.heads_chain and self.n > 1:
             raise NotImplementedError(
                 "tree mode needs independent heads (transformer or linear); causal heads draft one "
