@@ -10,8 +10,10 @@ each data set (``data/default/code``, ``data/default/text``), or the lines of ``
 every data set and batch size the three modes decode the same prompts (``--max-new-tokens``,
 EOS ignored so every mode generates the same number of tokens); reported: tokens/s, mean
 accepted tokens per forward pass, acceptance rate per draft position, speedup over greedy, and
-``exact``: self-speculative and tree outputs are identical to greedy's, token for token. The last
-line of output is one JSON object with all of it.
+``exact``: self-speculative and tree outputs are identical to greedy's, token for token, and
+``pass_cost``: what one speculative pass costs in greedy passes (at batch 1, speedup =
+accepted_per_forward / pass_cost, so it says how many accepted tokens a pass must bring to pay
+for itself). The last line of output is one JSON object with all of it.
 
 A random-init model's heads do not agree, so it accepts ~1 token per pass and speculative modes
 are *slower* than greedy (they run the extra heads for nothing): use it only to check that the
@@ -180,6 +182,8 @@ def main(argv=None) -> None:
             exact = all(outputs[m] == outputs["greedy"] for m in MODES)
             greedy_by_bs.append(outputs["greedy"])
             base = rows["greedy"]["tokens_per_s"] or float("nan")
+            # speedup = accepted_per_forward / pass_cost: what a speculative pass costs in greedy passes.
+            ms_per_pass = {m: 1e3 * rows[m]["wall_time_s"] / max(rows[m]["forward_passes"], 1) for m in MODES}
             entry = {
                 "exact": exact,
                 "accepted_per_forward": rows["self_speculative"]["accepted_per_forward"],
@@ -187,13 +191,17 @@ def main(argv=None) -> None:
                 "speedup_self_speculative": round(rows["self_speculative"]["tokens_per_s"] / base, 3),
                 "speedup_tree": round(rows["tree"]["tokens_per_s"] / base, 3),
                 "tokens_per_s": {m: rows[m]["tokens_per_s"] for m in MODES},
+                "ms_per_forward": {m: round(ms_per_pass[m], 3) for m in MODES},
+                "pass_cost_self_speculative": round(ms_per_pass["self_speculative"] / ms_per_pass["greedy"], 3),
+                "pass_cost_tree": round(ms_per_pass["tree"] / ms_per_pass["greedy"], 3),
                 "acceptance_rate_per_position": {m: rows[m]["acceptance_rate_per_position"] for m in MODES[1:]},
             }
             summary["results"][name][str(bs)] = entry
             summary["exact"] &= exact
             print(f"{name} bs={bs}: exact={exact} accepted/forward={entry['accepted_per_forward']} "
                   f"(tree {entry['accepted_per_forward_tree']}) speedup self_speculative="
-                  f"{entry['speedup_self_speculative']} tree={entry['speedup_tree']}", flush=True)
+                  f"{entry['speedup_self_speculative']} tree={entry['speedup_tree']}; a pass costs "
+                  f"{entry['pass_cost_self_speculative']} / {entry['pass_cost_tree']} greedy passes", flush=True)
         summary["exact_across_batch_sizes"] &= all(g == greedy_by_bs[0] for g in greedy_by_bs)
         if tokenizer is not None:
             sample = tokenizer.decode(greedy_by_bs[0][0][:48])

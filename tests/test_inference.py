@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from mtp_pretrain.inference import Decoder, DraftTree, GenerationConfig, KVCache, generate
 from mtp_pretrain.inference.sampling import filtered_probs
+from mtp_pretrain.inference.stacked_heads import StackedHeads
 from mtp_pretrain.model import ModelConfig, MTPTransformer
 
 HEAD_TYPES = ("transformer", "linear", "causal")
@@ -237,6 +238,46 @@ def test_drafts_equal_full_forward_drafts(head_type):
     out = CheckingDecoder(model).generate(prompts, GenerationConfig(mode="self_speculative", max_new_tokens=12))
     assert out.tokens == [full_recompute_greedy(model, p, 12) for p in prompts]
     assert len(checked) >= 4 * 3
+    # Sequences stopping at EOS leave the batch (and the caches, stacked heads' copies included):
+    # the remaining ones still draft from exactly their own positions.
+    eos = eos_hit_mid_batch(out.tokens)
+    checked.clear()
+    out = CheckingDecoder(model).generate(prompts, GenerationConfig(mode="self_speculative", max_new_tokens=12,
+                                                                    eos_id=eos))
+    assert out.tokens == [full_recompute_greedy(model, p, 12, eos) for p in prompts]
+    assert min(map(len, out.tokens)) < 12 and max(map(len, out.tokens)) == 12
+
+
+@pytest.mark.parametrize("head_type", ("transformer", "linear"))
+def test_stacked_heads_equal_heads_one_by_one(head_type):
+    model = random_model(head_type, n=4)
+    z = torch.randn(2, 5, model.cfg.dim)
+    positions = torch.arange(5).expand(2, 5)
+    cos, sin = model.rope(positions)
+    states, normed = StackedHeads(model.heads[1:], first_layer_id=100)(z, cos, sin)
+    assert states.shape == normed.shape == (3, 2, 5, model.cfg.dim)
+    for k, i in enumerate((2, 3, 4)):
+        state, norm = model.head_forward(i, z, None, positions)
+        torch.testing.assert_close(states[k], state, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(normed[k], norm, atol=1e-5, rtol=1e-5)
+
+
+def test_decoder_restacks_heads_after_weight_update(trained):
+    """The stacked copy of the drafting heads follows in-place updates of the model's heads."""
+    import copy
+
+    model, cycle = trained
+    model = copy.deepcopy(model)
+    decoder = Decoder(model)
+    prompts = cycle_prompts(cycle)
+    config = GenerationConfig(mode="self_speculative", max_new_tokens=20)
+    before = decoder.generate(prompts, config).stats.acceptance_rate_per_position()
+    with torch.no_grad():
+        model.heads[1].norm.weight.zero_()  # head 2's logits all 0: it always drafts token 0
+    after = decoder.generate(prompts, config)
+    fresh = Decoder(model).generate(prompts, config)
+    assert [s.drafts_accepted for s in after.stats.sequences] == [s.drafts_accepted for s in fresh.stats.sequences]
+    assert before[0] > 0.5 and after.stats.acceptance_rate_per_position()[0] < 0.2, (before, after.stats)
 
 
 # -- rollback ---------------------------------------------------------------------------------------
@@ -247,6 +288,11 @@ def cache_equal_upto(a: KVCache, b: KVCache, n_slots: int, atol=1e-5) -> None:
     for lid in a.layer_ids():
         torch.testing.assert_close(a.keys[lid][:, :, :n_slots], b.keys[lid][:, :, :n_slots], atol=atol, rtol=0)
         torch.testing.assert_close(a.values[lid][:, :, :n_slots], b.values[lid][:, :, :n_slots], atol=atol, rtol=0)
+
+
+def sequence_rows(buf: torch.Tensor, batch_size: int, b: int) -> torch.Tensor:
+    """Sequence b's rows of a cache buffer: one row, or one per copy in a head-stacked layer."""
+    return buf.view(-1, batch_size, *buf.shape[1:])[:, b]
 
 
 def test_chain_rollback_leaves_no_trace():
@@ -275,11 +321,11 @@ def test_chain_rollback_leaves_no_trace():
         dec.forward_step(fed[b: b + 1, : keep[b]], P[b: b + 1], heads, cache=one)
         ref = dec.forward_step(nxt[b: b + 1], P[b: b + 1] + keep[b], heads, cache=one)
         n_slots = int(P[b] + keep[b] + 1)
+        assert len(one.layer_ids()) == model.cfg.trunk_layers + 2 * model.cfg.head_layers  # + head 1, stacked 2-4
         for lid in one.layer_ids():
-            torch.testing.assert_close(spec.keys[lid][b: b + 1, :, :n_slots], one.keys[lid][:, :, :n_slots],
-                                       atol=1e-5, rtol=0)
-            torch.testing.assert_close(spec.values[lid][b: b + 1, :, :n_slots], one.values[lid][:, :, :n_slots],
-                                       atol=1e-5, rtol=0)
+            for mine, alone in ((spec.keys[lid], one.keys[lid]), (spec.values[lid], one.values[lid])):
+                torch.testing.assert_close(sequence_rows(mine, 2, b)[..., :n_slots, :], alone[..., :n_slots, :],
+                                           atol=1e-5, rtol=0)
         full = model(torch.tensor([prompts[b] + fed[b, : keep[b]].tolist() + nxt[b].tolist()]))
         for i in heads:
             got = model.unembed(after_spec[i][1][b, -1])

@@ -37,6 +37,7 @@ import torch
 
 from mtp_pretrain.inference.kv_cache import KVCache
 from mtp_pretrain.inference.sampling import filtered_probs, leading_true, sample, speculative_accept
+from mtp_pretrain.inference.stacked_heads import StackedHeads
 from mtp_pretrain.inference.stats import RunStats, SequenceStats
 from mtp_pretrain.model.transformer import MTPTransformer
 
@@ -164,6 +165,8 @@ class Decoder:
         self.device = next(model.parameters()).device
         self.dtype = next(model.parameters()).dtype
         self.cache: Optional[KVCache] = None  # the cache of the latest generate() (for inspection)
+        self._stacked: Optional[StackedHeads] = None
+        self._stacked_key: Optional[tuple] = None
 
     # -- public ---------------------------------------------------------------------------------
 
@@ -224,7 +227,29 @@ class Decoder:
         positions = self._rope_positions(start[:, None] + depth[None, :])
         cache.prepare(start, T, step_mask)
         z = self.model.trunk_forward(tokens, positions, cache)
-        return {i: self.model.head_forward(i, z, None, positions, cache) for i in heads}
+        return self._heads_forward(z, positions, heads, cache)
+
+    def _heads_forward(self, z, positions, heads, cache) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+        """Head 1 as in greedy decoding; independent drafting heads 2..K+1 stacked, in one go."""
+        out = {1: self.model.head_forward(1, z, None, positions, cache)} if 1 in heads else {}
+        drafting = [i for i in heads if i > 1]
+        if drafting:
+            if self.model.heads_chain or drafting != list(range(2, len(drafting) + 2)):
+                raise ValueError(f"heads {drafting}: only independent drafting heads 2..K+1 run in the "
+                                 "trunk's pass (causal heads draft one after the other)")
+            cos, sin = self.model.rope(positions)
+            states, normed = self._drafting_heads(len(drafting))(z, cos, sin, cache)
+            out.update({i: (states[k], normed[k]) for k, i in enumerate(drafting)})
+        return out
+
+    def _drafting_heads(self, k: int) -> StackedHeads:
+        """Heads 2..k+1 stacked; rebuilt when their weights change (in place or replaced)."""
+        heads = list(self.model.heads[1: k + 1])
+        key = (k,) + tuple((p.data_ptr(), p._version, p.dtype) for h in heads for p in h.parameters())
+        if key != self._stacked_key:
+            first_free_layer_id = self.cfg.trunk_layers + self.n * self.cfg.head_layers
+            self._stacked, self._stacked_key = StackedHeads(heads, first_free_layer_id), key
+        return self._stacked
 
     # -- steps ----------------------------------------------------------------------------------
 
@@ -277,9 +302,7 @@ class Decoder:
             # slots after it would be rolled back anyway, and they draft at n_acc.
             T = int(n_acc.max()) + 1
             self.cache.prepare(start, T)
-            zT, posT = z[:, :T], positions[:, :T]
-            for i in range(2, n_drafts + 2):
-                out[i] = self.model.head_forward(i, zT, None, posT, self.cache)
+            out.update(self._heads_forward(z[:, :T], positions[:, :T], range(2, n_drafts + 2), self.cache))
         self._propose_independent(st, out, n_acc, n_drafts, None, cfg, gen)
         return emitted, n_acc
 

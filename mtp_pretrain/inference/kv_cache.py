@@ -18,6 +18,11 @@ rejected positions; whatever they wrote is beyond the length, masked out, and ov
 next write to those slots. Nothing is copied. The only copy is :meth:`move`, which packs an
 accepted *tree* path (a few slots per layer) into consecutive positions, and :meth:`select_rows`,
 which drops finished sequences from the batch.
+
+Head-stacked layers (``stacked_heads.py``: K drafting heads run as one batched computation, the
+heads folded into the batch) write ``K * B`` rows: copy ``c`` of sequence ``b`` is row
+``c * B + b``. Such a layer's buffer holds K copies of the batch, and every per-sequence
+operation (slots, mask, move, select) applies to each copy.
 """
 
 from __future__ import annotations
@@ -40,6 +45,7 @@ class KVCache:
         self._slots: Optional[torch.Tensor] = None  # [B, T] write positions
         self._mask: Optional[torch.Tensor] = None  # [B, 1, T, S] True = attend
         self._extent = 0  # S: slots any query of this step can see
+        self._per_copies: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # copies -> (slots, mask)
 
     # -- per forward pass -------------------------------------------------------------------------
 
@@ -74,6 +80,7 @@ class KVCache:
             new_visible = step_mask[:, rel.clamp(0, T - 1)].permute(1, 0, 2)  # [B, T, S]
             self._mask = (committed[:, None, :] | (new[:, None, :] & new_visible)).unsqueeze(1)
         self._extent = S
+        self._per_copies = {1: (self._slots, self._mask)}
 
     def update(self, layer_id: int, k: torch.Tensor, v: torch.Tensor
                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -81,20 +88,30 @@ class KVCache:
         if self._slots is None:
             raise RuntimeError("KVCache.update called before prepare()")
         B, H, T, hd = k.shape
-        if T != self._slots.shape[1] or B != self.batch_size:
+        if T != self._slots.shape[1] or B % self.batch_size:
             raise ValueError(f"k has batch {B} and {T} new tokens; prepare() announced "
-                             f"{self.batch_size} and {self._slots.shape[1]}")
+                             f"{self.batch_size} (or a multiple, for stacked heads) and {self._slots.shape[1]}")
         if layer_id not in self.keys:
-            shape = (self.batch_size, H, self.capacity, hd)
+            shape = (B, H, self.capacity, hd)
             self.keys[layer_id] = torch.zeros(shape, dtype=self.dtype, device=self.device)
             self.values[layer_id] = torch.zeros(shape, dtype=self.dtype, device=self.device)
         kb, vb = self.keys[layer_id], self.values[layer_id]
+        if kb.shape[0] != B:
+            raise ValueError(f"layer {layer_id} holds {kb.shape[0]} rows; this update writes {B}")
+        slots, mask = self._for_copies(B // self.batch_size)
         rows = torch.arange(B, device=self.device)[:, None]
         # Advanced indices around a slice: the indexed view is [B, T, H, hd].
-        kb[rows, :, self._slots] = k.transpose(1, 2).to(self.dtype)
-        vb[rows, :, self._slots] = v.transpose(1, 2).to(self.dtype)
+        kb[rows, :, slots] = k.transpose(1, 2).to(self.dtype)
+        vb[rows, :, slots] = v.transpose(1, 2).to(self.dtype)
         S = self._extent
-        return kb[:, :, :S], vb[:, :, :S], self._mask
+        return kb[:, :, :S], vb[:, :, :S], mask
+
+    def _for_copies(self, copies: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write slots and mask of this step repeated for ``copies`` copies of the batch (built
+        once per step, shared by all layers of a head-stacked module)."""
+        if copies not in self._per_copies:
+            self._per_copies[copies] = (self._slots.repeat(copies, 1), self._mask.repeat(copies, 1, 1, 1))
+        return self._per_copies[copies]
 
     # -- between forward passes ---------------------------------------------------------------------
 
@@ -102,19 +119,24 @@ class KVCache:
         """Copy slots ``src`` [B, K] to slots ``dst`` [B, K] in every (or the given) layer:
         packs an accepted tree path into consecutive positions. Reads before writing, so
         overlapping source and destination sets are fine."""
-        rows = torch.arange(self.batch_size, device=self.device)[:, None]
         for lid in (self.keys if layer_ids is None else layer_ids):
+            copies = self.keys[lid].shape[0] // self.batch_size
+            rows = torch.arange(copies * self.batch_size, device=self.device)[:, None]
+            s, d = src.repeat(copies, 1), dst.repeat(copies, 1)
             for buf in (self.keys[lid], self.values[lid]):
-                buf[rows, :, dst] = buf[rows, :, src].clone()
+                buf[rows, :, d] = buf[rows, :, s].clone()
 
     def select_rows(self, rows: torch.Tensor) -> None:
         """Keep only the sequences ``rows`` (e.g. drop finished ones). Copies the kept rows."""
         rows = rows.to(self.device)
         for lid in list(self.keys):
-            self.keys[lid] = self.keys[lid].index_select(0, rows)
-            self.values[lid] = self.values[lid].index_select(0, rows)
+            copies = self.keys[lid].shape[0] // self.batch_size
+            keep = (torch.arange(copies, device=self.device)[:, None] * self.batch_size + rows).flatten()
+            self.keys[lid] = self.keys[lid].index_select(0, keep)
+            self.values[lid] = self.values[lid].index_select(0, keep)
         self.batch_size = int(rows.numel())
         self._slots = self._mask = None
+        self._per_copies = {}
 
     def layer_ids(self) -> list[int]:
         return sorted(self.keys)
