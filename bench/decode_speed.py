@@ -4,6 +4,7 @@
     .venv/bin/python bench/decode_speed.py --checkpoint runs/X/checkpoints --batch-sizes 1 8
     .venv/bin/python bench/decode_speed.py --random-init --num-prompts 2 --max-new-tokens 32  # smoke test
     .venv/bin/python bench/decode_speed.py --train-steps 200    # quickly trained tiny n=4 model
+    .venv/bin/python bench/decode_speed.py --random-init --model-size 124m --breakdown-only  # pass pieces only
 
 Prompts are the first ``--num-prompts`` windows of ``--prompt-len`` tokens of the *val* split of
 each data set (``data/default/code``, ``data/default/text``), or the lines of ``--prompts``. For
@@ -19,6 +20,11 @@ A random-init model's heads do not agree, so it accepts ~1 token per pass and sp
 are *slower* than greedy (they run the extra heads for nothing): use it only to check that the
 script runs. ``--train-steps`` trains the model briefly on the train split first; only a
 properly trained checkpoint gives meaningful speedups.
+
+First it times the pieces of a batch-1 pass (``pass_breakdown``): what verifying k+1 tokens
+instead of 1, the drafting heads and the extra unembedding rows cost. Those do not depend on
+the weights, so ``--breakdown-only`` with a random model of any size shows how the price of a
+speculative pass changes with model size on this machine.
 """
 
 from __future__ import annotations
@@ -103,6 +109,60 @@ def run_mode(decoder, prompts, batch_size, config) -> tuple[list[list[int]], dic
     return tokens, total.to_dict()
 
 
+def pass_breakdown(decoder: Decoder, context: int, k: int, repeats: int = 200) -> dict[str, float]:
+    """Median microseconds of the pieces of one batch-1 pass at a cache holding ``context``
+    positions: the trunk, head 1 and the stacked drafting heads over 1 token (a greedy pass has
+    the first two) and over k+1 tokens (a chain pass), and the unembedding plus argmax of 1, k+1
+    and k rows (greedy; verification; drafting). The pieces are timed round-robin so that a
+    change in machine load hits all of them alike. They do not depend on the weights' values."""
+    from mtp_pretrain.inference import KVCache
+
+    model, dev = decoder.model, decoder.device
+    cache = KVCache(1, context + 2 * (k + 1), decoder.dtype, dev)
+    g = torch.Generator().manual_seed(0)
+    prompt = torch.randint(0, model.cfg.vocab_size, (1, context), generator=g).to(dev)
+    drafting = [] if model.heads_chain else list(range(2, k + 2))
+    decoder.forward_step(prompt, torch.zeros(1, dtype=torch.long, device=dev), [1] + drafting, cache=cache)
+    start = torch.tensor([context], device=dev)
+
+    pieces = {}
+    for T in (1, k + 1):
+        tokens = torch.randint(0, model.cfg.vocab_size, (1, T), generator=g).to(dev)
+        positions = start[:, None] + torch.arange(T, device=dev)
+        z = torch.randn(1, T, model.cfg.dim, generator=g).to(dev, decoder.dtype)
+
+        def trunk(tokens=tokens, positions=positions, T=T):
+            cache.prepare(start, T)
+            model.trunk_forward(tokens, positions, cache)
+
+        def head1(z=z, positions=positions, T=T):
+            cache.prepare(start, T)
+            model.head_forward(1, z, None, positions, cache)
+
+        def drafting_heads(z=z, positions=positions, T=T):
+            cache.prepare(start, T)
+            decoder.heads_forward(z, positions, drafting, cache)
+
+        pieces[f"trunk_{T}_tokens"], pieces[f"head1_{T}_tokens"] = trunk, head1
+        if drafting:
+            pieces[f"drafting_heads_{T}_tokens"] = drafting_heads
+    h = torch.randn(1, k + 1, model.cfg.dim, generator=g).to(dev, decoder.dtype)
+    for rows in sorted({1, k, k + 1}):
+        pieces[f"unembed_{rows}_rows"] = lambda rows=rows: model.unembed(h[:, :rows]).argmax(-1)
+
+    times: dict[str, list[float]] = {name: [] for name in pieces}
+    with torch.inference_mode():
+        for r in range(repeats + 10):
+            for name, fn in pieces.items():
+                t0 = time.perf_counter()
+                fn()
+                if dev.type == "cuda":
+                    torch.cuda.synchronize(dev)
+                if r >= 10:  # warm-up rounds
+                    times[name].append(time.perf_counter() - t0)
+    return {name: round(1e6 * sorted(ts)[len(ts) // 2], 1) for name, ts in times.items()}
+
+
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group()
@@ -123,6 +183,8 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--breakdown-only", action="store_true",
+                    help="only time the pieces of a greedy and a speculative pass (any model, even random)")
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -160,6 +222,12 @@ def main(argv=None) -> None:
         datasets = load_data_prompts(data_dir, args.datasets, args.num_prompts, args.prompt_len, args.seed)
     widths = tuple(int(w) for w in args.tree_widths.split(","))
     decoder = Decoder(model)
+    k = min(args.num_drafts or model.n_future - 1, model.n_future - 1)
+    breakdown = pass_breakdown(decoder, args.prompt_len + args.max_new_tokens // 2, k)
+    print(f"pass pieces (median us, batch 1, {k} drafts): {json.dumps(breakdown)}", flush=True)
+    if args.breakdown_only:
+        print(json.dumps({"model": source, "threads": torch.get_num_threads(), "pass_breakdown_us": breakdown}))
+        return
     print(f"model: {source}; n_future={model.n_future} head_type={model.cfg.head_type}; "
           f"threads={torch.get_num_threads()}", flush=True)
     # Warm-up: first calls pay for allocator and kernel selection.
@@ -167,8 +235,8 @@ def main(argv=None) -> None:
         decoder.generate(next(iter(datasets.values()))[:1], GenerationConfig(
             mode=mode, max_new_tokens=8, tree_widths=widths, num_drafts=None if mode == "greedy" else args.num_drafts))
 
-    summary = {"exact": True, "exact_across_batch_sizes": True, "model": source,
-               "max_new_tokens": args.max_new_tokens, "results": {}}
+    summary = {"exact": True, "exact_across_batch_sizes": True, "model": source, "threads": torch.get_num_threads(),
+               "num_drafts": k, "max_new_tokens": args.max_new_tokens, "pass_breakdown_us": breakdown, "results": {}}
     for name, prompts in datasets.items():
         summary["results"][name] = {}
         greedy_by_bs = []

@@ -227,9 +227,9 @@ class Decoder:
         positions = self._rope_positions(start[:, None] + depth[None, :])
         cache.prepare(start, T, step_mask)
         z = self.model.trunk_forward(tokens, positions, cache)
-        return self._heads_forward(z, positions, heads, cache)
+        return self.heads_forward(z, positions, heads, cache)
 
-    def _heads_forward(self, z, positions, heads, cache) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
+    def heads_forward(self, z, positions, heads, cache) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
         """Head 1 as in greedy decoding; independent drafting heads 2..K+1 stacked, in one go."""
         out = {1: self.model.head_forward(1, z, None, positions, cache)} if 1 in heads else {}
         drafting = [i for i in heads if i > 1]
@@ -302,7 +302,7 @@ class Decoder:
             # slots after it would be rolled back anyway, and they draft at n_acc.
             T = int(n_acc.max()) + 1
             self.cache.prepare(start, T)
-            out.update(self._heads_forward(z[:, :T], positions[:, :T], range(2, n_drafts + 2), self.cache))
+            out.update(self.heads_forward(z[:, :T], positions[:, :T], range(2, n_drafts + 2), self.cache))
         self._propose_independent(st, out, n_acc, n_drafts, None, cfg, gen)
         return emitted, n_acc
 
