@@ -12,6 +12,7 @@ with count_comm, the collective bytes each rank sent (wrapped torch.distributed 
 
 from __future__ import annotations
 
+import faulthandler
 import json
 import os
 import resource
@@ -22,6 +23,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+# A rank killed by a signal (SIGABRT from a C++ abort, SIGSEGV) prints every thread's Python stack
+# to its stderr (its own log file under torchrun --log-dir) before it dies: where it was, and in which run.
+faulthandler.enable(all_threads=True)
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
