@@ -96,17 +96,26 @@ def quick_train(model, data_dir: Path, names, steps: int, seq_len: int = 128, ba
     return model.eval()
 
 
-def run_mode(decoder, prompts, batch_size, config) -> tuple[list[list[int]], dict]:
-    """Decode all prompts in batches of batch_size; statistics summed over the batches."""
-    tokens, total = [], RunStats(mode=config.mode, batch_size=batch_size)
-    for i in range(0, len(prompts), batch_size):
-        res = decoder.generate(prompts[i: i + batch_size], config)
-        tokens += res.tokens
-        total.forward_passes += res.stats.forward_passes
-        total.head_passes += res.stats.head_passes
-        total.wall_time_s += res.stats.wall_time_s
-        total.sequences += res.stats.sequences
-    return tokens, total.to_dict()
+def run_modes(decoder, prompts, batch_size, configs: dict[str, GenerationConfig], repeats: int
+              ) -> tuple[dict[str, list[list[int]]], dict[str, dict]]:
+    """Decode all prompts in batches of batch_size with every mode; statistics summed over the
+    batches. The modes take turns batch by batch (``repeats`` rounds, round-robin), so that a
+    change in the machine's speed during the run (a shared VM's speed drifts by tens of
+    percent over minutes) hits every mode alike instead of biasing their ratio."""
+    tokens = {m: [] for m in configs}
+    totals = {m: RunStats(mode=c.mode, batch_size=batch_size) for m, c in configs.items()}
+    for r in range(repeats):
+        for i in range(0, len(prompts), batch_size):
+            for mode, config in configs.items():
+                res = decoder.generate(prompts[i: i + batch_size], config)
+                total = totals[mode]
+                if r == 0:  # outputs and token-level statistics: once
+                    tokens[mode] += res.tokens
+                    total.sequences += res.stats.sequences
+                    total.forward_passes += res.stats.forward_passes
+                    total.head_passes += res.stats.head_passes
+                total.wall_time_s += res.stats.wall_time_s / repeats
+    return tokens, {m: t.to_dict() for m, t in totals.items()}
 
 
 def pass_breakdown(decoder: Decoder, context: int, k: int, repeats: int = 200) -> dict[str, float]:
@@ -183,6 +192,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--repeats", type=int, default=2, help="timing rounds (modes take turns batch by batch)")
     ap.add_argument("--breakdown-only", action="store_true",
                     help="only time the pieces of a greedy and a speculative pass (any model, even random)")
     args = ap.parse_args(argv)
@@ -241,11 +251,11 @@ def main(argv=None) -> None:
         summary["results"][name] = {}
         greedy_by_bs = []
         for bs in args.batch_sizes:
-            outputs, rows = {}, {}
+            configs = {mode: GenerationConfig(mode=mode, max_new_tokens=args.max_new_tokens, tree_widths=widths,
+                                              num_drafts=None if mode == "greedy" else args.num_drafts)
+                       for mode in MODES}
+            outputs, rows = run_modes(decoder, prompts, bs, configs, args.repeats)
             for mode in MODES:
-                cfg = GenerationConfig(mode=mode, max_new_tokens=args.max_new_tokens, tree_widths=widths,
-                                       num_drafts=None if mode == "greedy" else args.num_drafts)
-                outputs[mode], rows[mode] = run_mode(decoder, prompts, bs, cfg)
                 print(f"{name} bs={bs} {mode:17s} {json.dumps(rows[mode])}", flush=True)
             exact = all(outputs[m] == outputs["greedy"] for m in MODES)
             greedy_by_bs.append(outputs["greedy"])
