@@ -118,15 +118,17 @@ def run_modes(decoder, prompts, batch_size, configs: dict[str, GenerationConfig]
     return tokens, {m: t.to_dict() for m, t in totals.items()}
 
 
-def pass_breakdown(decoder: Decoder, context: int, k: int, repeats: int = 200) -> dict[str, float]:
-    """Median microseconds of the pieces of one batch-1 pass at a cache holding ``context``
-    positions: the trunk, head 1 and the stacked drafting heads over 1 token (a greedy pass has
-    the first two) and over k+1 tokens (a chain pass), and the unembedding plus argmax of 1, k+1
-    and k rows (greedy; verification; drafting). The pieces are timed round-robin so that a
-    change in machine load hits all of them alike. They do not depend on the weights' values."""
+def pass_breakdown(decoder: Decoder, context: int, k: int, repeats: int = 200) -> dict[str, dict[str, float]]:
+    """Median microseconds of the pieces of a batch-1 greedy pass (trunk, head 1, unembedding
+    over 1 token) and of a chain pass with k drafts (trunk and head 1 over k+1 tokens,
+    verification over k+1 rows, the drafting heads over the accepted inputs -- taken as 2 --, and
+    the drafting rows), at a cache holding ``context`` positions. Each pass's pieces run in the
+    order a pass runs them and the two passes alternate, so caches are as warm as in decoding.
+    Bookkeeping (masks, indexing, stopping) is not included. The pieces do not depend on the
+    weights' values, so a random model of any size shows what each costs on this machine."""
     from mtp_pretrain.inference import KVCache
 
-    model, dev = decoder.model, decoder.device
+    model, dev, dim = decoder.model, decoder.device, decoder.model.cfg.dim
     cache = KVCache(1, context + 2 * (k + 1), decoder.dtype, dev)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.cfg.vocab_size, (1, context), generator=g).to(dev)
@@ -134,42 +136,53 @@ def pass_breakdown(decoder: Decoder, context: int, k: int, repeats: int = 200) -
     decoder.forward_step(prompt, torch.zeros(1, dtype=torch.long, device=dev), [1] + drafting, cache=cache)
     start = torch.tensor([context], device=dev)
 
-    pieces = {}
-    for T in (1, k + 1):
+    def pass_pieces(T: int, with_drafts: bool) -> dict:
         tokens = torch.randint(0, model.cfg.vocab_size, (1, T), generator=g).to(dev)
         positions = start[:, None] + torch.arange(T, device=dev)
-        z = torch.randn(1, T, model.cfg.dim, generator=g).to(dev, decoder.dtype)
+        state = {}
 
-        def trunk(tokens=tokens, positions=positions, T=T):
+        def trunk():
             cache.prepare(start, T)
-            model.trunk_forward(tokens, positions, cache)
+            state["z"] = model.trunk_forward(tokens, positions, cache)
 
-        def head1(z=z, positions=positions, T=T):
-            cache.prepare(start, T)
-            model.head_forward(1, z, None, positions, cache)
+        def head1():
+            state["h"] = model.head_forward(1, state["z"], None, positions, cache)[1]
 
-        def drafting_heads(z=z, positions=positions, T=T):
-            cache.prepare(start, T)
-            decoder.heads_forward(z, positions, drafting, cache)
+        def verify():
+            model.unembed(state["h"]).argmax(-1)
 
-        pieces[f"trunk_{T}_tokens"], pieces[f"head1_{T}_tokens"] = trunk, head1
-        if drafting:
-            pieces[f"drafting_heads_{T}_tokens"] = drafting_heads
-    h = torch.randn(1, k + 1, model.cfg.dim, generator=g).to(dev, decoder.dtype)
-    for rows in sorted({1, k, k + 1}):
-        pieces[f"unembed_{rows}_rows"] = lambda rows=rows: model.unembed(h[:, :rows]).argmax(-1)
+        pieces = {"trunk": trunk, "head1": head1, "unembed": verify}
+        if with_drafts and drafting:
+            acc = min(2, T)
 
-    times: dict[str, list[float]] = {name: [] for name in pieces}
+            def drafting_heads():
+                cache.prepare(start, acc)
+                out = decoder.heads_forward(state["z"][:, :acc], positions[:, :acc], drafting, cache)
+                state["d"] = torch.stack([out[i][1][:, acc - 1] for i in drafting], dim=1)
+
+            def draft_unembed():
+                model.unembed(state["d"]).argmax(-1)
+
+            pieces.update(drafting_heads=drafting_heads, drafting_unembed=draft_unembed)
+        return pieces
+
+    passes = {"greedy": pass_pieces(1, False), f"chain_{k}_drafts": pass_pieces(k + 1, True)}
+    times = {p: {name: [] for name in pieces} for p, pieces in passes.items()}
     with torch.inference_mode():
         for r in range(repeats + 10):
-            for name, fn in pieces.items():
-                t0 = time.perf_counter()
-                fn()
-                if dev.type == "cuda":
-                    torch.cuda.synchronize(dev)
-                if r >= 10:  # warm-up rounds
-                    times[name].append(time.perf_counter() - t0)
-    return {name: round(1e6 * sorted(ts)[len(ts) // 2], 1) for name, ts in times.items()}
+            for p, pieces in passes.items():
+                for name, fn in pieces.items():
+                    t0 = time.perf_counter()
+                    fn()
+                    if dev.type == "cuda":
+                        torch.cuda.synchronize(dev)
+                    if r >= 10:  # warm-up rounds
+                        times[p][name].append(time.perf_counter() - t0)
+    out = {p: {name: round(1e6 * sorted(ts)[len(ts) // 2], 1) for name, ts in pieces.items()}
+           for p, pieces in times.items()}
+    for p in out:
+        out[p]["sum"] = round(sum(out[p].values()), 1)
+    return out
 
 
 def main(argv=None) -> None:
