@@ -500,3 +500,28 @@ def test_cli_json(tmp_path, capsys):
     cli.main([str(path), "--prompt", "hi", "--max-new-tokens", "3"])
     text = capsys.readouterr().out
     assert "hi" in text and "accepted_per_forward" in text
+
+
+def test_decode_speed_bench_runs(tmp_path, capsys):
+    """bench/decode_speed.py end to end on a random tiny model and a prompts file of ids: its
+    last line is the JSON summary with the keys the docs name, and speculative output is exact."""
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location(
+        "decode_speed", Path(__file__).resolve().parents[1] / "bench" / "decode_speed.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"ids": p}) for p in ([[1, 2, 3], [7] * 9, [4, 5]])))
+    bench.main(["--random-init", "--prompts", str(prompts), "--max-new-tokens", "6", "--batch-sizes", "1", "2",
+                "--repeats", "1", "--num-drafts", "2", "--data-dir", str(tmp_path / "none")])
+    summary = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert summary["exact"] and summary["num_drafts"] == 2
+    assert set(summary["pass_breakdown_us"]) == {"greedy", "chain_2_drafts"}
+    for bs in ("1", "2"):
+        entry = summary["results"]["prompts"][bs]
+        assert entry["exact"] and entry["accepted_per_forward"] >= 1.0
+        for key in ("speedup_self_speculative", "speedup_tree", "pass_cost_self_speculative"):
+            assert entry[key] > 0
+        assert len(entry["acceptance_rate_per_position"]["self_speculative"]) == 2
