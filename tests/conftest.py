@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -131,6 +132,47 @@ def _env() -> dict:
     env.pop("RANK", None)
     env.pop("WORLD_SIZE", None)
     return env
+
+
+WORKER = REPO / "tests" / "parallel_worker.py"
+
+
+def launch_worker(out: Path, nproc: int, runs: list[dict], timeout: float = 600) -> dict[str, dict]:
+    """Run ``tests/parallel_worker.py``'s runs (several trainings in one process group; torchrun
+    for nproc > 1); {run name: its result.json, plus "dir"}.
+
+    Each rank's stdout/stderr goes to its own file (``<out>/logs/<run id>/attempt_0/<local
+    rank>/``), so that a failure shows the first failing rank's own error, not the others'
+    echoes of it."""
+    out.mkdir(parents=True, exist_ok=True)
+    spec = out / "spec.json"
+    spec.write_text(json.dumps({"out": str(out), "runs": runs}))
+    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+            f"--log-dir={out / 'logs'}", "--redirects=3"]
+           if nproc > 1 else [sys.executable]) + [str(WORKER), str(spec)]
+    p = subprocess.run(cmd, cwd=REPO, env=dict(_env(), DS_ACCELERATOR="cpu"), capture_output=True, text=True,
+                       timeout=timeout)
+    if p.returncode:
+        pytest.fail(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
+                    + (rank_logs(out / "logs", p.stderr) if nproc > 1 else ""))
+    return {r["name"]: json.loads((out / r["name"] / "result.json").read_text()) | {"dir": str(out / r["name"])}
+            for r in runs}
+
+
+def rank_logs(log_dir: Path, launcher_stderr: str) -> str:
+    """The tails of the per-rank logs of a failed torchrun launch: in full for the rank torchrun
+    names as the root cause (first observed failure), a few lines for the others."""
+    cause = re.search(r"Root Cause.*?local_rank: (\d+)", launcher_stderr, re.S)
+    first = cause.group(1) if cause else None
+    text, jobs = "", sorted(log_dir.glob("*/"), key=lambda d: d.stat().st_mtime)  # this launch's: the newest
+    for rank_dir in sorted(jobs[-1].glob("attempt_*/*") if jobs else [], key=lambda d: (d.name != first, d.name)):
+        full = first in (None, rank_dir.name)
+        for stream, size in (("stdout", 2000 if full else 500), ("stderr", 6000 if full else 800)):
+            f = rank_dir / f"{stream}.log"
+            tail = f.read_text(errors="replace")[-size:] if f.exists() else "(no file)"
+            mark = " (root cause)" if rank_dir.name == first else ""
+            text += f"\n--- local rank {rank_dir.name}{mark} {stream} ---\n{tail}"
+    return text
 
 
 def run_cli(overrides: Sequence[str], run_dir: Path, nproc: int = 1, timeout: float = 300,

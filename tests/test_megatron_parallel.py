@@ -11,15 +11,13 @@ torchrun per world size (tests/parallel_worker.py, several runs in one process g
 from __future__ import annotations
 
 import json
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, TORCHRUN, run_inprocess, tiny_overrides, train_records
+from conftest import launch_worker, run_inprocess, tiny_overrides, train_records
 
 STEPS, SAVE_AT, TOL = 8, 5, 1e-4
 MG = ["parallel=megatron", "parallel.tp_size=2"]
@@ -48,19 +46,6 @@ def full_model(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def ckpt(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
-
-
-def torchrun(nproc: int, out: Path, runs: list[dict], timeout: float = 600) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    spec = out / "spec.json"
-    spec.write_text(json.dumps({"out": str(out), "runs": runs}))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1", WANDB_SILENT="true")
-    env.pop("RANK", None)
-    env.pop("WORLD_SIZE", None)
-    p = subprocess.run([TORCHRUN, "--standalone", f"--nproc_per_node={nproc}", "tests/parallel_worker.py", str(spec)],
-                       cwd=REPO, env=env, text=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, timeout=timeout)
-    if p.returncode:
-        pytest.fail(f"torchrun ({nproc} ranks) exited {p.returncode}:\n{p.stdout[-8000:]}")
 
 
 def assert_close_losses(got: dict[int, float], ref: dict[int, float], steps) -> None:
@@ -103,7 +88,7 @@ def two_ranks(tiny_dataset, out) -> Path:
         {"name": "fsdp", "overrides": b + ["parallel=fsdp", "train.micro_batch_size=2"]},
         {"name": "mg_from_fsdp", "overrides": b + MG + [f"train.resume={ckpt(o / 'fsdp', SAVE_AT)}"]},
     ]
-    torchrun(2, o, runs)
+    launch_worker(o, 2, runs)
     return o
 
 
@@ -119,7 +104,7 @@ def four_ranks(tiny_dataset, out) -> Path:
         {"name": "zero2_naive", "overrides": b + MG + ["parallel.zero_stage=2", "train.micro_batch_size=2",
                                                        "loss.impl=naive"]},
     ]
-    torchrun(4, o, runs)
+    launch_worker(o, 4, runs)
     return o
 
 

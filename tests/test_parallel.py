@@ -24,23 +24,17 @@ Run under ``flock /tmp/mtp_heavy.lock`` on a shared machine.
 
 from __future__ import annotations
 
-import json
-import os
-import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
+from conftest import launch_worker
 from mtp_pretrain.config import ParallelConfig
 from mtp_pretrain.model.config import ModelConfig
 from mtp_pretrain.parallel import DistEnv, build_strategy
 from mtp_pretrain.parallel.tp_plan import TP_PLAN, assign
 
-REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "parallel_worker.py"
 TOL = 1e-4
 STEPS = 5
 VOCAB, DIM, N_FUTURE = 512, 128, 4
@@ -65,41 +59,6 @@ def base_overrides(data: Path) -> list[str]:
             "train.micro_batch_size=4", "train.global_batch_tokens=512", f"train.max_steps={STEPS}",
             "train.dtype=float32", "train.device=cpu", "train.resume=never", "optim.lr=1e-3",
             "optim.warmup_steps=2", "checkpoint.interval=0", "checkpoint.keep=5"]
-
-
-def launch(out: Path, nproc: int, runs: list[dict], timeout: int = 600) -> dict[str, dict]:
-    """Run the worker (torchrun for nproc > 1); {run name: result.json}."""
-    out.mkdir(parents=True, exist_ok=True)
-    spec = out / "spec.json"
-    spec.write_text(json.dumps({"out": str(out), "runs": runs}))
-    # Each rank's stdout/stderr goes to its own file (LOG_DIR/<run id>/attempt_0/<local rank>/),
-    # so that a failure shows the first failing rank's own error, not the others' echoes of it.
-    cmd = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-            f"--log-dir={out / 'logs'}", "--redirects=3"]
-           if nproc > 1 else [sys.executable]) + [str(WORKER), str(spec)]
-    env = {**os.environ, "OMP_NUM_THREADS": os.environ.get("MTP_TEST_THREADS", "1"), "DS_ACCELERATOR": "cpu"}
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=timeout)
-    if p.returncode:
-        raise AssertionError(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-                             + (rank_logs(out / "logs", p.stderr) if nproc > 1 else ""))
-    return {r["name"]: json.loads((out / r["name"] / "result.json").read_text()) | {"dir": str(out / r["name"])}
-            for r in runs}
-
-
-def rank_logs(log_dir: Path, launcher_stderr: str) -> str:
-    """The tails of the per-rank logs of a failed torchrun launch: in full for the rank torchrun
-    names as the root cause (first observed failure), a few lines for the others."""
-    cause = re.search(r"Root Cause.*?local_rank: (\d+)", launcher_stderr, re.S)
-    first = cause.group(1) if cause else None
-    text, jobs = "", sorted(log_dir.glob("*/"), key=lambda d: d.stat().st_mtime)  # this launch's: the newest
-    for rank_dir in sorted(jobs[-1].glob("attempt_*/*") if jobs else [], key=lambda d: (d.name != first, d.name)):
-        full = first in (None, rank_dir.name)
-        for stream, size in (("stdout", 2000 if full else 500), ("stderr", 6000 if full else 800)):
-            f = rank_dir / f"{stream}.log"
-            tail = f.read_text(errors="replace")[-size:] if f.exists() else "(no file)"
-            mark = " (root cause)" if rank_dir.name == first else ""
-            text += f"\n--- local rank {rank_dir.name}{mark} {stream} ---\n{tail}"
-    return text
 
 
 def final_params(run_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -144,7 +103,7 @@ def reference(data, workdir) -> dict:
     runs = [{"name": "hs", "overrides": base + ["checkpoint.interval=3"]},
             {"name": "naive", "overrides": base + ["loss.impl=naive"]},
             {"name": "chunked", "overrides": base + ["loss.chunk_size=40"]}]
-    res = launch(workdir / "reference", 1, runs)
+    res = launch_worker(workdir / "reference", 1, runs)
     res["params"] = final_params(res["hs"]["dir"])
     return res
 
@@ -158,7 +117,7 @@ def strategy_runs(name: str, data: Path, workdir: Path) -> dict:
         base = base_overrides(data) + common
         runs = [{"name": "hs", "overrides": base}, {"name": "naive", "overrides": base + ["loss.impl=naive"]}]
         runs += [{"name": k, "overrides": base + v} for k, v in extra.items()]
-        _LAUNCHED[name] = launch(workdir / name, nproc, runs)
+        _LAUNCHED[name] = launch_worker(workdir / name, nproc, runs)
     return _LAUNCHED[name]
 
 
@@ -188,8 +147,8 @@ def test_fsdp_checkpoint_resumes_under_tp_and_one_process(data, workdir, referen
     step3 = Path(fsdp["dir"]) / "checkpoints" / "step-00000003"
     assert step3.is_dir()
     base = base_overrides(data) + [f"train.resume={step3}"]
-    tp = launch(workdir / "resume_tp", 2, [{"name": "tp", "overrides": base + ["parallel=tp"]}])["tp"]
-    one = launch(workdir / "resume_one", 1, [{"name": "one", "overrides": base}])["one"]
+    tp = launch_worker(workdir / "resume_tp", 2, [{"name": "tp", "overrides": base + ["parallel=tp"]}])["tp"]
+    one = launch_worker(workdir / "resume_one", 1, [{"name": "one", "overrides": base}])["one"]
     ref_losses = dict(zip(reference["hs"]["steps"], reference["hs"]["losses"]))
     for what, res in (("tp x2", tp), ("1 process", one)):
         assert res["steps"] == [4, 5], what
@@ -205,7 +164,7 @@ def test_fsdp_checkpoint_resumes_under_zero2(data, workdir, reference):
     fsdp = strategy_runs("fsdp", data, workdir)["hs"]
     step3 = Path(fsdp["dir"]) / "checkpoints" / "step-00000003"
     base = base_overrides(data) + [f"train.resume={step3}", "parallel=deepspeed", "parallel.zero_stage=2"]
-    res = launch(workdir / "resume_zero2", 2, [{"name": "zero2", "overrides": base}])["zero2"]
+    res = launch_worker(workdir / "resume_zero2", 2, [{"name": "zero2", "overrides": base}])["zero2"]
     ref_losses = dict(zip(reference["hs"]["steps"], reference["hs"]["losses"]))
     assert res["steps"] == [4, 5]
     for step, loss in zip(res["steps"], res["losses"]):
@@ -235,7 +194,7 @@ def test_unembedding_gradient_reduced_once_per_step(data, workdir):
     """FSDP, 2 ranks, 2 micro-batches per step: counting the bytes given to reduce-scatter, the
     deferred sync saves exactly (n - 1) unembedding gradients per step over syncing per head."""
     base = base_overrides(data) + ["parallel=fsdp", "train.max_steps=2"]
-    res = launch(workdir / "comm", 2, [
+    res = launch_worker(workdir / "comm", 2, [
         {"name": "deferred", "overrides": base, "count_comm": True},
         {"name": "per_head", "overrides": base, "count_comm": True, "unembed_sync": "per_head"}])
     rs = {k: v["ranks"][0]["comm"]["bytes"].get("reduce_scatter_single", 0) for k, v in res.items()}
@@ -263,7 +222,7 @@ def test_compiled_blocks_match(data, workdir, reference):
     the blocks takes ~1 min on a 2-core CPU)."""
     base = base_overrides(data) + ["parallel.compile=true", "parallel.activation_checkpointing=every_k",
                                    "train.max_steps=2"]
-    res = launch(workdir / "compile", 1, [{"name": "compiled", "overrides": base}])["compiled"]
+    res = launch_worker(workdir / "compile", 1, [{"name": "compiled", "overrides": base}])["compiled"]
     for a, b in zip(res["losses"], reference["hs"]["losses"]):
         assert abs(a - b) < TOL
 
