@@ -186,6 +186,7 @@ class Decoder:
         if cfg.mode == "tree" and n_drafts > 0:
             tree = DraftTree(cfg.tree_widths[:n_drafts]).to(self.device)
             n_drafts = tree.max_depth
+        self._stack_drafting_heads(n_drafts)
         step_tokens = tree.size if tree is not None else n_drafts + 1
         capacity = max(len(p) for p in prompts) + cfg.max_new_tokens + step_tokens + 2 * self.n + 2
         self.cache = KVCache(B, capacity, self.dtype, self.device)
@@ -221,35 +222,46 @@ class Decoder:
         and the given independent heads (or head 1): {head: (state, normed)}. RoPE positions are
         ``start + depth`` (depth defaults to 0..T-1; a tree passes node depths)."""
         cache = self.cache if cache is None else cache
-        B, T = tokens.shape
-        if depth is None:
-            depth = torch.arange(T, device=self.device)
-        positions = self._rope_positions(start[:, None] + depth[None, :])
-        cache.prepare(start, T, step_mask)
-        z = self.model.trunk_forward(tokens, positions, cache)
+        self._stack_drafting_heads(max(heads) - 1)
+        z, positions = self._trunk_pass(tokens, start, depth, step_mask, cache)
         return self.heads_forward(z, positions, heads, cache)
 
     def heads_forward(self, z, positions, heads, cache) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-        """Head 1 as in greedy decoding; independent drafting heads 2..K+1 stacked, in one go."""
+        """Head 1 as in greedy decoding; independent drafting heads 2..K+1 stacked, in one go
+        (stacked by the latest ``generate`` or ``forward_step`` call)."""
         out = {1: self.model.head_forward(1, z, None, positions, cache)} if 1 in heads else {}
         drafting = [i for i in heads if i > 1]
         if drafting:
             if self.model.heads_chain or drafting != list(range(2, len(drafting) + 2)):
                 raise ValueError(f"heads {drafting}: only independent drafting heads 2..K+1 run in the "
                                  "trunk's pass (causal heads draft one after the other)")
+            if self._stacked is None or self._stacked.num_heads != len(drafting):
+                self._stack_drafting_heads(len(drafting))
             cos, sin = self.model.rope(positions)
-            states, normed = self._drafting_heads(len(drafting))(z, cos, sin, cache)
+            states, normed = self._stacked(z, cos, sin, cache)
             out.update({i: (states[k], normed[k]) for k, i in enumerate(drafting)})
         return out
 
-    def _drafting_heads(self, k: int) -> StackedHeads:
-        """Heads 2..k+1 stacked; rebuilt when their weights change (in place or replaced)."""
+    def _trunk_pass(self, tokens, start, depth=None, step_mask=None, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Announce the pass to the cache and run the trunk: (z [B, T, dim], RoPE positions [B, T])."""
+        cache = self.cache if cache is None else cache
+        T = tokens.shape[1]
+        if depth is None:
+            depth = torch.arange(T, device=self.device)
+        positions = self._rope_positions(start[:, None] + depth[None, :])
+        cache.prepare(start, T, step_mask)
+        return self.model.trunk_forward(tokens, positions, cache), positions
+
+    def _stack_drafting_heads(self, k: int) -> None:
+        """Stack heads 2..k+1 (independent heads, k >= 1), again only if their weights changed
+        (in place or replaced) since the last stacking. Checked once per call, not per pass."""
+        if k < 1 or self.model.heads_chain:
+            return
         heads = list(self.model.heads[1: k + 1])
         key = (k,) + tuple((p.data_ptr(), p._version, p.dtype) for h in heads for p in h.parameters())
         if key != self._stacked_key:
             first_free_layer_id = self.cfg.trunk_layers + self.n * self.cfg.head_layers
             self._stacked, self._stacked_key = StackedHeads(heads, first_free_layer_id), key
-        return self._stacked
 
     # -- steps ----------------------------------------------------------------------------------
 
@@ -264,7 +276,8 @@ class Decoder:
         if self.model.heads_chain and n_drafts > 0:
             st.head_length = torch.zeros(B, self.n + 1, dtype=torch.long, device=self.device)
             st.head_states = torch.zeros(B, self.n - 1, capacity, self.cfg.dim, dtype=self.dtype, device=self.device)
-        out = self.forward_step(tokens[:, :P], torch.zeros_like(lengths), self._heads(n_drafts))
+        z, positions = self._trunk_pass(tokens[:, :P], torch.zeros_like(lengths))
+        out = self.heads_forward(z, positions, self._heads(n_drafts), self.cache)
         last = lengths - 1
         st.next_token = self._choose(self.model.unembed(out[1][1][rows, last]), cfg, gen)
         st.tokens[rows, lengths] = st.next_token
@@ -281,10 +294,8 @@ class Decoder:
         slots = start[:, None] + torch.arange(n_drafts + 1, device=self.device)
         st.tokens.scatter_(1, slots, inputs)  # provisional: rejected ones get overwritten
         # Trunk and head 1 on every fed position; the drafting heads wait for the verdict.
-        positions = self._rope_positions(slots)
-        self.cache.prepare(start, n_drafts + 1)
-        z = self.model.trunk_forward(inputs, positions, self.cache)
-        out = {1: self.model.head_forward(1, z, None, positions, self.cache)}
+        z, positions = self._trunk_pass(inputs, start)
+        out = self.heads_forward(z, positions, [1], self.cache)
         h1 = out[1][1]  # [B, K+1, dim]: head 1 verifies every input
         if cfg.sampling:
             p = filtered_probs(self.model.unembed(h1), cfg.temperature, cfg.top_p)
@@ -323,7 +334,8 @@ class Decoder:
         cand = st.candidates[:, (tree.depth[1:] - 1), tree.rank[1:]]  # [B, size-1]
         node_tokens = torch.cat([st.next_token[:, None], cand], dim=1)
         start = st.length
-        out = self.forward_step(node_tokens, start, self._heads(tree.max_depth), tree.depth, tree.mask)
+        z, positions = self._trunk_pass(node_tokens, start, tree.depth, tree.mask)
+        out = self.heads_forward(z, positions, self._heads(tree.max_depth), self.cache)
         greedy = self.model.unembed(out[1][1]).argmax(-1)  # [B, size]: head 1's token after each node
         accepted = torch.zeros(B, tree.size, dtype=torch.bool, device=self.device)
         accepted[:, 0] = True
