@@ -134,6 +134,16 @@ def _env() -> dict:
     return env
 
 
+@pytest.fixture(scope="session")
+def byte_file(tmp_path_factory) -> Path:
+    """A saved byte-level tokenizer (vocab 259: bytes + PAD/BOS/EOS)."""
+    from mtp_pretrain.data import ByteTokenizer
+
+    path = tmp_path_factory.mktemp("byte_tok") / "tokenizer.json"
+    ByteTokenizer().save(path)
+    return path
+
+
 WORKER = REPO / "tests" / "parallel_worker.py"
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from data_tools.corpus import cap_bytes, deduplicate, iter_directory, iter_jsonl, iter_parquet, iter_text_files
 from data_tools.tokenize_corpus import is_validation, tokenize_to_dataset
-from mtp_pretrain.data import BPETokenizer, ByteTokenizer, load_tokenizer
+from mtp_pretrain.data import BPETokenizer, load_tokenizer
 from mtp_pretrain.data.shards import SPLITS, read_metadata, token_dtype
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,13 +47,6 @@ def decoded_documents(path: Path, split: str) -> list[str]:
 def bpe_file(tmp_path_factory) -> Path:
     path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
     BPETokenizer.train(DOCS, vocab_size=400, show_progress=False).save(path)
-    return path
-
-
-@pytest.fixture(scope="module")
-def byte_file(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    ByteTokenizer().save(path)
     return path
 
 

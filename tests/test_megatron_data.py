@@ -13,7 +13,6 @@ from data_tools.megatron import export_megatron, import_megatron, read_index, sp
 from mtp_pretrain.data.errors import DataError
 from mtp_pretrain.data.shards import read_metadata
 from mtp_pretrain.data.synthetic import write_random_dataset
-from mtp_pretrain.data.tokenizer import ByteTokenizer
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -36,19 +35,12 @@ def arrow_ds(tmp_path_factory) -> Path:
     return root
 
 
-@pytest.fixture(scope="module")
-def tokenizer(tmp_path_factory) -> Path:
-    path = tmp_path_factory.mktemp("mg_tok") / "tokenizer.json"
-    ByteTokenizer().save(path)
-    return path
-
-
-def test_round_trip_cli_identical_documents(arrow_ds, tokenizer, tmp_path):
+def test_round_trip_cli_identical_documents(arrow_ds, byte_file, tmp_path):
     p = cli("export-megatron", arrow_ds, "--out", tmp_path / "mg", "--split", "all")
     assert p.returncode == 0, p.stderr
     assert (tmp_path / "mg_train.bin").is_file() and (tmp_path / "mg_val.idx").is_file()
     p = cli("import-megatron", tmp_path / "mg_train", "--val-prefix", tmp_path / "mg_val",
-            "--tokenizer", tokenizer, "--out", tmp_path / "back")
+            "--tokenizer", byte_file, "--out", tmp_path / "back")
     assert p.returncode == 0, p.stderr
     for split in ("train", "val"):
         a, b = docs_of(arrow_ds, split), docs_of(tmp_path / "back", split)
@@ -75,7 +67,7 @@ def test_megatron_core_reads_export(arrow_ds, tmp_path):
     assert ds.index.dtype == np.uint16 and list(ds.document_indices) == list(range(len(ours) + 1))
 
 
-def test_import_megatron_core_written_multi_sequence_documents(tokenizer, tmp_path):
+def test_import_megatron_core_written_multi_sequence_documents(byte_file, tmp_path):
     """Megatron's own builder, documents of several sequences, some without EOD."""
     import torch
     from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
@@ -93,28 +85,28 @@ def test_import_megatron_core_written_multi_sequence_documents(tokenizer, tmp_pa
         doc = np.concatenate(seqs).tolist()
         expected.append(doc if doc[-1] == 258 else doc + [258])
     builder.finalize(str(tmp_path / "m.idx"))
-    meta = import_megatron([tmp_path / "m"], tokenizer, tmp_path / "out")
+    meta = import_megatron([tmp_path / "m"], byte_file, tmp_path / "out")
     assert docs_of(tmp_path / "out", "train") == expected
     assert meta["splits"]["train"]["num_documents"] == 12 and meta["splits"]["val"]["num_tokens"] == 0
 
 
-def test_bin_size_mismatch_names_file(arrow_ds, tokenizer, tmp_path):
+def test_bin_size_mismatch_names_file(arrow_ds, byte_file, tmp_path):
     export_megatron(arrow_ds, tmp_path / "mg", "val")
     with open(tmp_path / "mg.bin", "ab") as f:
         f.write(b"\0\0")
     with pytest.raises(DataError, match=r"mg\.bin.*bytes"):
         read_index(tmp_path / "mg")
-    p = cli("import-megatron", tmp_path / "mg", "--tokenizer", tokenizer, "--out", tmp_path / "x")
+    p = cli("import-megatron", tmp_path / "mg", "--tokenizer", byte_file, "--out", tmp_path / "x")
     assert p.returncode != 0 and "mg.bin" in p.stderr and "Traceback" not in p.stderr
 
 
-def test_token_id_outside_tokenizer_names_file(tokenizer, tmp_path):
+def test_token_id_outside_tokenizer_names_file(byte_file, tmp_path):
     from data_tools.megatron import IndexWriter
 
     w = IndexWriter(tmp_path / "big", np.uint16)
     w.add_document(np.array([1, 2, 258]))
     w.add_document(np.array([3, 300, 258]))  # 300 >= byte tokenizer's 259
     w.close()
-    p = cli("import-megatron", tmp_path / "big", "--tokenizer", tokenizer, "--out", tmp_path / "x")
+    p = cli("import-megatron", tmp_path / "big", "--tokenizer", byte_file, "--out", tmp_path / "x")
     assert p.returncode != 0 and "big.bin" in p.stderr and "300" in p.stderr and "Traceback" not in p.stderr
     assert not (tmp_path / "x" / "metadata.json").exists()
