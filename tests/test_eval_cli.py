@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from mtp_pretrain.data import ArrowTokenStream, DataSource
 from mtp_pretrain.data.tokenizer import BPETokenizer
 from mtp_pretrain.eval import cli, induction
-from mtp_pretrain.eval.adapters import (full_recompute_greedy, generate_ids, has_kv_cache_decoder,
+from mtp_pretrain.eval.adapters import (full_recompute_greedy, generate_ids,
                                         make_batch_logits, make_generate)
 from mtp_pretrain.eval.per_head import evaluate_per_head, per_head_sums
 from mtp_pretrain.export import export_single_file, load_model
@@ -106,10 +106,9 @@ def test_greedy_decoding_paths_agree():
     stopped = full_recompute_greedy(model, prompts, 6, eos_id=eos)
     for s, o in zip(stopped, one_by_one):
         assert s == (o[: o.index(eos) + 1] if eos in o else o)
-    if has_kv_cache_decoder():
-        assert generate_ids(model, prompts, 6) == one_by_one
-        assert generate_ids(model, prompts, 6, mode="self_speculative") == one_by_one
-        assert generate_ids(model, prompts, 6, eos_id=eos) == stopped
+    assert generate_ids(model, prompts, 6) == one_by_one
+    assert generate_ids(model, prompts, 6, mode="self_speculative") == one_by_one
+    assert generate_ids(model, prompts, 6, eos_id=eos) == stopped
     assert generate_ids(model, prompts, 6, use_cache=False) == one_by_one
 
 
@@ -138,6 +137,19 @@ def test_make_generate_and_batch_logits():
         want = model(torch.tensor([[258] + s]))[0][0, 1:]
         assert g.shape == (len(s), VOCAB)
         torch.testing.assert_close(g, want, rtol=1e-4, atol=1e-5)
+
+
+def test_make_generate_seeded_sampling_differs_across_calls():
+    """pass@k repeats a prompt across batches: a seeded sampler must not repeat its samples
+    call after call, yet the whole sequence of calls is reproducible."""
+    model = tiny_model(2)
+    tok = _Bytes()
+    runs = []
+    for _ in range(2):
+        gen = make_generate(model, tok, mode="sample", temperature=1.0, seed=0, stop_at_eos=False)
+        runs.append([gen(["ab", "ab"], 12) for _ in range(3)])
+    assert runs[0] == runs[1]
+    assert len({tuple(call) for call in runs[0]}) == 3, runs[0]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,36 +3,27 @@
 The task modules (polynomial, induction, humaneval) see a model only through plain callables;
 this module builds them from a model and a tokenizer.
 
-* ``generate_ids`` decodes token ids greedily (or by sampling). It uses the key/value-cache
-  decoder of ``mtp_pretrain.inference`` when that package is importable (``use_cache=True``, the
-  default) and otherwise a small full-recompute loop (``full_recompute_greedy``), which the tests
-  compare token for token with the cached decoder.
+* ``generate_ids`` decodes token ids greedily (or by sampling) with the key/value-cache decoder
+  of ``mtp_pretrain.inference`` (``use_cache=True``, the default) or a small full-recompute loop
+  (``full_recompute_greedy``), which the tests compare token for token with the cached decoder.
 * ``make_generate`` wraps it as ``generate(prompts, max_new_tokens) -> completions`` over text:
   an optional prefix of token ids (e.g. EOS, which separates documents in the training stream),
   prompts truncated from the left so that prompt + completion fit ``model.max_seq_len``, and
-  completions cut at EOS.
+  completions cut at EOS. One decoder serves all its calls, and a seeded sampler gets seed
+  ``seed + k`` on its k-th call: pass@k repeats a prompt across batches, and equal seeds would
+  make those samples copies of each other.
 * ``make_batch_logits`` gives head-1 logits per sequence for ``induction.score_batched``.
 """
 
 from __future__ import annotations
 
+import itertools
 from typing import Callable, Optional, Sequence
 
 import torch
 
+from mtp_pretrain.inference import Decoder, GenerationConfig
 from mtp_pretrain.model.transformer import MTPTransformer
-
-
-def _inference_generate():
-    try:
-        from mtp_pretrain.inference import generate
-    except ImportError:
-        return None
-    return generate
-
-
-def has_kv_cache_decoder() -> bool:
-    return _inference_generate() is not None
 
 
 @torch.no_grad()
@@ -75,21 +66,23 @@ def full_recompute_greedy(model: MTPTransformer, prompts: Sequence[Sequence[int]
 
 def generate_ids(model: MTPTransformer, prompts: Sequence[Sequence[int]], max_new_tokens: int, *,
                  eos_id: Optional[int] = None, mode: str = "greedy", temperature: float = 0.0,
-                 top_p: float = 1.0, seed: Optional[int] = None, use_cache: bool = True) -> list[list[int]]:
+                 top_p: float = 1.0, seed: Optional[int] = None, use_cache: bool = True,
+                 decoder: Optional[Decoder] = None) -> list[list[int]]:
     """Generated ids per prompt (EOS included when it stopped the sequence).
 
     ``mode`` is a mode of ``mtp_pretrain.inference`` (greedy, sample, self_speculative, tree);
-    without that package (or with ``use_cache=False``) only greedy decoding is available."""
-    gen = _inference_generate() if use_cache else None
-    if gen is None:
+    with ``use_cache=False`` only greedy decoding is available. ``decoder``: reuse one (of
+    ``model``) across calls."""
+    if not use_cache:
         if mode not in ("greedy", "self_speculative") or temperature > 0:
-            raise RuntimeError(f"decoding mode {mode!r} with temperature {temperature} needs "
-                               f"mtp_pretrain.inference (only greedy full-recompute decoding is built in)")
+            raise RuntimeError(f"decoding mode {mode!r} with temperature {temperature} needs the KV-cache "
+                               f"decoder (only greedy full-recompute decoding runs without it)")
         return full_recompute_greedy(model, prompts, max_new_tokens, eos_id)
     kwargs = dict(mode=mode, max_new_tokens=max_new_tokens, eos_id=eos_id, seed=seed)
     if temperature > 0:
         kwargs.update(temperature=temperature, top_p=top_p)
-    return gen(model, [list(p) for p in prompts], **kwargs).tokens
+    decoder = decoder if decoder is not None else Decoder(model)
+    return decoder.generate([list(p) for p in prompts], GenerationConfig(**kwargs)).tokens
 
 
 def make_generate(model: MTPTransformer, tokenizer, *, prefix_ids: Sequence[int] = (),
@@ -100,6 +93,9 @@ def make_generate(model: MTPTransformer, tokenizer, *, prefix_ids: Sequence[int]
     ``max_new_tokens`` within ``model.max_seq_len``; completions end before the first EOS."""
     eos = getattr(tokenizer, "eos_id", None) if stop_at_eos else None
     limit = model.cfg.max_seq_len
+    decoder = Decoder(model) if decode_kwargs.get("use_cache", True) else None
+    seed = decode_kwargs.pop("seed", None)
+    calls = itertools.count()
 
     def generate(prompts: list[str], max_new_tokens: int) -> list[str]:
         max_new = min(max_new_tokens, limit - 1)
@@ -108,7 +104,9 @@ def make_generate(model: MTPTransformer, tokenizer, *, prefix_ids: Sequence[int]
         for p in prompts:
             seq = list(prefix_ids) + tokenizer.encode(p)
             ids.append(seq[-room:] if len(seq) > room else seq)
-        outs = generate_ids(model, ids, max_new, eos_id=eos, **decode_kwargs)
+        call = next(calls)
+        outs = generate_ids(model, ids, max_new, eos_id=eos, decoder=decoder,
+                            seed=None if seed is None else seed + call, **decode_kwargs)
         texts = []
         for o in outs:
             if eos is not None and eos in o:
