@@ -19,7 +19,8 @@ def inspect_dataset(path: str | Path, verify: bool = True, sample_tokens: int = 
     print(f"dataset      {path}")
     print(f"source       {meta['source']}")
     print(f"tokenizer    {t['kind']} vocab={t['vocab_size']} hash={t['hash']} pad={t['pad_id']} bos={t['bos_id']} eos={t['eos_id']}")
-    print(f"token dtype  {meta['token_dtype']}   raw text {meta['raw_text_bytes'] / 1e6:.2f} MB")
+    raw = meta.get("raw_text_bytes")  # absent for datasets imported from token files (import-megatron)
+    print(f"token dtype  {meta['token_dtype']}" + (f"   raw text {raw / 1e6:.2f} MB" if raw is not None else ""))
     dtype = token_dtype(t["vocab_size"])
     for split in SPLITS:
         info = meta["splits"][split]

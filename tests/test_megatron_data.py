@@ -54,6 +54,9 @@ def test_round_trip_cli_identical_documents(arrow_ds, byte_file, tmp_path):
     stream = ArrowTokenStream(sources=[DataSource(path=str(tmp_path / "back"), weight=1.0)], window=33,
                               micro_batch_size=2, seed=0, split="train", prefetch=0, infinite=False)
     assert next(iter(stream)).shape == (2, 33)
+    # ...and `inspect` reads it (no raw-text size: it was imported from token files)
+    p = cli("inspect", tmp_path / "back")
+    assert p.returncode == 0 and "train" in p.stdout, p.stderr
 
 
 def test_megatron_core_reads_export(arrow_ds, tmp_path):

@@ -57,7 +57,8 @@ def per_head_sums(model: MTPTransformer, tokens: torch.Tensor, *, seq_len: Optio
     targets = head_targets(tokens, T, n, pad_id)
     z = model.trunk_forward(tokens[:, :T])
     x = z
-    ce, correct, count = (torch.zeros(n, dtype=torch.float64) for _ in range(3))
+    # Sums stay on the model's device (no host sync per sequence); one copy at the end.
+    ce, correct, count = (torch.zeros(n, dtype=torch.float64, device=tokens.device) for _ in range(3))
     for i in range(1, n + 1):
         h, y = model.head_forward(i, x if model.heads_chain else z, shifted_tokens(tokens, i, T))
         x = h
@@ -66,10 +67,10 @@ def per_head_sums(model: MTPTransformer, tokens: torch.Tensor, *, seq_len: Optio
         # One sequence at a time: a batch's full [B, T, V] logits are never alive at once.
         for b in range(tokens.shape[0]):
             logits = model.unembed(y[b]).float()
-            ce[i - 1] += F.cross_entropy(logits, tgt[b], ignore_index=IGNORE_INDEX, reduction="sum").double().cpu()
-            correct[i - 1] += ((logits.argmax(-1) == tgt[b]) & valid[b]).sum().double().cpu()
-        count[i - 1] += valid.sum().double().cpu()
-    return ce, correct, count
+            ce[i - 1] += F.cross_entropy(logits, tgt[b], ignore_index=IGNORE_INDEX, reduction="sum").double()
+            correct[i - 1] += ((logits.argmax(-1) == tgt[b]) & valid[b]).sum().double()
+        count[i - 1] += valid.sum().double()
+    return ce.cpu(), correct.cpu(), count.cpu()
 
 
 @torch.no_grad()
