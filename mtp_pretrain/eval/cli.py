@@ -287,7 +287,9 @@ def evaluate(argv: Optional[list[str]] = None) -> dict:
     args.max_new_tokens = args.max_new_tokens or max_new
     device = args.device if args.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     torch.manual_seed(args.seed)
-    path = resolve_checkpoint(args.checkpoint)
+    # Resolved once: the runners read the checkpoint that was loaded, not a newer one a running
+    # training may have written since.
+    path = args.checkpoint = resolve_checkpoint(args.checkpoint)
     model, tokenizer = load_model(path, device=device)
     if tokenizer is None and args.task != "per_head":
         raise SystemExit(f"{path}: no tokenizer (export with its tokenizer.json, or train on a dataset that has one)")
