@@ -128,7 +128,7 @@ def pass_breakdown(decoder: Decoder, context: int, k: int, repeats: int = 200) -
     weights' values, so a random model of any size shows what each costs on this machine."""
     from mtp_pretrain.inference import KVCache
 
-    model, dev, dim = decoder.model, decoder.device, decoder.model.cfg.dim
+    model, dev = decoder.model, decoder.device
     cache = KVCache(1, context + 2 * (k + 1), decoder.dtype, dev)
     g = torch.Generator().manual_seed(0)
     prompt = torch.randint(0, model.cfg.vocab_size, (1, context), generator=g).to(dev)

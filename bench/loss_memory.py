@@ -260,8 +260,8 @@ def main(argv=None) -> int:
     print(f"\nmemory: {summary[names[0]]['mem_kind']}; ratios use the step delta = peak - baseline "
           "(max over rounds); time = median step (s); "
           "time_ratio_hs_vs_naive in the JSON is the median per-pair ratio of the alternating run")
-    header = (f"| config | n | loss impl | chunk | params | baseline MiB | abs peak MiB | step delta MiB "
-              f"| delta / NTP | step s | time / NTP |")
+    header = ("| config | n | loss impl | chunk | params | baseline MiB | abs peak MiB | step delta MiB "
+              "| delta / NTP | step s | time / NTP |")
     print(header)
     print("|---" * (header.count("|") - 1) + "|")
     for n in names:

@@ -48,7 +48,6 @@ import torch  # noqa: E402
 from mtp_pretrain.model.config import count_parameters, model_config  # noqa: E402
 
 STRATEGIES = {"fsdp": ["parallel=fsdp"], "zero3": ["parallel=deepspeed", "parallel.zero_stage=3"]}
-WORLDS = (1, 2, 4)
 NAMED = ("124m", "1b", "7b")
 
 

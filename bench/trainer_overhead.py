@@ -97,7 +97,7 @@ def framework_step_times(args, sources, workdir: Path, k: int) -> tuple[list[flo
     return wall, cpu
 
 
-def bare_step_times(args, sources, k: int) -> tuple[list[float], list[float]]:
+def bare_step_times(args, sources) -> tuple[list[float], list[float]]:
     cfg = compose_job_config(overrides(args, sources, Path(tempfile.gettempdir())))  # the same model shape
     torch.manual_seed(cfg.train.seed)
     model = MTPTransformer(cfg.model)
@@ -168,7 +168,7 @@ def main(argv=None) -> None:
             order = ("fw", "bare") if k % 2 == 0 else ("bare", "fw")
             got = {}
             for mode in order:
-                got[mode] = framework_step_times(args, sources, workdir, k) if mode == "fw" else bare_step_times(args, sources, k)
+                got[mode] = framework_step_times(args, sources, workdir, k) if mode == "fw" else bare_step_times(args, sources)
             fw += got["fw"][0]
             bare += got["bare"][0]
             fw_cpu += got["fw"][1]
