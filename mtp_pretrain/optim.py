@@ -24,6 +24,13 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def group_param_names(model: nn.Module, optimizer: torch.optim.Optimizer) -> list[list[str]]:
+    """Each optimizer group's parameter names. Taken before a ZeRO wrapper replaces the groups'
+    params with flat partitions (after which the names can no longer be derived)."""
+    names = {id(p): n for n, p in model.named_parameters()}
+    return [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+
+
 def build_adamw(model: nn.Module, cfg: OptimConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=tuple(cfg.betas),
                              eps=cfg.eps)

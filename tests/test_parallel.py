@@ -275,3 +275,40 @@ def test_tp_plan_covers_every_parameter(head_type):
     assert styles["trunk.0.attn.q_proj"] == "column" and styles["trunk.1.mlp.down_proj"] == "row"
     assert styles["tok_embeddings"] == "vocab_embedding" and styles["unembed"] == "vocab_column"
     assert styles["trunk.0.attn_norm"] == "sequence" and styles["trunk.0.attn"] == "gather_input"
+
+
+_ZERO3_GROUPS = """
+import json, torch
+from mtp_pretrain.config import OptimConfig, ParallelConfig
+from mtp_pretrain.model import ModelConfig, MTPTransformer
+from mtp_pretrain.optim import build_adamw, group_param_names
+from mtp_pretrain.parallel import DistEnv, build_strategy
+model = MTPTransformer(ModelConfig(vocab_size=320, dim=64, n_layers=2, n_heads=4, n_future=2, max_seq_len=64))
+plain = group_param_names(model, build_adamw(model, OptimConfig()))
+s = build_strategy(ParallelConfig(strategy="deepspeed", zero_stage=3), DistEnv(0, 1, 0, torch.device("cpu"), "gloo"))
+model = s.parallelize(model)
+opt = s.build_optimizer(model, lambda m: build_adamw(m, OptimConfig()))
+saved = [g["params"] for g in s.checkpoint_state(model, opt)["optim"].state_dict()["param_groups"]]
+print(json.dumps({"plain": plain, "saved": saved}))
+"""
+
+
+@pytest.mark.distributed
+def test_zero3_checkpoint_names_optimizer_groups_like_one_process():
+    """ZeRO-3 empties every module parameter, so the saved optimizer groups' parameter names
+    (which another strategy's load matches groups by) are taken before DeepSpeed wraps them."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "29631",
+           "OMP_NUM_THREADS": "1"}
+    p = subprocess.run([sys.executable, "-c", _ZERO3_GROUPS], cwd=REPO, env=env, capture_output=True, text=True,
+                       timeout=600)
+    assert p.returncode == 0, p.stderr[-4000:]
+    groups = json.loads(p.stdout.strip().splitlines()[-1])
+    assert groups["saved"] == groups["plain"]
+    assert [len(g) for g in groups["plain"]] == [28, 12]  # decayed matrices; norms and embeddings

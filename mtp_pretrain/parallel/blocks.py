@@ -47,7 +47,6 @@ def apply_activation_checkpointing(model: nn.Module, mode: str, every: int = 1) 
         # Non-reentrant checkpointing: only the block's inputs are kept; its activations are
         # recomputed in the backward (works with DTensor and under FSDP2 / ZeRO-3 hooks).
         block.forward = functools.partial(checkpoint, inner, use_reentrant=False)
-        block._mtp_activation_checkpointing = True
     return chosen
 
 
@@ -89,7 +88,9 @@ def grad_norm_sharded(params, world_group=None) -> torch.Tensor:
     import torch.distributed as dist
     from torch.distributed.tensor import DTensor, Replicate
 
-    total = torch.zeros((), dtype=torch.float64)
+    # Accumulated on the gradients' device: no host sync per parameter, and NCCL reduces only
+    # device tensors. One copy to the host at the end.
+    total = None
     world = dist.get_world_size(world_group) if dist.is_initialized() else 1
     for p in params:
         g = p.grad
@@ -105,10 +106,13 @@ def grad_norm_sharded(params, world_group=None) -> torch.Tensor:
             replicas *= world // g.device_mesh.size()
         else:
             local, replicas = g, world
-        total += local.detach().double().pow(2).sum().cpu() / replicas
+        sq = local.detach().double().pow(2).sum() / replicas
+        total = sq if total is None else total + sq
+    if total is None:
+        total = torch.zeros((), dtype=torch.float64)
     if world > 1:
         dist.all_reduce(total, group=world_group)
-    return total.sqrt()
+    return total.sqrt().cpu()
 
 
 def clip_grads_(params, max_norm: float, world_group=None) -> torch.Tensor:

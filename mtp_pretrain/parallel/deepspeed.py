@@ -40,7 +40,7 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from mtp_pretrain.loss import GradSyncHooks
 from mtp_pretrain.parallel.base import Strategy
-from mtp_pretrain.parallel.blocks import apply_block_options
+from mtp_pretrain.optim import group_param_names
 
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 # DeepSpeed 0.19 still calls the collectives torch 2.13 renamed: one warning per call otherwise.
@@ -136,14 +136,11 @@ class DeepSpeedStrategy(Strategy):
         if model_cfg.tie_embeddings and self.cfg.zero_stage == 3:
             raise ValueError("model.tie_embeddings with ZeRO-3 is untested here; use zero_stage 1/2 or fsdp")
 
-    def parallelize(self, model: nn.Module) -> nn.Module:
-        model.to(self.env.device)
-        return apply_block_options(model, self.cfg)
-
     def build_optimizer(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]):
         deepspeed = import_deepspeed(self.env.device.type)
         _ensure_process_group(self.env)
         optimizer = make_optimizer(model)
+        self.group_fqns = group_param_names(model, optimizer)  # before ZeRO flattens the groups
         self.engine, self.ds_optimizer, _, _ = deepspeed.initialize(
             model=model, optimizer=optimizer, config=ds_config(self.cfg.zero_stage, self.param_dtype),
             dist_init_required=False)
@@ -180,7 +177,7 @@ class DeepSpeedStrategy(Strategy):
     # --- checkpoints ---------------------------------------------------------------------------
     def checkpoint_state(self, model: nn.Module, optimizer) -> dict:
         return {"model": _DSModelState(model, self.cfg.zero_stage),
-                "optim": _DSOptimState(model, optimizer, self.engine)}
+                "optim": _DSOptimState(model, optimizer, self.engine, self.group_fqns)}
 
 
 def _link_optimizer_state(engine) -> None:
@@ -209,14 +206,6 @@ def _ensure_adam_state(engine, optimizer) -> None:
         _link_optimizer_state(engine)
 
 
-def _named_params(model: nn.Module):
-    seen = set()
-    for name, p in model.named_parameters():
-        if id(p) not in seen:
-            seen.add(id(p))
-            yield name, p
-
-
 def _full_shape(p) -> torch.Size:
     return p.ds_shape if hasattr(p, "ds_shape") else p.shape
 
@@ -231,13 +220,13 @@ class _DSModelState(Stateful):
         from deepspeed.utils import safe_get_full_fp32_param
 
         return {name: safe_get_full_fp32_param(p).detach().reshape(_full_shape(p)).clone().cpu()
-                for name, p in _named_params(self.model)}
+                for name, p in self.model.named_parameters()}
 
     def load_state_dict(self, sd):
         import deepspeed
         from deepspeed.utils import safe_set_full_fp32_param
 
-        params = dict(_named_params(self.model))
+        params = dict(self.model.named_parameters())
         for name, p in params.items():
             value = sd[name].to(torch.float32)
             safe_set_full_fp32_param(p, value)  # the optimizer's fp32 master partition
@@ -255,8 +244,8 @@ class _DSOptimState(Stateful):
     """The AdamW state in ``get_optimizer_state_dict``'s layout: {"state": {name: {step,
     exp_avg, exp_avg_sq}}, "param_groups": [{"params": [names], hyper-parameters}]}."""
 
-    def __init__(self, model, optimizer, engine):
-        self.model, self.optimizer, self.engine = model, optimizer, engine
+    def __init__(self, model, optimizer, engine, group_fqns: list[list[str]]):
+        self.model, self.optimizer, self.engine, self.group_fqns = model, optimizer, engine, group_fqns
 
     def _step(self) -> torch.Tensor:
         for st in self.optimizer.state.values():
@@ -269,23 +258,15 @@ class _DSOptimState(Stateful):
 
         _ensure_adam_state(self.engine, self.optimizer)  # the template of a load before step 1
         step = self._step()
-        state, names = {}, []
-        for name, p in _named_params(self.model):
-            names.append(name)
+        state = {}
+        for name, p in self.model.named_parameters():
             entry = {"step": step.clone()}
             for key in ADAM_KEYS:
                 v = safe_get_full_optimizer_state(p, key)
                 entry[key] = (torch.zeros(_full_shape(p)) if v is None else v.detach().reshape(_full_shape(p))).cpu()
             state[name] = entry
-        groups = []
-        by_id = {id(p): n for n, p in _named_params(self.model)}
-        # ZeRO replaced the groups' params with flat partitions: name them from the original split
-        from mtp_pretrain.optim import param_groups
-
-        for g, orig in zip(self.optimizer.param_groups, param_groups(self.model, 0.0)):
-            meta = {k: v for k, v in g.items() if k != "params"}
-            meta["params"] = [by_id[id(p)] for p in orig["params"]]
-            groups.append(meta)
+        groups = [{**{k: v for k, v in g.items() if k != "params"}, "params": list(fqns)}
+                  for g, fqns in zip(self.optimizer.param_groups, self.group_fqns)]
         return {"state": state, "param_groups": groups}
 
     def load_state_dict(self, sd):
@@ -293,7 +274,7 @@ class _DSOptimState(Stateful):
 
         _ensure_adam_state(self.engine, self.optimizer)
         step = None
-        for name, p in _named_params(self.model):
+        for name, p in self.model.named_parameters():
             entry = sd["state"].get(name)
             if entry is None:
                 continue

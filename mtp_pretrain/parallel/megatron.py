@@ -58,12 +58,12 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from mtp_pretrain.loss import GradSyncHooks
 from mtp_pretrain.ops import checkpointed_chunk_sum
+from mtp_pretrain.optim import group_param_names
 from mtp_pretrain.parallel import tp_plan
 from mtp_pretrain.parallel.base import Strategy
 from mtp_pretrain.parallel.blocks import apply_block_options, scale_grads_to_norm_
 from mtp_pretrain.parallel.ddp import all_reduce_mean_grads
 
-BUCKET_BYTES = 25 * 2**20
 # Styles this executor runs as plain replicated modules (no sequence parallelism, see above).
 _REPLICATED_STYLES = (tp_plan.SEQUENCE, tp_plan.REPLICATE, tp_plan.GATHER_INPUT)
 
@@ -340,8 +340,7 @@ class MegatronStrategy(Strategy):
 
     def build_optimizer(self, model: nn.Module, make_optimizer):
         optimizer = make_optimizer(model)
-        names = {id(p): n for n, p in model.named_parameters()}
-        self.group_fqns = [[names[id(p)] for p in g["params"]] for g in optimizer.param_groups]
+        self.group_fqns = group_param_names(model, optimizer)  # before ZeRO flattens the groups
         if self.cfg.zero_stage == 0:
             return optimizer
         import os

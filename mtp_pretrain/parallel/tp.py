@@ -179,7 +179,7 @@ class TPStrategy(Strategy):
         if self.param_dtype is not None and self.name == "tp":
             raise ValueError("parallel.strategy=tp runs in float32 on this build (bf16 autocast with DTensor is "
                              "untested); set train.dtype=float32 or use fsdp_tp, whose mixed-precision policy casts")
-        self.assignment = apply_tp(model, self.mesh["tp"])
+        apply_tp(model, self.mesh["tp"])
         apply_block_options(model, self.cfg)
         return model
 
@@ -216,7 +216,7 @@ class FSDPTPStrategy(TPStrategy):
         from mtp_pretrain.parallel.fsdp import shard_units
 
         model.to(self.env.device)
-        self.assignment = apply_tp(model, self.mesh["tp"])
+        apply_tp(model, self.mesh["tp"])
         apply_block_options(model, self.cfg)
         shard_units(model, self.mesh["dp"], self.param_dtype, self.cfg.cpu_offload)
         return model
