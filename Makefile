@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= data/default
 NPROC ?= 2
 
-.PHONY: setup data train test test-slurm reproduce clean
+.PHONY: setup data train test test-all test-slurm reproduce clean
 
 # One id for the whole `make train` invocation: its run directory is runs/$(RUN_ID).
 ifndef RUN_ID
@@ -43,8 +43,13 @@ train: data
 	@echo "checkpoints: $(RUN_DIR)/checkpoints"
 	@echo "wandb:       $(RUN_DIR)/wandb   (offline without an API key; upload: wandb sync $(RUN_DIR)/wandb/offline-run-*)"
 
+# make test: everything but the cells marked slow (the rest of the strategy x model-shape matrix,
+# compile); make test-all: all of it (run it before resolving parallelism or model changes).
 test: setup
-	$(PY) -m pytest -q -x $(PYTEST_ARGS)
+	$(PY) -m pytest -q -x -m "not slow and not slurm" $(PYTEST_ARGS)
+
+test-all: setup
+	$(PY) -m pytest -q -x -m "not slurm" $(PYTEST_ARGS)
 
 test-slurm: setup
 	bash tests/slurm/run_slurm_test.sh

@@ -7,6 +7,7 @@ strategy is applied to the plain model and the loop below is the same for every 
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -171,11 +172,10 @@ class Trainer:
         per_head = self.strategy.all_reduce_mean(per_head.to(torch.float32)).double()
         weights = torch.tensor(cfg.loss.head_weights or [1.0] * cfg.model.n_future, dtype=torch.float64)
         loss = float((per_head * weights).sum())
-        grad_norm = float(self.strategy.clip_grad_norm(self.model, cfg.optim.grad_clip))
         lr = self.scheduler.get_last_lr()[0]
-        finite = torch.isfinite(torch.tensor([loss, grad_norm])).all().item()
-        if finite:
-            self.strategy.optimizer_step(self.optimizer)
+        grad_norm, stepped = self.strategy.step(self.model, self.optimizer, cfg.optim.grad_clip,
+                                                loss_is_finite=math.isfinite(loss))
+        if stepped:
             self.nonfinite_in_a_row = 0
         else:
             self.nonfinite_in_a_row += 1
@@ -186,7 +186,6 @@ class Trainer:
                 raise NonFiniteLossError(
                     f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.step} "
                     f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); lower optim.lr or check the data")
-        self.strategy.zero_grad(self.model, self.optimizer)
         self.scheduler.step()
         return {"loss": loss, "per_head": per_head.tolist(), "grad_norm": grad_norm, "lr": lr}
 

@@ -3,7 +3,8 @@
     torchrun --nproc-per-node N tests/parallel_worker.py SPEC.json
 
 SPEC: {"out": dir, "runs": [{"name": str, "overrides": [hydra overrides...],
-                             "count_comm": bool, "unembed_sync": "deferred"|"per_head"}]}
+                             "count_comm": bool, "unembed_sync": "deferred"|"per_head",
+                             "nonfinite_loss_at": [1-based steps whose loss is made NaN]}]}
 Each run trains with ``mtp_pretrain.train.Trainer`` (run dir ``out/<name>``, metrics.jsonl with one
 line per step, a DCP checkpoint at the last step) in the same process group, one after another;
 rank 0 writes ``out/<name>/result.json`` with the per-step losses, throughput, peak memory and,
@@ -69,9 +70,22 @@ def run_one(run: dict, out: Path) -> None:
     from mtp_pretrain.parallel.comm import CommCounter
     from mtp_pretrain.train import Trainer
 
+    import mtp_pretrain.train as train_module
+
     run_dir = out / run["name"]
     cfg = compose_job_config(["logging=quiet", f"checkpoint.dir={run_dir / 'checkpoints'}"] + run["overrides"])
     trainer = Trainer(cfg, run_dir)
+    real_loss = train_module.mtp_loss
+    if run.get("nonfinite_loss_at"):
+        # The loss (not the gradients) of these steps reads NaN on every rank: the strategy's
+        # step must skip the update although every gradient is finite.
+        def nonfinite_loss(*args, **kwargs):
+            out = real_loss(*args, **kwargs)
+            if trainer.step + 1 in run["nonfinite_loss_at"]:
+                out.per_head = [torch.full_like(x, float("nan")) for x in out.per_head]
+            return out
+
+        train_module.mtp_loss = nonfinite_loss
     if run.get("unembed_sync") == "per_head":  # measurement only: reduce the unembedding per head
         trainer.strategy.defer_shared_grad_sync = False
     counter = CommCounter() if run.get("count_comm") else None
@@ -83,6 +97,7 @@ def run_one(run: dict, out: Path) -> None:
         else:
             trainer.train()
     finally:
+        train_module.mtp_loss = real_loss
         trainer.metrics.close()
         if hasattr(trainer.train_stream, "close"):
             trainer.train_stream.close()
@@ -103,6 +118,7 @@ def run_one(run: dict, out: Path) -> None:
             "name": run["name"], "world_size": ws, "strategy": cfg.parallel.strategy,
             "losses": [x["loss"] for x in steps], "steps": [x["step"] for x in steps],
             "tokens_per_s": [x["tokens_per_s"] for x in steps], "grad_norms": [x["grad_norm"] for x in steps],
+            "nonfinite_skipped": [x["nonfinite_skipped"] for x in steps],
             "mfu": [x.get("mfu") for x in steps], "elapsed_s": elapsed, "tokens_per_step": trainer.tokens_per_step,
             "grad_accum": trainer.grad_accum, "n_params": sum(trainer.param_counts[k] for k in (
                 "embedding", "trunk", "heads", "unembedding")), "ranks": gathered}, indent=1))

@@ -1,29 +1,37 @@
 """Every parallel strategy against one process, with the real Trainer under torchrun (gloo, CPU).
 
-One torchrun launch per strategy runs ``tests/parallel_worker.py``, which trains the tiny n=4
-model for 5 steps several times in one process group (head-sequential loss, naive loss, and a
-strategy-specific variant: chunked TP cross-entropy, activation checkpointing, ...). Every run
-uses the same global batch (``train.global_batch_tokens=512``: 16 sequences of 32 tokens) so
-that 1, 2 and 4 ranks see the same samples per step; fp32 throughout; gradient clipping is
-active (grad norm ~5 > 1). Each run must log the single-process head-sequential run's per-step
-losses within 1e-4 and end (its step-5 DCP checkpoint, read on one process) with parameters
-within 1e-4. lr is 1e-3: Adam moves every element by about lr per step whatever its gradient's
-size, so rounding differences of near-zero gradients (reduction order) show up as parameter
-differences of order lr x 1e-2; at lr 3e-3 we measured up to 9e-5 (tp) -- see docs/parallelism.md.
+One torchrun launch per strategy runs ``tests/parallel_worker.py``, which trains the tiny model
+for 5 steps several times in one process group: the n=4 transformer-head model with the
+head-sequential and the naive loss, every model shape of ``SHAPES`` (tied embeddings, causal,
+linear heads, n = 1 / 2 / 4, ``match_baseline_params``, activation checkpointing,
+``loss.chunk_size``), strategy-specific variants, and a run whose loss reads NaN at step 3 (the
+strategy's ``step`` must skip that update although every gradient is finite). Every run uses the
+same global batch (``train.global_batch_tokens=512``: 16 sequences of 32 tokens) so that 1, 2 and
+4 ranks see the same samples per step, and is compared with the single-process run of its shape:
+
+* per-step losses and per-step pre-clip gradient norms (relative) within ``TOL``;
+* parameters after the 5 steps (its step-5 DCP checkpoint, read on one process) within ``TOL``.
+
+The gradient's scale must reach the checks: gradient clipping is off, and AdamW's eps is 1e-3
+(about a fifth of a typical gradient element here), so its update m / (sqrt(v) + eps) depends on
+the gradient's scale instead of only its sign (with eps 1e-8 a gradient multiplied by any
+constant moves the parameters the same way). fp32 throughout, lr 1e-3.
 
 Also: a checkpoint written by fsdp on 2 ranks resumed by tp on 2 ranks and by one process
 (continued losses and final parameters match the uninterrupted run); a ZeRO-3 checkpoint
 exported with ``mtp-export`` to one safetensors file; the communicated bytes of the shared
 unembedding's gradient, reduced once per step vs once per head (FSDP); start-up validation.
 
-Each rank of a launch logs to its own files (``<out>/logs``, torchrun ``--log-dir``); a failed
-launch reports the tail of the rank torchrun names as the root cause, then the others'.
+Which shapes run in ``make test`` and which only in ``make test-all`` (``slow``): see
+``SLOW_SHAPES``. Each rank of a launch logs to its own files (``<out>/logs``, torchrun
+``--log-dir``); a failed launch reports the tail of the rank torchrun names as the root cause.
 
 Run under ``flock /tmp/mtp_heavy.lock`` on a shared machine.
 """
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import pytest
@@ -38,27 +46,47 @@ from mtp_pretrain.parallel.tp_plan import TP_PLAN, assign
 TOL = 1e-4
 STEPS = 5
 VOCAB, DIM, N_FUTURE = 512, 128, 4
+NONFINITE_AT = [3]
 
-# name -> (processes, overrides shared by every run of the launch, {extra run: overrides})
-LAUNCHES = {
-    "ddp": (2, ["parallel=ddp"], {}),
-    "fsdp": (2, ["parallel=fsdp", "checkpoint.interval=3"],
-             {"ac_full": ["parallel.activation_checkpointing=full"]}),
-    "tp": (2, ["parallel=tp"], {"chunked": ["loss.chunk_size=40"],
-                                "ac_every_2": ["parallel.activation_checkpointing=every_k", "parallel.ac_every=2"]}),
-    "fsdp_tp": (4, ["parallel=fsdp_tp", "parallel.tp_size=2"], {}),
-    "zero1": (2, ["parallel=deepspeed", "parallel.zero_stage=1"], {}),
-    "zero2": (2, ["parallel=deepspeed", "parallel.zero_stage=2"], {}),
-    "zero3": (2, ["parallel=deepspeed", "parallel.zero_stage=3"], {"ac_full": ["parallel.activation_checkpointing=full"]}),
+# Model shapes, each run by every strategy that can run it, against one process of the same shape.
+# Between them they take every branch the strategies have: tied embeddings (one FSDP unit / one
+# ZeRO parameter for two modules), chained heads reading token embeddings, linear heads, n = 1,
+# fewer trunk blocks (match_baseline_params), activation checkpointing, the chunked cross-entropy.
+SHAPES = {
+    "tied_n2_ac": ["model.tie_embeddings=true", "model.n_future=2", "parallel.activation_checkpointing=full"],
+    "tied_causal": ["model.tie_embeddings=true", "model.head_type=causal", "model.n_future=2"],
+    "causal_chunked": ["model.head_type=causal", "model.n_future=2", "loss.chunk_size=40"],
+    "linear_n1": ["model.head_type=linear", "model.n_future=1"],
+    "matched": ["model.match_baseline_params=true"],
 }
+TIED_CAUSAL_FSDP = "model.tie_embeddings=true with model.head_type=causal is not supported under parallel.strategy="
+
+# name -> (processes, overrides shared by every run of the launch, {extra run: overrides},
+#          {shape the strategy refuses at start-up: the message})
+LAUNCHES = {
+    "ddp": (2, ["parallel=ddp"], {}, {}),
+    "fsdp": (2, ["parallel=fsdp", "checkpoint.interval=3"], {}, {"tied_causal": TIED_CAUSAL_FSDP + "fsdp"}),
+    "tp": (2, ["parallel=tp"], {"ac_every_2": ["parallel.activation_checkpointing=every_k", "parallel.ac_every=2"]},
+           {}),
+    "fsdp_tp": (4, ["parallel=fsdp_tp", "parallel.tp_size=2"], {}, {"tied_causal": TIED_CAUSAL_FSDP + "fsdp_tp"}),
+    "zero1": (2, ["parallel=deepspeed", "parallel.zero_stage=1"], {}, {}),
+    "zero2": (2, ["parallel=deepspeed", "parallel.zero_stage=2"], {}, {}),
+    "zero3": (2, ["parallel=deepspeed", "parallel.zero_stage=3"], {},
+              {"tied_n2_ac": "model.tie_embeddings with ZeRO-3", "tied_causal": "model.tie_embeddings with ZeRO-3"}),
+}
+# The shapes each strategy runs in `make test`; the rest of those it supports run in `make test-all` (slow).
+FAST_SHAPES = {"ddp": {"tied_causal"}, "fsdp": {"tied_n2_ac", "causal_chunked", "linear_n1", "matched"},
+               "tp": {"tied_causal", "causal_chunked"}, "fsdp_tp": {"tied_n2_ac"}, "zero1": set(),
+               "zero2": {"tied_causal", "causal_chunked"}, "zero3": {"linear_n1", "matched"}}
+SLOW_SHAPES = {name: set(SHAPES) - FAST_SHAPES[name] - set(LAUNCHES[name][3]) for name in LAUNCHES}
 
 
 def base_overrides(data: Path) -> list[str]:
     return [f"data.sources=[{{path:{data},weight:1.0}}]", "data.seq_len=32", "data.prefetch=0",
             "model=tiny", f"model.vocab_size={VOCAB}", f"model.dim={DIM}", f"model.n_future={N_FUTURE}",
             "train.micro_batch_size=4", "train.global_batch_tokens=512", f"train.max_steps={STEPS}",
-            "train.dtype=float32", "train.device=cpu", "train.resume=never", "optim.lr=1e-3",
-            "optim.warmup_steps=2", "checkpoint.interval=0", "checkpoint.keep=5"]
+            "train.dtype=float32", "train.device=cpu", "train.resume=never", "optim.lr=1e-3", "optim.eps=1e-3",
+            "optim.grad_clip=0", "optim.warmup_steps=2", "checkpoint.interval=0", "checkpoint.keep=5"]
 
 
 def final_params(run_dir: str | Path) -> dict[str, torch.Tensor]:
@@ -73,10 +101,22 @@ def max_param_diff(a: dict, b: dict) -> tuple[float, str]:
     return max(((a[k].float() - b[k].float()).abs().max().item(), k) for k in a)
 
 
+def _same(x: float, y: float, rel: float = 0.0) -> bool:
+    if math.isnan(x) or math.isnan(y):
+        return math.isnan(x) and math.isnan(y)
+    return abs(x - y) <= TOL * max(1.0, rel * abs(y))
+
+
 def assert_matches(result: dict, ref: dict, ref_params: dict, what: str) -> None:
+    """Per-step losses, per-step pre-clip gradient norms and final parameters equal the reference's."""
     assert result["steps"] == list(range(1, STEPS + 1)), what
-    loss_diff = max(abs(x - y) for x, y in zip(result["losses"], ref["losses"]))
-    assert loss_diff < TOL, f"{what}: losses {result['losses']} vs reference {ref['losses']}"
+    assert len(result["losses"]) == len(result["grad_norms"]) == len(ref["grad_norms"]) == STEPS, what
+    for step, (x, y) in enumerate(zip(result["losses"], ref["losses"]), 1):
+        assert _same(x, y), f"{what}: step {step} loss {x} vs reference {y} (all: {result['losses']} vs {ref['losses']})"
+    for step, (x, y) in enumerate(zip(result["grad_norms"], ref["grad_norms"]), 1):
+        assert _same(x, y, rel=1.0), (f"{what}: step {step} gradient norm {x} vs reference {y} "
+                                      f"(all: {result['grad_norms']} vs {ref['grad_norms']})")
+    assert result["nonfinite_skipped"] == ref["nonfinite_skipped"], what
     diff, name = max_param_diff(final_params(result["dir"]), ref_params)
     assert diff < TOL, f"{what}: parameter {name} differs by {diff:.2e} after {STEPS} steps"
 
@@ -98,44 +138,100 @@ def workdir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def reference(data, workdir) -> dict:
-    """One process: head-sequential (checkpoints at 3 and 5), naive, chunked CE."""
+    """One process: head-sequential (checkpoints at 3 and 5), naive, every shape, a NaN loss."""
     base = base_overrides(data)
     runs = [{"name": "hs", "overrides": base + ["checkpoint.interval=3"]},
             {"name": "naive", "overrides": base + ["loss.impl=naive"]},
-            {"name": "chunked", "overrides": base + ["loss.chunk_size=40"]}]
+            {"name": "nonfinite", "overrides": base, "nonfinite_loss_at": NONFINITE_AT}]
+    runs += [{"name": k, "overrides": base + v} for k, v in SHAPES.items()]
     res = launch_worker(workdir / "reference", 1, runs)
-    res["params"] = final_params(res["hs"]["dir"])
+    for run in res.values():
+        run["params"] = final_params(run["dir"])
     return res
 
 
-_LAUNCHED: dict[str, dict] = {}
+def reference_of(run: str, reference: dict) -> dict:
+    """The one-process run a strategy's run is compared with: its shape's, else the n=4 model's."""
+    return reference[run] if run in SHAPES or run == "nonfinite" else reference["hs"]
 
 
-def strategy_runs(name: str, data: Path, workdir: Path) -> dict:
-    if name not in _LAUNCHED:
-        nproc, common, extra = LAUNCHES[name]
+_LAUNCHED: dict[tuple[str, bool], dict] = {}
+
+
+def strategy_runs(name: str, data: Path, workdir: Path, slow: bool = False) -> dict:
+    """The launch of strategy ``name``: its fast runs, or (slow) the shapes left to make test-all."""
+    if (name, slow) not in _LAUNCHED:
+        nproc, common, extra, _ = LAUNCHES[name]
         base = base_overrides(data) + common
-        runs = [{"name": "hs", "overrides": base}, {"name": "naive", "overrides": base + ["loss.impl=naive"]}]
-        runs += [{"name": k, "overrides": base + v} for k, v in extra.items()]
-        _LAUNCHED[name] = launch_worker(workdir / name, nproc, runs)
-    return _LAUNCHED[name]
+        shapes = SLOW_SHAPES[name] if slow else FAST_SHAPES[name]
+        if slow:
+            runs = []
+        else:
+            runs = [{"name": "hs", "overrides": base}, {"name": "naive", "overrides": base + ["loss.impl=naive"]},
+                    {"name": "nonfinite", "overrides": base, "nonfinite_loss_at": NONFINITE_AT}]
+            runs += [{"name": k, "overrides": base + v} for k, v in extra.items()]
+        runs += [{"name": k, "overrides": base + v} for k, v in SHAPES.items() if k in shapes]
+        _LAUNCHED[(name, slow)] = launch_worker(workdir / (name + "_slow" * slow), nproc, runs)
+    return _LAUNCHED[(name, slow)]
 
 
 # --- parity ------------------------------------------------------------------------------------
 def test_reference_losses_agree(reference):
-    """Naive and chunked losses agree with head-sequential on one process (the baseline)."""
-    for other in ("naive", "chunked"):
-        assert_matches(reference[other], reference["hs"], reference["params"], f"1 process {other}")
+    """Naive agrees with head-sequential on one process, and the NaN step of the reference's
+    skip run was skipped (counted, its neighbours finite)."""
+    assert_matches(reference["naive"], reference["hs"], reference["hs"]["params"], "1 process naive")
+    skip = reference["nonfinite"]
+    assert [math.isnan(x) for x in skip["losses"]] == [s in NONFINITE_AT for s in skip["steps"]]
+    assert skip["nonfinite_skipped"] == [sum(1 for p in NONFINITE_AT if p <= s) for s in skip["steps"]]
+    assert all(math.isfinite(x) for x in skip["grad_norms"])  # only the loss was poisoned
+
+
+def _check_launch(name: str, results: dict, reference: dict) -> None:
+    nproc = LAUNCHES[name][0]
+    assert results, name
+    for run, res in results.items():
+        assert res["world_size"] == nproc
+        ref = reference_of(run, reference)
+        assert_matches(res, ref, ref["params"], f"{name} x{nproc} {run}")
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", list(LAUNCHES))
 def test_strategy_matches_single_process(name, data, workdir, reference):
     results = strategy_runs(name, data, workdir)
-    nproc = LAUNCHES[name][0]
-    for run, res in results.items():
-        assert res["world_size"] == nproc
-        assert_matches(res, reference["hs"], reference["params"], f"{name} x{nproc} {run}")
+    assert {"hs", "naive", "nonfinite"} <= set(results)
+    _check_launch(name, results, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", sorted(k for k, v in SLOW_SHAPES.items() if v))
+def test_strategy_matches_single_process_remaining_shapes(name, data, workdir, reference):
+    results = strategy_runs(name, data, workdir, slow=True)
+    assert set(results) == SLOW_SHAPES[name]
+    _check_launch(name, results, reference)
+
+
+def test_every_branch_runs_in_make_test():
+    """make test-all runs every shape under every strategy that does not refuse it; make test runs
+    every shape under at least two strategies, one of them sharding parameters."""
+    for shape in SHAPES:
+        fast = {name for name in LAUNCHES if shape in FAST_SHAPES[name]}
+        assert len(fast) >= 2 and fast & {"fsdp", "fsdp_tp", "zero3", "tp"}, (shape, fast)
+        for name, (_, _, _, refused) in LAUNCHES.items():
+            assert (shape in FAST_SHAPES[name]) + (shape in SLOW_SHAPES[name]) + (shape in refused) == 1
+
+
+@pytest.mark.parametrize("name,shape", [(n, s) for n, v in LAUNCHES.items() for s in v[3]])
+def test_unsupported_shape_is_refused_at_start_up(name, shape, data):
+    """A combination a strategy cannot run fails before any step, naming both settings."""
+    from mtp_pretrain.config import compose_job_config
+
+    nproc, common, _, refused = LAUNCHES[name]
+    cfg = compose_job_config(base_overrides(data) + common + SHAPES[shape])
+    strategy = build_strategy(cfg.parallel, _env(nproc))
+    with pytest.raises(ValueError, match=refused[shape].replace(".", r"\.")):
+        strategy.validate(cfg.model, seq_len=cfg.data.seq_len)
 
 
 # --- checkpoints across strategies ---------------------------------------------------------------
@@ -154,7 +250,7 @@ def test_fsdp_checkpoint_resumes_under_tp_and_one_process(data, workdir, referen
         assert res["steps"] == [4, 5], what
         for step, loss in zip(res["steps"], res["losses"]):
             assert abs(loss - ref_losses[step]) < TOL, f"{what} step {step}: {loss} vs {ref_losses[step]}"
-        diff, name = max_param_diff(final_params(res["dir"]), reference["params"])
+        diff, name = max_param_diff(final_params(res["dir"]), reference["hs"]["params"])
         assert diff < TOL, f"{what}: {name} differs by {diff:.2e}"
 
 
@@ -169,7 +265,7 @@ def test_fsdp_checkpoint_resumes_under_zero2(data, workdir, reference):
     assert res["steps"] == [4, 5]
     for step, loss in zip(res["steps"], res["losses"]):
         assert abs(loss - ref_losses[step]) < TOL, f"zero2 step {step}: {loss} vs {ref_losses[step]}"
-    diff, name = max_param_diff(final_params(res["dir"]), reference["params"])
+    diff, name = max_param_diff(final_params(res["dir"]), reference["hs"]["params"])
     assert diff < TOL, f"zero2 resume: {name} differs by {diff:.2e}"
 
 
@@ -182,7 +278,7 @@ def test_zero3_checkpoint_exports_to_one_file(data, workdir, reference, tmp_path
     zero3 = strategy_runs("zero3", data, workdir)["hs"]
     out = export_single_file(Path(zero3["dir"]) / "checkpoints", tmp_path / "export")
     sd = load_file(out / "model.safetensors")
-    diff, name = max_param_diff(sd, reference["params"])
+    diff, name = max_param_diff(sd, reference["hs"]["params"])
     assert diff < TOL, f"ZeRO-3 export: {name} differs by {diff:.2e}"
     model, _ = load_model(out)
     assert model.cfg.n_future == N_FUTURE

@@ -2,12 +2,15 @@
 
 A strategy is applied *to* a plain ``MTPTransformer``; the model code never branches on it.
 The train loop calls, per step: ``grad_sync_hooks`` (handed to the loss, once per micro-batch),
-``finish_backward`` (after the last micro-batch), ``clip_grad_norm``, ``optimizer_step``.
+``finish_backward`` (after the last micro-batch), then ``step``: the one meaning of an optimizer
+step for every strategy (pre-clip global gradient norm, clipping, the update unless the loss or the
+norm is non-finite, gradients cleared either way).
 """
 
 from __future__ import annotations
 
 import contextlib
+import math
 from typing import Callable
 
 import torch
@@ -63,16 +66,22 @@ class Strategy:
     def finish_backward(self, model: nn.Module) -> None:
         """After the last micro-batch's backward, before clipping."""
 
+    def step(self, model: nn.Module, optimizer, max_norm: float, loss_is_finite: bool) -> tuple[float, bool]:
+        """Clip to ``max_norm`` (0 = off) and take the optimizer step unless the loss or the
+        gradient norm is non-finite; clear the gradients either way. Returns (pre-clip global
+        gradient norm, whether the parameters were updated)."""
+        grad_norm = float(self.clip_grad_norm(model, max_norm))
+        stepped = loss_is_finite and math.isfinite(grad_norm)
+        if stepped:
+            optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return grad_norm, stepped
+
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
+        """Global pre-clip gradient norm; gradients scaled down to ``max_norm`` (0 = off)."""
         params = [p for p in model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else float("inf"))
         return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
-
-    def optimizer_step(self, optimizer) -> None:
-        optimizer.step()
-
-    def zero_grad(self, model: nn.Module, optimizer) -> None:
-        optimizer.zero_grad(set_to_none=True)
 
     # --- collectives over the data-parallel ranks ---------------------------------------------
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:

@@ -97,6 +97,10 @@ def grad_norm_sharded(params, world_group=None) -> torch.Tensor:
         if g is None:
             continue
         if isinstance(g, DTensor):
+            if any(pl.is_partial() for pl in g.placements):
+                # Pending sums (e.g. a vocab-parallel embedding's gradient from several lookups):
+                # reduce them first, or each rank's partial value would be squared on its own.
+                g = g.redistribute(g.device_mesh, [Replicate() if pl.is_partial() else pl for pl in g.placements])
             local = g.to_local()
             replicas = 1
             for size, placement in zip(g.device_mesh.shape, g.placements):

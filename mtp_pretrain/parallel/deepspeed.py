@@ -13,10 +13,10 @@ step's backward passes -- n per micro-batch for the unembedding -- run inside th
 ZeRO-2/3: reduce-scattered into the partitions) once, when the last micro-batch is done. So the
 shared unembedding's gradient is communicated once per step, not once per head.
 
-The engine owns the optimizer step: ``clip_grad_norm`` runs ``engine.step()`` (which clips
-with ``optim.grad_clip`` and returns DeepSpeed's global norm); the Trainer's skip of a
-non-finite step is therefore not available (DeepSpeed's own fp16 loss scaler is the mechanism
-there).
+The engine owns the optimizer step: ``step`` runs ``engine.step()``, which clips with
+``optim.grad_clip``, reports DeepSpeed's pre-clip global norm, and skips (discarding the
+gradients) when that norm is non-finite; a non-finite loss is routed the same way
+(``zero_engine_step``), so a step means what it means under every other strategy.
 
 Checkpoints: the engine's partitioned state is mapped onto the common DCP layout -- each
 parameter's full fp32 value and full AdamW moments under its plain-model name, assembled with
@@ -77,7 +77,8 @@ def ds_config(stage: int, param_dtype: torch.dtype | None, grad_clip: float = 0.
             "reduce_bucket_size": 50_000_000,
             "stage3_param_persistence_threshold": 0,  # partition every parameter under ZeRO-3
         },
-        "bf16": {"enabled": param_dtype == torch.bfloat16},
+        # check_grad_overflow: skip a bf16 step with a non-finite gradient norm, as fp32 does.
+        "bf16": {"enabled": param_dtype == torch.bfloat16, "check_grad_overflow": True},
         "zero_allow_untested_optimizer": True,
         "steps_per_print": 2**31 - 1,
         "wall_clock_breakdown": False,
@@ -105,6 +106,24 @@ def _ensure_process_group(env) -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     dist.init_process_group(env.backend, init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+
+
+def zero_engine_step(engine, model: nn.Module, max_norm: float, loss_is_finite: bool) -> tuple[float, bool]:
+    """``Strategy.step`` for a DeepSpeed ZeRO engine, which owns clipping, the update and the
+    reduced gradients. It skips a step itself when the gradient norm is non-finite (its overflow
+    check, on for fp32 and, by ``ds_config``, bf16), discarding the reduced gradients; a
+    non-finite loss is sent down that same path by marking one gradient NaN (DeepSpeed's public
+    ``safe_set_full_grad``). Returns (DeepSpeed's pre-clip global norm, whether it stepped)."""
+    from deepspeed.utils import safe_set_full_grad
+
+    engine.optimizer.clip_grad = max_norm if max_norm > 0 else 0.0
+    if not loss_is_finite:
+        first = next(p for p in model.parameters() if p.requires_grad)
+        safe_set_full_grad(first, torch.full(_full_shape(first), float("nan"), device=first.device))
+    skipped = engine.skipped_steps
+    engine.step()
+    norm = engine.get_global_grad_norm()
+    return float(norm) if norm is not None else float("nan"), engine.skipped_steps == skipped
 
 
 class DeepSpeedGradSync(GradSyncHooks):
@@ -159,20 +178,12 @@ class DeepSpeedStrategy(Strategy):
             self._coalesce.close()  # the single reduction pass
             self._coalesce = None
 
-    def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        self.engine.optimizer.clip_grad = max_norm
-        self.engine.step()
+    def step(self, model: nn.Module, optimizer, max_norm: float, loss_is_finite: bool) -> tuple[float, bool]:
+        grad_norm, stepped = zero_engine_step(self.engine, model, max_norm, loss_is_finite)
         if not getattr(self, "_relinked", False):
             _link_optimizer_state(self.engine)
             self._relinked = True
-        norm = self.engine.get_global_grad_norm()
-        return torch.as_tensor(float(norm) if norm is not None else float("nan"))
-
-    def optimizer_step(self, optimizer) -> None:
-        pass  # done by engine.step() in clip_grad_norm
-
-    def zero_grad(self, model: nn.Module, optimizer) -> None:
-        pass  # engine.step() clears the gradients
+        return grad_norm, stepped
 
     # --- checkpoints ---------------------------------------------------------------------------
     def checkpoint_state(self, model: nn.Module, optimizer) -> dict:
@@ -219,8 +230,9 @@ class _DSModelState(Stateful):
     def state_dict(self):
         from deepspeed.utils import safe_get_full_fp32_param
 
+        # remove_duplicate=False: a tied weight under both its names, as get_model_state_dict gives it
         return {name: safe_get_full_fp32_param(p).detach().reshape(_full_shape(p)).clone().cpu()
-                for name, p in self.model.named_parameters()}
+                for name, p in self.model.named_parameters(remove_duplicate=False)}
 
     def load_state_dict(self, sd):
         import deepspeed

@@ -390,10 +390,17 @@ class MegatronStrategy(Strategy):
             return
         all_reduce_mean_grads(model, self.dp_size, self._groups().get_data_parallel_group())
 
+    def step(self, model: nn.Module, optimizer, max_norm: float, loss_is_finite: bool) -> tuple[float, bool]:
+        if self.engine is not None:  # ZeRO: DeepSpeed clips, steps and skips (zero_engine_step)
+            from mtp_pretrain.parallel.deepspeed import zero_engine_step
+
+            grad_norm, stepped = zero_engine_step(self.engine, model, max_norm, loss_is_finite)
+            for p in model.parameters():
+                p.grad = None
+            return grad_norm, stepped
+        return super().step(model, optimizer, max_norm, loss_is_finite)
+
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        if self.engine is not None:  # DeepSpeed clips inside its step, with the same global norm
-            self.ds_optimizer.clip_grad = max_norm if max_norm > 0 else 0.0
-            return self.ds_optimizer.scaled_global_norm().detach().float().cpu()
         ps = self._groups()
         sharded = torch.zeros((), dtype=torch.float64, device=self.env.device)
         replicated = torch.zeros((), dtype=torch.float64, device=self.env.device)
@@ -412,20 +419,6 @@ class MegatronStrategy(Strategy):
         norm = (sharded + replicated).sqrt().float()
         scale_grads_to_norm_(params, norm, max_norm)
         return norm.cpu()
-
-    def optimizer_step(self, optimizer) -> None:
-        if self.engine is not None:
-            self.engine.step()
-        else:
-            optimizer.step()
-
-    def zero_grad(self, model: nn.Module, optimizer) -> None:
-        if self.engine is not None:
-            self.ds_optimizer.zero_grad(set_to_none=True)
-            for p in model.parameters():
-                p.grad = None
-        else:
-            optimizer.zero_grad(set_to_none=True)
 
     # --- collectives over the data-parallel ranks -------------------------------------------------
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:

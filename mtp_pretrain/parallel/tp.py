@@ -207,6 +207,9 @@ class FSDPTPStrategy(TPStrategy):
         return self.cfg.tp_size
 
     def validate(self, model_cfg, seq_len: int | None = None) -> None:
+        from mtp_pretrain.parallel.fsdp import refuse_tied_causal
+
+        refuse_tied_causal(model_cfg, self.name)
         if self.cfg.tp_size < 2:
             raise ValueError(f"parallel.strategy=fsdp_tp needs parallel.tp_size >= 2, got {self.cfg.tp_size} "
                              f"(use parallel.strategy=fsdp for data parallelism alone)")
