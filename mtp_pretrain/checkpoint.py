@@ -43,6 +43,7 @@ from typing import Any, Callable, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException as DCPException
 
 from mtp_pretrain.parallel.setup import DistEnv
 
@@ -264,7 +265,9 @@ def load_dcp(path: Path, state: dict, env: Optional[DistEnv] = None, log: Log = 
     is reported as such, naming the file, instead of DCP's error."""
     try:
         dcp.load(state, checkpoint_id=str(path))
-    except Exception as e:  # DCP wraps every rank's failure (zip, pickle, size) in its own errors
+    # DCP gathers every rank's failure (zip, pickle, shapes) into a CheckpointException, which
+    # derives from BaseException, not Exception.
+    except (Exception, DCPException) as e:
         verify_checkpoint(path, checksums=True, env=env, log=log)
         cause = ("every file matches its manifest" if (Path(path) / MANIFEST).is_file()
                  else f"it has no {MANIFEST} to check its files against")
@@ -310,7 +313,7 @@ class CheckpointManager:
         digests = _shared_digests(tmp, names, self.env, self.log)
         self.last_manifest_s = time.perf_counter() - t0
         if self.env.is_main:
-            _fsync_write(tmp / MANIFEST, json.dumps({"checksum": "crc32", "files": digests}, indent=0))
+            _fsync_write(tmp / MANIFEST, json.dumps({"checksum": "crc32", "files": digests}, indent=1))
             _fsync_write(tmp / TRAIN_STATE, json.dumps({**train_state, "world_size": self.env.world_size}, indent=1))
             if final.exists():  # an older run's checkpoint of the same step: replace it
                 shutil.rmtree(final)

@@ -33,31 +33,36 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
-    """An export, a complete checkpoint, or a checkpoint root's newest complete checkpoint; a
-    training checkpoint's files are checked against its manifest (sizes): a damaged one is an
-    error naming the file (and, under a root, the newest undamaged checkpoint to use instead)."""
+    """An export, a complete checkpoint, or a checkpoint root's newest complete checkpoint. A
+    training checkpoint is checked (file sizes against its manifest, train_state.json parsed): a
+    damaged one is an error naming the file (and, under a root, the newest undamaged checkpoint
+    to use instead; a reader does not silently fall back to an older one)."""
     path = Path(path)
     if (path / WEIGHTS_FILE).is_file():
         return path
     if is_complete(path):
-        verify_checkpoint(path)
+        _check(path)
         return path
     found = complete_checkpoints(path)
     if not found:
         raise FileNotFoundError(f"{path}: neither an export ({WEIGHTS_FILE}), a complete checkpoint, "
                                 f"nor a checkpoint directory holding one")
     try:
-        verify_checkpoint(found[0])
+        _check(found[0])
     except DamagedCheckpointError as e:
         raise DamagedCheckpointError(f"{e}; the newest undamaged checkpoint there: {_first_undamaged(found[1:])}") from None
     return found[0]
 
 
+def _check(path: Path) -> None:
+    verify_checkpoint(path)
+    read_train_state(path)
+
+
 def _first_undamaged(checkpoints: list[Path]) -> Optional[Path]:
     for path in checkpoints:
         try:
-            verify_checkpoint(path)
-            read_train_state(path)
+            _check(path)
             return path
         except DamagedCheckpointError:
             continue
