@@ -151,6 +151,14 @@ def test_checkpoint_without_manifest_still_loads(run_copy, reference_run, train_
     assert out.count(f"checkpoint {root / 'step-00000012'} has no {MANIFEST}") == 1
     assert sorted(train_records(records)) == list(range(1, REF_STEPS + 3))
     assert (root / f"step-{REF_STEPS + 2:08d}" / MANIFEST).is_file()  # the next save has one
+    # readers: mtp-eval resolves a checkpoint several times; the note still comes once
+    from mtp_pretrain.export import load_model, resolve_checkpoint
+
+    old = root / "step-00000008"
+    assert resolve_checkpoint(old) == old
+    model, _ = load_model(old)
+    assert model.cfg.n_future == 4
+    assert capsys.readouterr().err.count(f"checkpoint {old} has no {MANIFEST}") == 1
 
 
 # --- every reader gives the same error -------------------------------------------------------------
