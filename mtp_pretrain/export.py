@@ -50,7 +50,9 @@ def resolve_checkpoint(path: str | Path) -> Path:
     try:
         _check(found[0])
     except DamagedCheckpointError as e:
-        raise DamagedCheckpointError(f"{e}; the newest undamaged checkpoint there: {_first_undamaged(found[1:])}") from None
+        good = _first_undamaged(found[1:])
+        raise DamagedCheckpointError(f"{e}; " + (f"the newest undamaged checkpoint there: {good}" if good
+                                                 else "no undamaged checkpoint there")) from None
     return found[0]
 
 
