@@ -210,8 +210,10 @@ def test_init_from_hf_llama_matches_and_trains(tmp_path, sharded, tied):
         ours, theirs = model(x), hf(x).logits
     assert max_diff(ours[0], theirs) <= TOL
     sd = model.state_dict()
+    head_1 = [k for k in sd if k.startswith("heads.0.")]
+    assert head_1, "no head-1 parameters to compare"
     for i in (1, 2):  # default rule: heads 2..n start as copies of head 1
-        for k in (k for k in sd if k.startswith("heads.0.")):
+        for k in head_1:
             assert torch.equal(sd[k.replace("heads.0.", f"heads.{i}.", 1)], sd[k])
         assert max_diff(ours[i], ours[0]) == 0
     if tied:
@@ -320,7 +322,9 @@ def test_export_then_init_round_trip_is_exact(tmp_path, kw):
     got = bigger.state_dict()
     for k, v in want.items():
         assert torch.equal(got[k], v), k
-    for k in (k for k in want if k.startswith("heads.0.")):
+    head_1 = [k for k in want if k.startswith("heads.0.")]
+    assert head_1, "no head-1 parameters to compare"
+    for k in head_1:
         assert torch.equal(got[k.replace("heads.0.", f"heads.{n}.", 1)], want[k])
 
 
