@@ -71,6 +71,31 @@ def test_manifest_lists_every_file_with_its_size_and_crc32(reference_run):
         assert entry == {"size": len(data), "crc32": f"{zlib.crc32(data):08x}"}, name
 
 
+def test_death_while_writing_the_manifest_publishes_nothing(run_copy, train_overrides, monkeypatch, capsys):
+    """The manifest is computed inside .tmp-step-N before train_state.json: a process dying there
+    leaves the previous checkpoint the newest, and the next run resumes from it and publishes."""
+    import mtp_pretrain.checkpoint as checkpoint
+
+    class Killed(BaseException):  # stands in for SIGKILL: no handler runs
+        pass
+
+    def die(*args, **kwargs):
+        raise Killed
+
+    root = run_copy / "checkpoints"
+    monkeypatch.setattr(checkpoint, "_file_digests", die)
+    with pytest.raises(Killed):
+        run_inprocess(train_overrides + [f"train.max_steps={REF_STEPS + 4}"], run_copy)
+    tmp = root / f".tmp-step-{REF_STEPS + 4:08d}"
+    assert (tmp / SHARD).is_file() and not (tmp / MANIFEST).exists() and not (tmp / TRAIN_STATE).exists()
+    assert checkpoint.find_latest(root) == root / f"step-{REF_STEPS:08d}"
+    monkeypatch.undo()
+    capsys.readouterr()
+    code, _ = run_inprocess(train_overrides + [f"train.max_steps={REF_STEPS + 4}"], run_copy)
+    assert code == 0 and f"resumed from {root / f'step-{REF_STEPS:08d}'} at step {REF_STEPS}" in capsys.readouterr().out
+    assert checkpoint.find_latest(root) == root / f"step-{REF_STEPS + 4:08d}" and not tmp.exists()
+
+
 # --- resume ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("how,verify", [("truncated", "size"), ("deleted", "size"), ("deleted_rank_file", "size"),
                                         ("garbage_state", "size"), ("header_zeroed", "size"),
