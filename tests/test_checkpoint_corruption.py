@@ -33,6 +33,9 @@ def damage(ckpt: Path, how: str) -> str:
     if how == "garbage_state":
         (ckpt / TRAIN_STATE).write_text('{"step": 12, "tokens_')  # cut short mid-write
         return f"{TRAIN_STATE} is not valid JSON"
+    if how == "garbage_manifest":
+        (ckpt / MANIFEST).write_text('{"files": {".metadata": {"size": 12')
+        return f"{MANIFEST} is unreadable"
     if how == "header_zeroed":  # same size, unloadable: found by the checksum run after the failed load
         from torch.distributed.checkpoint import FileSystemReader
 
@@ -98,7 +101,8 @@ def test_death_while_writing_the_manifest_publishes_nothing(run_copy, train_over
 
 # --- resume ----------------------------------------------------------------------------------------
 @pytest.mark.parametrize("how,verify", [("truncated", "size"), ("deleted", "size"), ("deleted_rank_file", "size"),
-                                        ("garbage_state", "size"), ("header_zeroed", "size"),
+                                        ("garbage_state", "size"), ("garbage_manifest", "size"),
+                                        ("header_zeroed", "size"),
                                         ("byte_flipped", "checksum")])
 def test_resume_auto_falls_back_past_a_damaged_newest_checkpoint(run_copy, reference_run, train_overrides,
                                                                   capsys, how, verify):
