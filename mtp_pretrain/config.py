@@ -145,10 +145,15 @@ class CheckpointConfig:
     dir: Optional[str] = None  # default <run_dir>/checkpoints
     interval: int = 100  # steps between checkpoints; 0 = only at the end and on signals
     keep: int = 2  # newest complete checkpoints kept (>= 2: the newest may still be in flight)
+    # What resume checks against the checkpoint's manifest before loading: size (every file's
+    # size; instant) | checksum (also every file's crc32: reads the whole checkpoint once).
+    # A failed load is always followed by the checksum check, to name the damaged file.
+    verify: str = "size"
 
     def __post_init__(self):
         _at_least("checkpoint.interval", self.interval, 0)
         _at_least("checkpoint.keep", self.keep, 1)
+        _choice("checkpoint.verify", self.verify, ("size", "checksum"))
 
 
 @dataclass

@@ -21,10 +21,10 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
-import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
-from mtp_pretrain.checkpoint import TRAIN_STATE, find_latest, is_complete
+from mtp_pretrain.checkpoint import (DamagedCheckpointError, complete_checkpoints, is_complete, load_dcp,
+                                     model_config_of, read_train_state, verify_checkpoint)
 from mtp_pretrain.model import ModelConfig, MTPTransformer
 
 WEIGHTS_FILE = "model.safetensors"
@@ -33,20 +33,48 @@ TOKENIZER_FILE = "tokenizer.json"
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
+    """An export, a complete checkpoint, or a checkpoint root's newest complete checkpoint. A
+    training checkpoint is checked (file sizes against its manifest, train_state.json parsed): a
+    damaged one is an error naming the file (and, under a root, the newest undamaged checkpoint
+    to use instead; a reader does not silently fall back to an older one)."""
     path = Path(path)
-    if (path / WEIGHTS_FILE).is_file() or is_complete(path):
+    if (path / WEIGHTS_FILE).is_file():
         return path
-    latest = find_latest(path)
-    if latest is None:
+    if is_complete(path):
+        _check(path)
+        return path
+    found = complete_checkpoints(path)
+    if not found:
         raise FileNotFoundError(f"{path}: neither an export ({WEIGHTS_FILE}), a complete checkpoint, "
                                 f"nor a checkpoint directory holding one")
-    return latest
+    try:
+        _check(found[0])
+    except DamagedCheckpointError as e:
+        good = _first_undamaged(found[1:])
+        raise DamagedCheckpointError(f"{e}; " + (f"the newest undamaged checkpoint there: {good}" if good
+                                                 else "no undamaged checkpoint there")) from None
+    return found[0]
+
+
+def _check(path: Path) -> None:
+    verify_checkpoint(path)
+    read_train_state(path)
+
+
+def _first_undamaged(checkpoints: list[Path]) -> Optional[Path]:
+    for path in checkpoints:
+        try:
+            _check(path)
+            return path
+        except DamagedCheckpointError:
+            continue
+    return None
 
 
 def read_model_config(path: Path) -> ModelConfig:
     if (path / WEIGHTS_FILE).is_file():
         return ModelConfig(**json.loads((path / CONFIG_FILE).read_text())["model"])
-    return ModelConfig(**json.loads((path / TRAIN_STATE).read_text())["model_config"])
+    return model_config_of(path)
 
 
 def read_state_dict(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
@@ -59,14 +87,14 @@ def read_state_dict(path: Path, cfg: ModelConfig) -> dict[str, torch.Tensor]:
     with torch.device("meta"):
         template = MTPTransformer(cfg).state_dict()
     sd = {k: torch.empty(v.shape, dtype=v.dtype) for k, v in template.items()}
-    dcp.load({"model": sd}, checkpoint_id=str(path))
+    load_dcp(path, {"model": sd})
     return sd
 
 
 def tokenizer_source(path: Path) -> Optional[Path]:
     if (path / TOKENIZER_FILE).is_file():
         return path / TOKENIZER_FILE
-    state = json.loads((path / TRAIN_STATE).read_text()) if (path / TRAIN_STATE).is_file() else {}
+    state = read_train_state(path) if is_complete(path) else {}
     for source in state.get("data_sources", []):
         if (Path(source) / TOKENIZER_FILE).is_file():
             return Path(source) / TOKENIZER_FILE
@@ -120,7 +148,7 @@ def export_single_file(checkpoint: str | Path, out_dir: str | Path) -> Path:
     sd = read_state_dict(path, cfg)
     if cfg.tie_embeddings:
         sd.pop("unembed.weight")
-    state = json.loads((path / TRAIN_STATE).read_text()) if (path / TRAIN_STATE).is_file() else {}
+    state = read_train_state(path) if is_complete(path) else {}
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))

@@ -19,7 +19,7 @@ from typing import Optional
 import torch
 from omegaconf import OmegaConf
 
-from mtp_pretrain.checkpoint import CheckpointManager, find_latest
+from mtp_pretrain.checkpoint import CheckpointManager
 from mtp_pretrain.config import JobConfig, register_configs, to_job_config
 from mtp_pretrain.data import ArrowTokenStream, DataSource
 from mtp_pretrain.flops import device_peak_flops, training_flops_per_token
@@ -99,7 +99,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed + 1000 * self.env.rank)
 
         self.ckpt = CheckpointManager(Path(cfg.checkpoint.dir or self.run_dir / "checkpoints"),
-                                      cfg.checkpoint.keep, self.env)
+                                      cfg.checkpoint.keep, self.env, self.log)
         self.step, self.tokens_seen, self.nonfinite_in_a_row, self.nonfinite_total = 0, 0, 0, 0
         wandb_run_id = self._maybe_resume()
         self.metrics = MetricsLogger(self.run_dir, self.env.is_main, cfg.logging.wandb,
@@ -131,10 +131,14 @@ class Trainer:
         resume = self.cfg.train.resume
         if resume == "never":
             return None
-        path = find_latest(self.ckpt.root) if resume == "auto" else Path(resume)
-        if path is None:
-            return None
-        state = self.ckpt.load(path, self._state())
+        verify = self.cfg.checkpoint.verify
+        if resume == "auto":  # the newest undamaged checkpoint, if any
+            if (found := self.ckpt.load_newest(self._state(), verify, self.cfg.model)) is None:
+                return None
+            path, state = found
+        else:
+            path = Path(resume)
+            state = self.ckpt.load(path, self._state(), verify, self.cfg.model)
         self.step, self.tokens_seen = state["step"], state["tokens_seen"]
         self.nonfinite_total = state.get("nonfinite_total", 0)
         self.scheduler.load_state_dict(state["scheduler"])
@@ -151,7 +155,8 @@ class Trainer:
                        "data_sources": [s.path for s in self.cfg.data.sources]}
         t0 = time.perf_counter()
         path = self.ckpt.save(self.step, self._state(), train_state)
-        self.log(f"checkpoint step {self.step} -> {path} ({time.perf_counter() - t0:.1f}s)")
+        self.log(f"checkpoint step {self.step} -> {path} ({time.perf_counter() - t0:.1f}s, "
+                 f"manifest {self.ckpt.last_manifest_s:.2f}s)")
         return path
 
     # --- the loop ---------------------------------------------------------------------------------

@@ -77,12 +77,8 @@ def test_hydra_group_options_compose(path):
     group, option = str(path.parent), path.stem
     register_configs()
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
-        try:
-            cfg = compose(config_name="config", overrides=[f"hydra/{group}={option}"], return_hydra_config=True)
-        except HydraException as e:
-            if "Could not load" in str(e) and "submitit" in str(e):
-                pytest.skip(f"hydra plugin for {path} not installed: {e}")
-            raise
+        # hydra-submitit-launcher is a dev dependency: a missing plugin fails here, never skips.
+        cfg = compose(config_name="config", overrides=[f"hydra/{group}={option}"], return_hydra_config=True)
     assert cfg.hydra[group] is not None
     with open_dict(cfg):
         del cfg["hydra"]

@@ -152,7 +152,6 @@ def test_cli_exits_3_on_nonfinite_losses(train_overrides, tmp_path):
 
 # --- wandb -------------------------------------------------------------------------------------------
 def test_wandb_offline_run_holds_the_logged_metrics(train_overrides, tmp_path, monkeypatch):
-    pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_SILENT", "true")
     for var in ("WANDB_MODE", "WANDB_DIR", "WANDB_RUN_ID", "WANDB_RESUME"):
         monkeypatch.delenv(var, raising=False)

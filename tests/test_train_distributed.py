@@ -79,8 +79,23 @@ def test_2_rank_checkpoint_resumes_on_4_ranks(fsdp_overrides, fsdp_reference, tm
     assert "grad_accum=1" in p.stdout
     records = read_metrics(tmp_path / "run")
     assert_same_losses(records, read_metrics(fsdp_reference), exact=False, tol=1e-4, steps=range(9, REF_STEPS + 1))
-    # ... and its own checkpoint, written by 4 ranks, is complete and loads on 1 rank again.
-    code, again = run_inprocess([o for o in fsdp_overrides if o != "parallel=fsdp"]
-                                + [f"train.resume={tmp_path / 'run' / 'checkpoints' / 'step-00000012'}",
-                                   f"train.max_steps={REF_STEPS + 1}"], tmp_path / "again")
-    assert code == 0 and sorted(train_records(again)) == [REF_STEPS + 1]
+    # ... and its own checkpoint, written by 4 ranks: a manifest covering every rank's files, the
+    # reference's step-12 weights up to reduction order, and model + optimizer state that continue
+    # on 1 rank as the reference's checkpoint does (step 14's loss follows step 13's AdamW update).
+    from mtp_pretrain.checkpoint import read_manifest, verify_checkpoint
+    from mtp_pretrain.export import read_model_config, read_state_dict
+
+    four, ref = tmp_path / "run" / "checkpoints" / "step-00000012", fsdp_reference / "checkpoints" / "step-00000012"
+    files = set(read_manifest(four))
+    assert {f"rng/rank-{r:05d}.pt" for r in range(4)} | {f"__{r}_0.distcp" for r in range(4)} | {".metadata"} == files
+    verify_checkpoint(four, checksums=True)
+    got, want = read_state_dict(four, read_model_config(four)), read_state_dict(ref, read_model_config(ref))
+    assert got.keys() == want.keys() and any(k.startswith("trunk.") for k in got)
+    for k in want:
+        assert (got[k] - want[k]).abs().max() <= 1e-4, k
+    one_rank = [o for o in fsdp_overrides if o != "parallel=fsdp"] + [f"train.max_steps={REF_STEPS + 2}"]
+    code, again = run_inprocess(one_rank + [f"train.resume={four}"], tmp_path / "again")
+    assert code == 0
+    code, ref_again = run_inprocess(one_rank + [f"train.resume={ref}"], tmp_path / "ref_again")
+    assert code == 0
+    assert_same_losses(again, ref_again, exact=False, tol=1e-4, steps=[REF_STEPS + 1, REF_STEPS + 2])

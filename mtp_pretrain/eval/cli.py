@@ -27,16 +27,16 @@ TASKS = ("per_head", "polynomial", "induction", "humaneval")
 
 def checkpoint_train_state(path: Path) -> dict:
     """The train_state.json of a checkpoint, or of the checkpoint an export came from ({} if none)."""
-    from mtp_pretrain.checkpoint import TRAIN_STATE
+    from mtp_pretrain.checkpoint import is_complete, read_train_state
     from mtp_pretrain.export import CONFIG_FILE, WEIGHTS_FILE, resolve_checkpoint
 
     path = resolve_checkpoint(path)
-    if (path / TRAIN_STATE).is_file():
-        return json.loads((path / TRAIN_STATE).read_text())
+    if is_complete(path):
+        return read_train_state(path)
     if (path / WEIGHTS_FILE).is_file() and (path / CONFIG_FILE).is_file():
         source = json.loads((path / CONFIG_FILE).read_text()).get("source")
-        if source and (Path(source) / TRAIN_STATE).is_file():
-            return json.loads((Path(source) / TRAIN_STATE).read_text())
+        if source and is_complete(Path(source)):
+            return read_train_state(Path(source))
     return {}
 
 
@@ -318,7 +318,12 @@ def evaluate(argv: Optional[list[str]] = None) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """The ``mtp-eval`` console script (exit status 0 on success)."""
-    evaluate(argv)
+    from mtp_pretrain.checkpoint import CheckpointError
+
+    try:
+        evaluate(argv)
+    except (CheckpointError, FileNotFoundError) as e:  # an unusable checkpoint: say why, no traceback
+        raise SystemExit(f"mtp-eval: {e}")
 
 
 if __name__ == "__main__":

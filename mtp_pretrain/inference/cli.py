@@ -27,9 +27,13 @@ from mtp_pretrain.inference.decode import MODES, Decoder, GenerationConfig
 
 def load_checkpoint(path: str, device: str = "cpu"):
     """(model, tokenizer or None). Imported lazily: export pulls in the checkpoint machinery."""
+    from mtp_pretrain.checkpoint import CheckpointError
     from mtp_pretrain.export import load_model
 
-    return load_model(path, device=device)
+    try:
+        return load_model(path, device=device)
+    except (CheckpointError, FileNotFoundError) as e:  # an unusable checkpoint: say why, no traceback
+        raise SystemExit(f"mtp-generate: {e}")
 
 
 def read_prompts(args) -> list[str]:

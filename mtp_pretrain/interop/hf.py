@@ -236,7 +236,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Export a checkpoint or single-file export to a transformers Llama directory (see the module
     docstring). Atomic: written to a temporary sibling directory and renamed into place, so a
     failure leaves no partial directory (and an existing out_dir untouched)."""
-    from mtp_pretrain.checkpoint import TRAIN_STATE
+    from mtp_pretrain.checkpoint import is_complete, read_train_state
     from mtp_pretrain.export import read_model_config, read_state_dict, resolve_checkpoint, tokenizer_source
 
     path = resolve_checkpoint(checkpoint)
@@ -245,7 +245,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     sd = read_state_dict(path, cfg)
     llama, side = split_state_dict(sd, cfg)
     dtype = sd["tok_embeddings.weight"].dtype
-    state = json.loads((path / TRAIN_STATE).read_text()) if (path / TRAIN_STATE).is_file() else {}
+    state = read_train_state(path) if is_complete(path) else {}
     if not state and (path / "config.json").is_file():  # a single-file export keeps them in config.json
         state = json.loads((path / "config.json").read_text())
     out_dir = Path(out_dir)

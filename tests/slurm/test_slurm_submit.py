@@ -111,7 +111,6 @@ def test_multirun_command_uses_the_submitit_launcher(tmp_path, capsys):
 
 
 def test_hydra_launcher_config_composes():
-    pytest.importorskip("hydra_plugins.hydra_submitit_launcher")
     from hydra import compose, initialize_config_dir
 
     from mtp_pretrain.config import register_configs
