@@ -114,6 +114,8 @@ def assert_matches(result: dict, ref: dict, ref_params: dict, what: str) -> None
     for step, (x, y) in enumerate(zip(result["losses"], ref["losses"]), 1):
         assert _same(x, y), f"{what}: step {step} loss {x} vs reference {y} (all: {result['losses']} vs {ref['losses']})"
     for step, (x, y) in enumerate(zip(result["grad_norms"], ref["grad_norms"]), 1):
+        if math.isnan(ref["losses"][step - 1]) and math.isinf(x):
+            continue  # a skipped step: DeepSpeed reports inf for the gradients it discarded
         assert _same(x, y, rel=1.0), (f"{what}: step {step} gradient norm {x} vs reference {y} "
                                       f"(all: {result['grad_norms']} vs {ref['grad_norms']})")
     assert result["nonfinite_skipped"] == ref["nonfinite_skipped"], what

@@ -176,9 +176,6 @@ class TPStrategy(Strategy):
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         model.to(self.env.device)
-        if self.param_dtype is not None and self.name == "tp":
-            raise ValueError("parallel.strategy=tp runs in float32 on this build (bf16 autocast with DTensor is "
-                             "untested); set train.dtype=float32 or use fsdp_tp, whose mixed-precision policy casts")
         apply_tp(model, self.mesh["tp"])
         apply_block_options(model, self.cfg)
         return model
