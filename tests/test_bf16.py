@@ -22,7 +22,7 @@ import pytest
 from conftest import launch_worker
 
 STEPS, SAVE_AT = 50, 25
-BF16_REL_TOL = 0.02  # measured max |bf16 - fp32| / fp32 per step: see docs/parallelism.md
+BF16_REL_TOL = 0.005  # measured: at most 0.05 % on none/fsdp/tp (docs/parallelism.md)
 
 # name -> (processes, overrides); FAST run in make test, the rest in make test-all
 STRATEGIES = {
@@ -36,7 +36,7 @@ STRATEGIES = {
     "zero3": (2, ["parallel=deepspeed", "parallel.zero_stage=3"]),
     "megatron": (2, ["parallel=megatron", "parallel.tp_size=2"]),
 }
-FAST = {"none", "fsdp", "tp"}
+FAST = {"fsdp", "tp"}
 
 
 def overrides(data: Path) -> list[str]:
