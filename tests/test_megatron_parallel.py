@@ -6,11 +6,19 @@ same global batch as the single-process reference: 4 sequences per step -- micro
 dp=1 (TP=2 on 2 ranks), 2 per rank at dp=2 (TP=2 x DP=2 on 4 ranks), 1 per rank with two
 accumulated micro-batches for ZeRO-2 (its deferred reductions). The multi-rank runs share one
 torchrun per world size (tests/parallel_worker.py, several runs in one process group).
+
+Every parity check compares per-step losses, per-step pre-clip gradient norms (relative) and
+parameters; clipping is off and AdamW's eps is 1e-3 so that the gradient's scale reaches the
+parameters (see tests/test_parallel.py). The model shapes of ``MG_SHAPES`` (tied embeddings with
+causal heads and the chunked cross-entropy, linear heads with n=1 and activation checkpointing,
+``match_baseline_params``) run at TP=2 against one process of the same shape, and a run whose loss
+reads NaN at step 3 must skip that update under plain DP and under ZeRO-2.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -21,16 +29,44 @@ from conftest import launch_worker, run_inprocess, tiny_overrides, train_records
 
 STEPS, SAVE_AT, TOL = 8, 5, 1e-4
 MG = ["parallel=megatron", "parallel.tp_size=2"]
+NONFINITE_AT = [3]
+MG_SHAPES = {
+    "tied_causal_chunked": ["model.tie_embeddings=true", "model.head_type=causal", "model.n_future=2",
+                            "loss.chunk_size=40"],
+    "linear_n1_ac": ["model.head_type=linear", "model.n_future=1", "parallel.activation_checkpointing=full"],
+    "matched_n2": ["model.match_baseline_params=true", "model.n_future=2"],
+}
 
 
 def base(dataset) -> list[str]:
     return tiny_overrides(dataset) + [f"train.max_steps={STEPS}", f"checkpoint.interval={SAVE_AT}",
-                                      "logging.val_interval=0"]
+                                      "logging.val_interval=0", "optim.grad_clip=0", "optim.eps=1e-3"]
+
+
+def _records(run_dir: Path) -> dict[int, dict]:
+    recs = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    return {s: r[-1] for s, r in train_records(recs).items()}
 
 
 def losses(run_dir: Path) -> dict[int, float]:
-    recs = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return {s: r[-1]["loss"] for s, r in train_records(recs).items()}
+    return {s: r["loss"] for s, r in _records(run_dir).items()}
+
+
+def assert_close_steps(run_dir: Path, ref_dir: Path, steps) -> None:
+    """Per-step losses and pre-clip gradient norms (relative) of two runs agree; a skipped step
+    (NaN loss in both) may report a non-finite norm (DeepSpeed's for the gradients it discarded)."""
+    got, ref = _records(run_dir), _records(ref_dir)
+    steps = list(steps)
+    assert sorted(got) == steps, f"steps {sorted(got)}, expected {steps}"
+    for s in steps:
+        g, r = got[s], ref[s]
+        if math.isnan(r["loss"]):
+            assert math.isnan(g["loss"]), f"step {s}: loss {g['loss']}, the reference skipped it"
+            continue
+        assert abs(g["loss"] - r["loss"]) < TOL, f"step {s}: loss {g['loss']} vs {r['loss']}"
+        assert abs(g["grad_norm"] - r["grad_norm"]) < TOL * max(1.0, r["grad_norm"]), \
+            f"step {s}: gradient norm {g['grad_norm']} vs {r['grad_norm']}"
+        assert g["nonfinite_skipped"] == r["nonfinite_skipped"], s
 
 
 def full_model(ckpt: Path) -> dict[str, torch.Tensor]:
@@ -46,13 +82,6 @@ def full_model(ckpt: Path) -> dict[str, torch.Tensor]:
 
 def ckpt(run_dir: Path, step: int) -> Path:
     return Path(run_dir) / "checkpoints" / f"step-{step:08d}"
-
-
-def assert_close_losses(got: dict[int, float], ref: dict[int, float], steps) -> None:
-    steps = list(steps)
-    assert sorted(got) == steps, f"steps {sorted(got)}, expected {steps}"
-    worst = max(abs(got[s] - ref[s]) for s in steps)
-    assert worst < TOL, f"loss differs by {worst:.2e} > {TOL}: {[(s, got[s], ref[s]) for s in steps]}"
 
 
 def assert_close_params(a: dict, b: dict) -> None:
@@ -76,6 +105,16 @@ def ref(tiny_dataset, out) -> Path:
 
 
 @pytest.fixture(scope="module")
+def shape_refs(tiny_dataset, out) -> Path:
+    """One process: each of MG_SHAPES, and the run whose loss reads NaN at step 3."""
+    b = base(tiny_dataset)
+    o = out / "shape_refs"
+    launch_worker(o, 1, [{"name": k, "overrides": b + v} for k, v in MG_SHAPES.items()]
+                  + [{"name": "nonfinite", "overrides": b, "nonfinite_loss_at": NONFINITE_AT}])
+    return o
+
+
+@pytest.fixture(scope="module")
 def two_ranks(tiny_dataset, out) -> Path:
     """megatron TP=2 (head-sequential, naive); fsdp; resumes across strategies."""
     b = base(tiny_dataset)
@@ -87,7 +126,8 @@ def two_ranks(tiny_dataset, out) -> Path:
         {"name": "tp_from_mg", "overrides": b + ["parallel=tp", f"train.resume={mg_ckpt}"]},
         {"name": "fsdp", "overrides": b + ["parallel=fsdp", "train.micro_batch_size=2"]},
         {"name": "mg_from_fsdp", "overrides": b + MG + [f"train.resume={ckpt(o / 'fsdp', SAVE_AT)}"]},
-    ]
+        {"name": "mg_nonfinite", "overrides": b + MG, "nonfinite_loss_at": NONFINITE_AT},
+    ] + [{"name": f"mg_{k}", "overrides": b + MG + v} for k, v in MG_SHAPES.items()]
     launch_worker(o, 2, runs)
     return o
 
@@ -103,6 +143,8 @@ def four_ranks(tiny_dataset, out) -> Path:
                                                        "train.global_batch_tokens=128"]},
         {"name": "zero2_naive", "overrides": b + MG + ["parallel.zero_stage=2", "train.micro_batch_size=2",
                                                        "loss.impl=naive"]},
+        {"name": "zero2_nonfinite", "overrides": b + MG + ["parallel.zero_stage=2", "train.micro_batch_size=2"],
+         "nonfinite_loss_at": NONFINITE_AT},
     ]
     launch_worker(o, 4, runs)
     return o
@@ -112,7 +154,7 @@ def four_ranks(tiny_dataset, out) -> Path:
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", ["mg_hs", "mg_naive"])
 def test_tp2_parity_with_one_process(ref, two_ranks, name):
-    assert_close_losses(losses(two_ranks / name), losses(ref), range(1, STEPS + 1))
+    assert_close_steps(two_ranks / name, ref, range(1, STEPS + 1))
     assert_close_params(full_model(ckpt(two_ranks / name, SAVE_AT)), full_model(ckpt(ref, SAVE_AT)))
     assert_close_params(full_model(ckpt(two_ranks / name, STEPS)), full_model(ckpt(ref, STEPS)))
 
@@ -120,9 +162,28 @@ def test_tp2_parity_with_one_process(ref, two_ranks, name):
 @pytest.mark.distributed
 @pytest.mark.parametrize("name", ["zero1", "zero2_accum", "zero2_naive"])
 def test_tp2_dp2_zero_parity_with_one_process(ref, four_ranks, name):
-    assert_close_losses(losses(four_ranks / name), losses(ref), range(1, STEPS + 1))
+    assert_close_steps(four_ranks / name, ref, range(1, STEPS + 1))
     assert_close_params(full_model(ckpt(four_ranks / name, SAVE_AT)), full_model(ckpt(ref, SAVE_AT)))
     assert json.loads((four_ranks / name / "result.json").read_text())["world_size"] == 4
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("shape", list(MG_SHAPES))
+def test_tp2_model_shapes_match_one_process(shape_refs, two_ranks, shape):
+    assert_close_steps(two_ranks / f"mg_{shape}", shape_refs / shape, range(1, STEPS + 1))
+    assert_close_params(full_model(ckpt(two_ranks / f"mg_{shape}", STEPS)), full_model(ckpt(shape_refs / shape, STEPS)))
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("run", ["two/mg_nonfinite", "four/zero2_nonfinite"])
+def test_nonfinite_loss_step_is_skipped(shape_refs, out, run, two_ranks, four_ranks):
+    """The loss reads NaN at step 3 (gradients finite): plain DP x TP and ZeRO-2 skip that update
+    and continue on the one-process numbers."""
+    got = _records(out / run)
+    assert [s for s, r in got.items() if math.isnan(r["loss"])] == NONFINITE_AT
+    assert got[STEPS]["nonfinite_skipped"] == len(NONFINITE_AT)
+    assert_close_steps(out / run, shape_refs / "nonfinite", range(1, STEPS + 1))
+    assert_close_params(full_model(ckpt(out / run, STEPS)), full_model(ckpt(shape_refs / "nonfinite", STEPS)))
 
 
 @pytest.mark.distributed
@@ -139,18 +200,18 @@ def test_checkpoint_megatron_to_one_process(ref, two_ranks, tiny_dataset, out):
     run_dir = out / "none_from_mg"
     code, _ = run_inprocess(base(tiny_dataset) + [f"train.resume={ckpt(two_ranks / 'mg_hs', SAVE_AT)}"], run_dir)
     assert code == 0
-    assert_close_losses(losses(run_dir), losses(ref), range(SAVE_AT + 1, STEPS + 1))
+    assert_close_steps(run_dir, ref, range(SAVE_AT + 1, STEPS + 1))
 
 
 @pytest.mark.distributed
 def test_checkpoint_megatron_to_tp(ref, two_ranks):
-    assert_close_losses(losses(two_ranks / "tp_from_mg"), losses(ref), range(SAVE_AT + 1, STEPS + 1))
+    assert_close_steps(two_ranks / "tp_from_mg", ref, range(SAVE_AT + 1, STEPS + 1))
 
 
 @pytest.mark.distributed
 def test_checkpoint_fsdp_to_megatron(ref, two_ranks):
-    assert_close_losses(losses(two_ranks / "fsdp"), losses(ref), range(1, STEPS + 1))
-    assert_close_losses(losses(two_ranks / "mg_from_fsdp"), losses(ref), range(SAVE_AT + 1, STEPS + 1))
+    assert_close_steps(two_ranks / "fsdp", ref, range(1, STEPS + 1))
+    assert_close_steps(two_ranks / "mg_from_fsdp", ref, range(SAVE_AT + 1, STEPS + 1))
 
 
 @pytest.mark.distributed
@@ -169,13 +230,13 @@ def test_one_process_zero2_accumulation_and_resume_across(ref, tiny_dataset, out
     z2 = out / "one_zero2"
     assert run_inprocess(b + ["parallel.zero_stage=2", "train.micro_batch_size=2",
                               "train.global_batch_tokens=128"], z2)[0] == 0
-    assert_close_losses(losses(z2), losses(ref), range(1, STEPS + 1))
+    assert_close_steps(z2, ref, range(1, STEPS + 1))
     z1 = out / "one_zero1_from_ref"
     assert run_inprocess(b + ["parallel.zero_stage=1", f"train.resume={ckpt(ref, SAVE_AT)}"], z1)[0] == 0
-    assert_close_losses(losses(z1), losses(ref), range(SAVE_AT + 1, STEPS + 1))
+    assert_close_steps(z1, ref, range(SAVE_AT + 1, STEPS + 1))
     plain = out / "one_none_from_zero2"
     assert run_inprocess(base(tiny_dataset) + [f"train.resume={ckpt(z2, SAVE_AT)}"], plain)[0] == 0
-    assert_close_losses(losses(plain), losses(ref), range(SAVE_AT + 1, STEPS + 1))
+    assert_close_steps(plain, ref, range(SAVE_AT + 1, STEPS + 1))
     assert_close_params(full_model(ckpt(z2, STEPS)), full_model(ckpt(ref, STEPS)))
 
 
