@@ -22,15 +22,17 @@ from mtp_pretrain.checkpoint import CheckpointManager, find_latest
 from mtp_pretrain.config import JobConfig, register_configs, to_job_config
 from mtp_pretrain.data import ArrowTokenStream, DataSource
 from mtp_pretrain.flops import device_peak_flops, training_flops_per_token
+from mtp_pretrain.head_schedule import HeadWeights
 from mtp_pretrain.loss import evaluate_loss, mtp_loss
 from mtp_pretrain.metrics import MetricsLogger, peak_memory_mb
 from mtp_pretrain.model import MTPTransformer, count_parameters
 from mtp_pretrain.model.config import check_vocab
-from mtp_pretrain.optim import build_adamw, build_scheduler
+from mtp_pretrain.optim import build_adamw, build_scheduler, init_adamw_state
 from mtp_pretrain.parallel import build_strategy, destroy_distributed, init_distributed
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; run again to resume
 EXIT_NONFINITE = 3
+ZERO_STRATEGIES = ("deepspeed", "megatron")  # the optimizer is stepped by DeepSpeed's ZeRO (megatron: at stage > 0)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -67,6 +69,10 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg, self.env.device)
         self.strategy = build_strategy(cfg.parallel, self.env, self.amp_dtype)
         self.strategy.validate(cfg.model, seq_len=cfg.data.seq_len)
+        if cfg.loss.curriculum != "none" and self.strategy.name in ZERO_STRATEGIES:
+            # ZeRO's flat partitions expect a gradient for every parameter at every step.
+            raise ValueError(f"loss.curriculum={cfg.loss.curriculum} is not supported with "
+                             f"parallel.strategy={self.strategy.name}; use none, ddp, fsdp, tp or fsdp_tp")
         self.seq_len = cfg.data.seq_len
         n = cfg.model.n_future
         tokens_per_micro = cfg.train.micro_batch_size * self.seq_len * self.strategy.dp_size
@@ -95,6 +101,9 @@ class Trainer:
         self.model = self.strategy.parallelize(model)
         self.optimizer = self.strategy.build_optimizer(self.model, lambda m: build_adamw(m, cfg.optim))
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
+        self.head_weights = HeadWeights(cfg.loss, n, cfg.train.max_steps)
+        if self.strategy.name not in ZERO_STRATEGIES:  # those keep the state in their own partitions
+            init_adamw_state(self.optimizer)
         torch.manual_seed(cfg.train.seed + 1000 * self.env.rank)
 
         self.ckpt = CheckpointManager(Path(cfg.checkpoint.dir or self.run_dir / "checkpoints"),
@@ -138,6 +147,12 @@ class Trainer:
         self.nonfinite_total = state.get("nonfinite_total", 0)
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_stream.load_state_dict(state["data"])
+        # The weights are a function of (step, tokens_seen), both restored above; a different
+        # loss.weight_schedule / curriculum than the checkpoint's run is allowed but said.
+        saved, now = state.get("next_head_weights"), self.head_weights.weights(self.step, self.tokens_seen)
+        if saved is not None and saved != now:
+            self.log(f"note: loss weights at step {self.step} are {now}; the run that saved the checkpoint "
+                     f"would have used {saved} (loss.weight_schedule / loss.curriculum changed)")
         if state.get("world_size") != self.env.world_size:
             torch.manual_seed(self.cfg.train.seed + 1000 * self.env.rank + self.step)
         self.log(f"resumed from {path} at step {self.step} (saved with world_size={state.get('world_size')})")
@@ -146,6 +161,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         train_state = {"step": self.step, "tokens_seen": self.tokens_seen, "nonfinite_total": self.nonfinite_total,
                        "scheduler": self.scheduler.state_dict(), "data": self.train_stream.state_dict(),
+                       "next_head_weights": self.head_weights.weights(self.step, self.tokens_seen),
                        "wandb_run_id": self.metrics.wandb_run_id, "model_config": asdict(self.cfg.model),
                        "data_sources": [s.path for s in self.cfg.data.sources]}
         t0 = time.perf_counter()
@@ -159,18 +175,19 @@ class Trainer:
         autocast = (torch.autocast(self.env.device.type, dtype=self.amp_dtype) if self.amp_dtype
                     else contextlib.nullcontext())
         per_head = torch.zeros(cfg.model.n_future, dtype=torch.float64)
+        weights = self.head_weights.weights(self.step, self.tokens_seen)
         for micro in range(self.grad_accum):
             tokens = next(self.train_iter).to(self.env.device, non_blocking=True)
             hooks = self.strategy.grad_sync_hooks(self.model, last_micro_batch=micro == self.grad_accum - 1)
             with autocast, self.strategy.loss_context():
                 out = mtp_loss(cfg.loss.impl, self.model, tokens, seq_len=self.seq_len,
-                               weights=cfg.loss.head_weights, chunk_size=cfg.loss.chunk_size,
+                               weights=weights, chunk_size=cfg.loss.chunk_size,
                                pad_id=self.pad_id, loss_scale=1.0 / self.grad_accum, hooks=hooks)
             per_head += torch.stack(out.per_head).double().cpu() / self.grad_accum
         self.strategy.finish_backward(self.model)
         per_head = self.strategy.all_reduce_mean(per_head.to(torch.float32)).double()
-        weights = torch.tensor(cfg.loss.head_weights or [1.0] * cfg.model.n_future, dtype=torch.float64)
-        loss = float((per_head * weights).sum())
+        # Heads at weight 0 were skipped (their per-head loss is NaN): they add nothing.
+        loss = sum(w * float(l) for w, l in zip(weights, per_head) if w != 0)
         grad_norm = float(self.strategy.clip_grad_norm(self.model, cfg.optim.grad_clip))
         lr = self.scheduler.get_last_lr()[0]
         finite = torch.isfinite(torch.tensor([loss, grad_norm])).all().item()
@@ -188,7 +205,7 @@ class Trainer:
                     f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); lower optim.lr or check the data")
         self.strategy.zero_grad(self.model, self.optimizer)
         self.scheduler.step()
-        return {"loss": loss, "per_head": per_head.tolist(), "grad_norm": grad_norm, "lr": lr}
+        return {"loss": loss, "per_head": per_head.tolist(), "weights": weights, "grad_norm": grad_norm, "lr": lr}
 
     @torch.no_grad()
     def validate(self) -> dict:
@@ -251,10 +268,11 @@ class Trainer:
              "tokens_per_s": tokens_per_s, "tokens_per_s_per_rank": tokens_per_s / self.env.world_size,
              "peak_mem_mb": peak_memory_mb(self.env.device), "tokens_seen": self.tokens_seen,
              "nonfinite_skipped": self.nonfinite_total}
-        m |= {f"loss/head_{i + 1}": v for i, v in enumerate(out["per_head"])}
+        m |= {f"loss/head_{i + 1}": v for i, (v, w) in enumerate(zip(out["per_head"], out["weights"])) if w != 0}
+        m |= {f"loss/weight/head_{i + 1}": w for i, w in enumerate(out["weights"])}
         if self.peak_flops:
             m["mfu"] = tokens_per_s / self.env.world_size * self.flops_per_token / self.peak_flops
-        heads = " ".join(f"{v:.3f}" for v in out["per_head"])
+        heads = " ".join(f"{v:.3f}" if w != 0 else "-" for v, w in zip(out["per_head"], out["weights"]))
         remaining = (self.cfg.train.max_steps - self.step) * self.tokens_per_step / max(tokens_per_s, 1e-9)
         line = (f"step {self.step:>6}/{self.cfg.train.max_steps} loss {out['loss']:.4f} heads [{heads}] "
                 f"lr {out['lr']:.2e} gnorm {out['grad_norm']:.2f} {tokens_per_s:,.0f} tok/s "

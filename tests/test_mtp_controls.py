@@ -1,0 +1,173 @@
+"""MTP training controls (docs/mtp_controls.md): head-weight schedules, the curriculum on n and
+what skipping a zero-weight head means for gradients, and their exact resume in the trainer."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from conftest import read_metrics, run_inprocess, train_records
+from mtp_pretrain.config import HeadWeightScheduleConfig, LossConfig, compose_job_config
+from mtp_pretrain.head_schedule import HeadWeights, default_curriculum_steps, preset_weights
+from mtp_pretrain.loss import head_sequential_loss, naive_loss
+from mtp_pretrain.model.config import ModelConfig
+from mtp_pretrain.model.transformer import MTPTransformer
+
+VOCAB = 61
+
+
+def schedule(n=4, max_steps=100, **kw) -> HeadWeights:
+    loss_kw = {k: kw.pop(k) for k in ("head_weights", "curriculum", "curriculum_steps") if k in kw}
+    return HeadWeights(LossConfig(weight_schedule=HeadWeightScheduleConfig(**kw), **loss_kw), n, max_steps)
+
+
+# --- schedules ------------------------------------------------------------------------------------
+def test_presets():
+    assert preset_weights("uniform", 4, 0.3) == [1.0, 0.3, 0.3, 0.3]
+    assert preset_weights("harmonic", 4) == pytest.approx([1.0, 1 / 2, 1 / 3, 1 / 4])
+    assert preset_weights("exponential", 4, gamma=0.5) == [1.0, 0.5, 0.25, 0.125]
+    assert preset_weights("exponential", 3, scale=0.2, gamma=0.8) == pytest.approx([1.0, 0.16, 0.128])
+    assert preset_weights("uniform", 1) == [1.0]
+
+
+def test_default_is_every_head_at_one_and_head_weights_is_a_constant_vector():
+    assert schedule().weights(0, 0) == [1.0] * 4
+    assert schedule(max_steps=10).weights(10**6, 10**9) == [1.0] * 4
+    fixed = schedule(head_weights=[1.0, 0.5, 0.5, 0.25])
+    assert [fixed.weights(s, 0) for s in (0, 50, 99)] == [[1.0, 0.5, 0.5, 0.25]] * 3
+
+
+def test_step_change_point_three_to_point_one():
+    hw = schedule(kind="step", begin=40, from_scale=0.3, to_scale=0.1)
+    assert hw.weights(0, 0) == hw.weights(39, 0) == [1.0, 0.3, 0.3, 0.3]
+    assert hw.weights(40, 0) == hw.weights(99, 0) == [1.0, 0.1, 0.1, 0.1]
+
+
+def test_linear_and_cosine_anneal_between_two_vectors():
+    kw = dict(begin=10, end=30, from_weights=[1.0, 1.0, 0.5, 0.0], to_weights=[1.0, 0.0, 0.5, 1.0])
+    lin, cos = schedule(kind="linear", **kw), schedule(kind="cosine", **kw)
+    for hw in (lin, cos):
+        assert hw.weights(0, 0) == hw.weights(10, 0) == [1.0, 1.0, 0.5, 0.0]
+        assert hw.weights(30, 0) == hw.weights(500, 0) == [1.0, 0.0, 0.5, 1.0]
+    assert lin.weights(15, 0) == pytest.approx([1.0, 0.75, 0.5, 0.25])
+    assert lin.weights(20, 0) == pytest.approx([1.0, 0.5, 0.5, 0.5])
+    assert cos.weights(20, 0) == pytest.approx([1.0, 0.5, 0.5, 0.5])  # the midpoint agrees
+    c15 = 0.5 * (1 - math.cos(math.pi * 0.25))  # cosine progress a quarter of the way
+    assert cos.weights(15, 0) == pytest.approx([1.0, 1 - c15, 0.5, c15])
+    assert cos.weights(15, 0)[1] > lin.weights(15, 0)[1]  # cosine leaves the start more slowly
+
+
+def test_schedule_counted_in_tokens():
+    hw = schedule(kind="linear", unit="tokens", begin=1000, end=3000, preset="harmonic", from_scale=1.0, to_scale=0.0)
+    assert hw.weights(10**6, 0) == pytest.approx([1.0, 1 / 2, 1 / 3, 1 / 4])  # steps do not count
+    assert hw.weights(0, 2000) == pytest.approx([1.0, 1 / 4, 1 / 6, 1 / 8])
+    assert hw.weights(0, 3000) == [1.0, 0.0, 0.0, 0.0]
+
+
+def test_curricula():
+    fwd = schedule(curriculum="forward", curriculum_steps=[5, 10, 20], from_scale=0.5)
+    assert [fwd.weights(s, 0) for s in (0, 4, 5, 10, 19, 20)] == [
+        [1.0, 0, 0, 0], [1.0, 0, 0, 0], [1.0, 0.5, 0, 0], [1.0, 0.5, 0.5, 0], [1.0, 0.5, 0.5, 0], [1.0, 0.5, 0.5, 0.5]]
+    rev = schedule(curriculum="reverse", curriculum_steps=[5, 10, 20])
+    assert [rev.weights(s, 0) for s in (0, 5, 10, 20, 99)] == [
+        [1.0] * 4, [1.0, 1, 1, 0], [1.0, 1, 0, 0], [1.0, 0, 0, 0], [1.0, 0, 0, 0]]
+    assert default_curriculum_steps(4, 300) == [75, 150, 225]
+    assert schedule(curriculum="forward", max_steps=300).boundaries == [75, 150, 225]
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (["loss.weight_schedule.kind=linear", "loss.weight_schedule.begin=5"], "end must be > begin"),
+    (["loss.weight_schedule.kind=ramp"], "loss.weight_schedule.kind"),
+    (["loss.weight_schedule.preset=zipf"], "loss.weight_schedule.preset"),
+    (["loss.weight_schedule.to_weights=[1,0.1]"], "loss.weight_schedule.to_weights has 2 entries"),
+    (["loss.head_weights=[1,1,1,1]", "loss.weight_schedule.kind=step"], "not both"),
+    (["loss.curriculum=sideways"], "loss.curriculum"),
+    (["loss.curriculum=forward", "loss.curriculum_steps=[10,20]"], "needs n_future - 1 = 3"),
+    (["loss.curriculum=forward", "loss.curriculum_steps=[10,5,20]"], "strictly increasing"),
+    (["loss.curriculum=reverse", "model.n_future=1"], "needs model.n_future >= 2"),
+])
+def test_bad_settings_are_refused_by_name(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        compose_job_config(["model.n_future=4"] + overrides)
+
+
+# --- a zero-weight head costs nothing and changes nothing --------------------------------------------
+def pair(head_type: str) -> tuple[MTPTransformer, MTPTransformer]:
+    """An n=4 model and an n=1 model holding the same embedding, trunk, head 1 and unembedding."""
+    shape = dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, head_type=head_type, max_seq_len=64)
+    torch.manual_seed(0)
+    big = MTPTransformer(ModelConfig(n_future=4, **shape)).float()
+    one = MTPTransformer(ModelConfig(n_future=1, **shape)).float()
+    missing, unexpected = one.load_state_dict(big.state_dict(), strict=False)
+    assert not missing and unexpected and all(k.startswith(("heads.1.", "heads.2.", "heads.3.")) for k in unexpected)
+    return big, one
+
+
+def grads_of(fn, model, tokens, weights) -> tuple[list[torch.Tensor], dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = fn(model, tokens, weights=weights)
+    return out.per_head, {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("head_type", ["transformer", "linear", "causal"])
+@pytest.mark.parametrize("fn", [head_sequential_loss, naive_loss], ids=["head_sequential", "naive"])
+def test_forward_curriculum_start_has_the_gradients_of_an_n1_model(fn, head_type):
+    big, one = pair(head_type)
+    tokens = torch.randint(0, VOCAB, (3, 17), generator=torch.Generator().manual_seed(1))
+    weights = schedule(curriculum="forward", curriculum_steps=[5, 10, 20]).weights(0, 0)
+    assert weights == [1.0, 0.0, 0.0, 0.0]
+    calls = []
+    for i in (2, 3, 4):  # a skipped head runs no forward at all
+        big.heads[i - 1].register_forward_hook(lambda m, a, o, i=i: calls.append(i))
+    per_head, grads = grads_of(fn, big, tokens[:, :16 + 1], weights)
+    ref_head, ref = grads_of(fn, one, tokens[:, :16 + 1], [1.0])
+    assert calls == []
+    assert torch.equal(per_head[0], ref_head[0]) and all(torch.isnan(l) for l in per_head[1:])
+    assert sorted(grads) == sorted(ref) and len(ref) > 10  # heads 2..4: no gradient, not even zeros
+    for name in ref:
+        assert torch.equal(grads[name], ref[name]), name
+
+
+def test_zero_weight_chained_head_before_a_weighted_one_still_runs():
+    """Causal heads read the previous head's state: a zero-weight head followed by a weighted one
+    must run (its parameters get the gradient flowing back from the later head)."""
+    big, _ = pair("causal")
+    tokens = torch.randint(0, VOCAB, (2, 13), generator=torch.Generator().manual_seed(2))
+    for fn in (head_sequential_loss, naive_loss):
+        per_head, grads = grads_of(fn, big, tokens, [1.0, 0.0, 1.0, 0.0])
+        assert torch.isfinite(per_head[1]) and torch.isnan(per_head[3])
+        assert grads["heads.1.fuse.weight"].abs().sum() > 0 and not any(n.startswith("heads.3.") for n in grads)
+
+
+# --- in the trainer: logged weights, skipped heads, exact resume --------------------------------------
+def test_curriculum_and_schedule_log_their_weights_and_resume_exactly(train_overrides, tmp_path):
+    ov = train_overrides + ["train.max_steps=8", "loss.curriculum=forward", "loss.curriculum_steps=[2,3,6]",
+                            "loss.weight_schedule.kind=linear", "loss.weight_schedule.unit=tokens",
+                            "loss.weight_schedule.begin=256", "loss.weight_schedule.end=768",
+                            "loss.weight_schedule.from_scale=0.3", "loss.weight_schedule.to_scale=0.1"]
+    code, records = run_inprocess(ov, tmp_path / "full")
+    assert code == 0
+    train = {s: r for s, (r,) in train_records(records).items()}
+    assert sorted(train) == list(range(1, 9))
+    # 128 tokens per step: step s (1-based) trained on weights at tokens (s-1)*128
+    for s, r in train.items():
+        scale = 0.3 + (0.1 - 0.3) * min(1.0, max(0.0, ((s - 1) * 128 - 256) / 512))
+        on = 1 + sum(s - 1 >= b for b in (2, 3, 6))
+        expected = [1.0] + [scale if i < on else 0.0 for i in range(1, 4)]
+        assert [r[f"loss/weight/head_{i}"] for i in range(1, 5)] == pytest.approx(expected, abs=1e-12), s
+        assert [f"loss/head_{i}" in r for i in range(1, 5)] == [i < on for i in range(4)], s
+        assert r["loss"] == pytest.approx(sum(w * r[f"loss/head_{i + 1}"] for i, w in enumerate(expected) if w))
+    val = [r for r in records if "val/loss" in r]  # validation still measures every head
+    assert val and all(f"val/loss/head_{i}" in r for r in val for i in range(1, 5))
+
+    resumed = tmp_path / "resumed"
+    code, again = run_inprocess(ov + [f"train.resume={tmp_path / 'full' / 'checkpoints' / 'step-00000004'}",
+                                      f"checkpoint.dir={resumed / 'checkpoints'}"], resumed)
+    assert code == 0
+    after = {s: r for s, (r,) in train_records(again).items()}
+    assert sorted(after) == [5, 6, 7, 8]
+    keys = ["loss", "grad_norm"] + [k for k in train[8] if k.startswith("loss/")]
+    for s in after:
+        assert {k: after[s].get(k) for k in keys} == {k: train[s].get(k) for k in keys}, s
