@@ -28,6 +28,7 @@ def _at_least(name: str, value: Any, low: float) -> None:
         raise ValueError(f"{name} must be >= {low}, got {value!r}")
 
 
+FREEZE_STRATEGIES = ("none", "ddp", "fsdp")  # where train.freeze=trunk is implemented and tested
 WEIGHT_PRESETS = ("uniform", "harmonic", "exponential")
 WEIGHT_SCHEDULES = ("constant", "step", "linear", "cosine")
 
@@ -160,9 +161,13 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast where supported, else fp32) | float32 | bfloat16
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
     device: str = "auto"  # auto | cpu | cuda
+    # none | trunk: heads-only training. Embeddings, trunk, head 1 and the unembedding stay frozen
+    # (no gradient, no optimizer state); only heads 2..n train (docs/mtp_controls.md).
+    freeze: str = "none"
 
     def __post_init__(self):
         _at_least("train.max_steps", self.max_steps, 1)
+        _choice("train.freeze", self.freeze, ("none", "trunk"))
         _at_least("train.micro_batch_size", self.micro_batch_size, 1)
         if self.global_batch_tokens is not None:
             _at_least("train.global_batch_tokens", self.global_batch_tokens, 1)
@@ -265,6 +270,16 @@ class JobConfig:
                           ("loss.weight_schedule.to_weights", ws.to_weights)):
             if vec is not None and len(vec) != n:
                 raise ValueError(f"{name} has {len(vec)} entries but model.n_future is {n}")
+        if self.train.freeze == "trunk" and n < 2:
+            raise ValueError("train.freeze=trunk trains heads 2..n only: it needs model.n_future >= 2, got 1")
+        strategy = self.parallel.strategy
+        if self.train.freeze != "none" and strategy not in FREEZE_STRATEGIES:
+            raise ValueError(f"train.freeze={self.train.freeze} is not supported with parallel.strategy={strategy}; "
+                             f"use one of {', '.join(FREEZE_STRATEGIES)}")
+        if self.loss.curriculum != "none" and strategy in ("deepspeed", "megatron"):
+            # ZeRO's flat partitions expect a gradient for every parameter at every step.
+            raise ValueError(f"loss.curriculum={self.loss.curriculum} is not supported with parallel.strategy="
+                             f"{strategy}; use none, ddp, fsdp, tp or fsdp_tp")
         if self.loss.curriculum != "none":
             if n < 2:
                 raise ValueError(f"loss.curriculum={self.loss.curriculum} needs model.n_future >= 2, got {n}")

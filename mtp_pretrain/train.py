@@ -60,6 +60,19 @@ def autocast_dtype(cfg: JobConfig, device: torch.device) -> Optional[torch.dtype
     return None
 
 
+def freeze_next_token_path(model: MTPTransformer) -> int:
+    """Freeze what the next-token prediction uses -- embeddings, trunk, head 1, unembedding -- so
+    that only heads 2..n train; returns the number of parameters frozen. Frozen parameters get no
+    gradient, the trunk no backward (the losses see an output without a graph), and the optimizer
+    (built from parameters that require grad) no state for them."""
+    frozen = {}
+    for module in (model.tok_embeddings, *model.trunk, model.heads[0], model.unembed):
+        for p in module.parameters():
+            p.requires_grad_(False)
+            frozen[id(p)] = p.numel()  # by id: a tied weight counts once
+    return sum(frozen.values())
+
+
 class Trainer:
     def __init__(self, cfg: JobConfig, run_dir: Path):
         self.cfg, self.run_dir = cfg, Path(run_dir)
@@ -69,10 +82,6 @@ class Trainer:
         self.amp_dtype = autocast_dtype(cfg, self.env.device)
         self.strategy = build_strategy(cfg.parallel, self.env, self.amp_dtype)
         self.strategy.validate(cfg.model, seq_len=cfg.data.seq_len)
-        if cfg.loss.curriculum != "none" and self.strategy.name in ZERO_STRATEGIES:
-            # ZeRO's flat partitions expect a gradient for every parameter at every step.
-            raise ValueError(f"loss.curriculum={cfg.loss.curriculum} is not supported with "
-                             f"parallel.strategy={self.strategy.name}; use none, ddp, fsdp, tp or fsdp_tp")
         self.seq_len = cfg.data.seq_len
         n = cfg.model.n_future
         tokens_per_micro = cfg.train.micro_batch_size * self.seq_len * self.strategy.dp_size
@@ -97,6 +106,10 @@ class Trainer:
             from mtp_pretrain.interop.hf import load_hf_weights
 
             load_hf_weights(model, cfg.train.init_from_hf, extra_heads=cfg.train.init_from_hf_heads, log=self.log)
+        if cfg.train.freeze == "trunk":
+            frozen = freeze_next_token_path(model)
+            self.log(f"train.freeze=trunk: {frozen / 1e6:.2f}M parameters frozen (embeddings, trunk, head 1, "
+                     f"unembedding); heads 2..{n} train")
         self.param_counts = count_parameters(cfg.model)
         self.model = self.strategy.parallelize(model)
         self.optimizer = self.strategy.build_optimizer(self.model, lambda m: build_adamw(m, cfg.optim))

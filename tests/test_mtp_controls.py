@@ -171,3 +171,120 @@ def test_curriculum_and_schedule_log_their_weights_and_resume_exactly(train_over
     keys = ["loss", "grad_norm"] + [k for k in train[8] if k.startswith("loss/")]
     for s in after:
         assert {k: after[s].get(k) for k in keys} == {k: train[s].get(k) for k in keys}, s
+
+
+# --- heads-only training (train.freeze=trunk) ----------------------------------------------------------
+FROZEN = ("tok_embeddings.", "trunk.", "heads.0.", "unembed.")
+
+
+def initial_weights(overrides: list[str]) -> dict[str, torch.Tensor]:
+    """The weights the trainer starts from (it seeds with train.seed before building the model)."""
+    cfg = compose_job_config(overrides)
+    torch.manual_seed(cfg.train.seed)
+    return MTPTransformer(cfg.model).state_dict()
+
+
+def assert_heads_only_checkpoint(ckpt, start: dict[str, torch.Tensor]) -> None:
+    """Frozen tensors bit-identical to the start, every other one changed; optimizer state for
+    the trained parameters only."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    from mtp_pretrain.export import read_model_config, read_state_dict
+
+    sd = read_state_dict(ckpt, read_model_config(ckpt))
+    frozen = [k for k in start if k.startswith(FROZEN)]
+    trained = [k for k in start if not k.startswith(FROZEN)]
+    assert len(frozen) > 10 and len(trained) > 10
+    for k in frozen:
+        assert torch.equal(sd[k], start[k]), f"frozen {k} changed"
+    for k in trained:
+        assert not torch.equal(sd[k], start[k]), f"trained {k} did not change"
+    keys = FileSystemReader(str(ckpt)).read_metadata().state_dict_metadata
+    optim = {k.removeprefix("optim.state.").rsplit(".", 1)[0] for k in keys if k.startswith("optim.state.")}
+    assert optim == set(trained)
+
+
+def test_heads_only_one_process_keeps_the_next_token_path_bit_identical(train_overrides, tmp_path):
+    ov = train_overrides + ["train.freeze=trunk", "train.max_steps=8"]
+    code, records = run_inprocess(ov, tmp_path / "run")
+    assert code == 0
+    assert_heads_only_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000008", initial_weights(ov))
+    assert_heads_only_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000004", initial_weights(ov))
+    val = [r for r in records if "val/loss" in r]
+    assert [r["step"] for r in val] == [4, 8]
+    # same validation batches, frozen next-token path: head 1's loss is bitwise the same, the others move
+    assert val[0]["val/loss/head_1"] == val[1]["val/loss/head_1"]
+    assert all(val[0][f"val/loss/head_{i}"] != val[1][f"val/loss/head_{i}"] for i in (2, 3, 4))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_heads_only_two_ranks(strategy, train_overrides, tmp_path):
+    from conftest import run_cli
+
+    ov = train_overrides + ["train.freeze=trunk", "train.max_steps=4", f"parallel={strategy}",
+                            "logging.val_interval=0"]
+    p = run_cli(ov, tmp_path / "run", nproc=2)
+    assert f"strategy={strategy} world_size=2" in p.stdout and "train.freeze=trunk" in p.stdout
+    assert_heads_only_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000004", initial_weights(ov))
+
+
+@pytest.mark.parametrize("strategy", ["deepspeed", "megatron", "tp", "fsdp_tp"])
+def test_heads_only_and_curriculum_refused_where_unsupported(strategy):
+    with pytest.raises(ValueError, match=f"train.freeze=trunk is not supported with parallel.strategy={strategy}"):
+        compose_job_config(["train.freeze=trunk", f"parallel={strategy}"])
+    if strategy in ("deepspeed", "megatron"):
+        with pytest.raises(ValueError, match=f"loss.curriculum=forward is not supported with parallel.strategy="
+                                             f"{strategy}"):
+            compose_job_config(["loss.curriculum=forward", f"parallel={strategy}"])
+
+
+def test_freeze_needs_extra_heads():
+    with pytest.raises(ValueError, match="train.freeze=trunk trains heads 2..n only"):
+        compose_job_config(["model.n_future=1", "train.freeze=trunk"])
+    with pytest.raises(ValueError, match="train.freeze"):
+        compose_job_config(["train.freeze=everything"])
+
+
+def test_hf_llama_heads_only_exports_the_original_next_token_model(tmp_path):
+    """init_from_hf + freeze=trunk: self-speculative heads are added to a Llama; the Llama
+    exported from the trained checkpoint is the original, tensor for tensor."""
+    transformers = pytest.importorskip("transformers")
+    from test_hf_interop import VOCAB as HF_VOCAB
+    from test_hf_interop import random_tokens, tiny_llama
+
+    from mtp_pretrain.config import (CheckpointConfig, DataConfig, DataSourceConfig, JobConfig, LoggingConfig,
+                                     OptimConfig, TrainConfig, WandbConfig)
+    from mtp_pretrain.data.synthetic import write_random_dataset
+    from mtp_pretrain.interop.hf import SIDE_WEIGHTS, export_hf, model_config_from_hf
+    from mtp_pretrain.train import Trainer
+
+    hf, path = tiny_llama(tmp_path, vocab_size=HF_VOCAB)
+    data = tmp_path / "data"
+    write_random_dataset(data, {"train": 20_000, "val": 2_000}, doc_len=100)
+    job = JobConfig(
+        model=model_config_from_hf(path, n_future=3),
+        data=DataConfig(sources=[DataSourceConfig(path=str(data))], seq_len=32, prefetch=0),
+        optim=OptimConfig(lr=1e-2, warmup_steps=0),
+        train=TrainConfig(max_steps=3, micro_batch_size=2, resume="never", init_from_hf=str(path),
+                          device="cpu", dtype="float32", freeze="trunk"),
+        checkpoint=CheckpointConfig(dir=str(tmp_path / "ckpt"), interval=0),
+        logging=LoggingConfig(interval=1, val_interval=0, wandb=WandbConfig(mode="disabled")))
+    trainer = Trainer(job, tmp_path / "run")
+    try:
+        start_heads = {k: v.clone() for k, v in trainer.model.heads[1:].state_dict().items()}
+        assert trainer.train() == 0
+        assert any(not torch.equal(v, trainer.model.heads[1:].state_dict()[k]) for k, v in start_heads.items())
+    finally:
+        trainer.close()
+    out = export_hf(tmp_path / "ckpt", tmp_path / "hf_heads")
+    assert (out / SIDE_WEIGHTS).is_file()  # the trained heads travel in the side file
+    exported = transformers.AutoModelForCausalLM.from_pretrained(out).float().eval()
+    original = hf.state_dict()
+    assert exported.state_dict().keys() == original.keys()
+    for k, v in exported.state_dict().items():
+        assert torch.equal(v, original[k]), k
+    x = random_tokens(2, 30, vocab=HF_VOCAB)
+    with torch.no_grad():
+        assert torch.equal(exported(x).logits, hf(x).logits)
