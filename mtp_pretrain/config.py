@@ -276,6 +276,10 @@ class JobConfig:
         if self.train.freeze != "none" and strategy not in FREEZE_STRATEGIES:
             raise ValueError(f"train.freeze={self.train.freeze} is not supported with parallel.strategy={strategy}; "
                              f"use one of {', '.join(FREEZE_STRATEGIES)}")
+        if self.model.share_extra_heads and strategy not in ("none", "ddp"):
+            # A sharded strategy would shard the one shared head once per depth.
+            raise ValueError(f"model.share_extra_heads is not supported with parallel.strategy={strategy}; "
+                             f"use none or ddp")
         if self.loss.curriculum != "none" and strategy in ("deepspeed", "megatron"):
             # ZeRO's flat partitions expect a gradient for every parameter at every step.
             raise ValueError(f"loss.curriculum={self.loss.curriculum} is not supported with parallel.strategy="

@@ -288,3 +288,80 @@ def test_hf_llama_heads_only_exports_the_original_next_token_model(tmp_path):
     x = random_tokens(2, 30, vocab=HF_VOCAB)
     with torch.no_grad():
         assert torch.equal(exported(x).logits, hf(x).logits)
+
+
+# --- one shared module for heads 2..n (model.share_extra_heads) ---------------------------------------
+def shared_pair() -> tuple[MTPTransformer, MTPTransformer]:
+    """A causal n=4 model with heads 2..4 shared, and an unshared copy holding the same values."""
+    shape = dict(vocab_size=VOCAB, dim=32, n_layers=2, n_heads=4, head_type="causal", max_seq_len=64, n_future=4)
+    torch.manual_seed(0)
+    shared = MTPTransformer(ModelConfig(share_extra_heads=True, **shape)).float()
+    plain = MTPTransformer(ModelConfig(**shape)).float()
+    plain.load_state_dict(shared.state_dict())
+    return shared, plain
+
+
+def test_shared_extra_heads_are_one_set_of_parameters():
+    from mtp_pretrain.model.config import count_parameters
+
+    shared, plain = shared_pair()
+    for (name, a), b, c in zip(shared.heads[1].named_parameters(), shared.heads[2].parameters(),
+                               shared.heads[3].parameters()):
+        assert a is b is c, name
+    assert shared.heads[1].blocks[0].attn.layer_id != shared.heads[2].blocks[0].attn.layer_id  # own cache slots
+    n_shared = sum(p.numel() for p in shared.parameters())
+    assert n_shared == count_parameters(shared.cfg)["total"]
+    per_head = sum(p.numel() for p in plain.heads[1].parameters())
+    assert sum(p.numel() for p in plain.parameters()) - n_shared == 2 * per_head
+    with pytest.raises(ValueError, match="model.share_extra_heads needs head_type=causal"):
+        ModelConfig(share_extra_heads=True, head_type="transformer", n_future=3)
+    with pytest.raises(ValueError, match="model.share_extra_heads is not supported with parallel.strategy=fsdp"):
+        compose_job_config(["model.head_type=causal", "model.share_extra_heads=true", "parallel=fsdp"])
+
+
+@pytest.mark.parametrize("fn", [head_sequential_loss, naive_loss], ids=["head_sequential", "naive"])
+def test_shared_head_gradient_is_the_sum_over_its_depths(fn):
+    shared, plain = shared_pair()
+    tokens = torch.randint(0, VOCAB, (3, 17), generator=torch.Generator().manual_seed(3))
+    loss_s, g_shared = grads_of(fn, shared, tokens, [1.0, 0.5, 0.3, 0.2])
+    loss_p, g_plain = grads_of(fn, plain, tokens, [1.0, 0.5, 0.3, 0.2])
+    assert all(torch.allclose(a, b, rtol=1e-6, atol=0) for a, b in zip(loss_s, loss_p))
+    assert not any(k.startswith(("heads.2.", "heads.3.")) for k in g_shared)  # one parameter, one .grad
+    names = [k for k in g_shared if k.startswith("heads.1.")]
+    assert len(names) > 5
+    for k in names:
+        expected = sum(g_plain[k.replace("heads.1.", f"heads.{d}.", 1)] for d in (1, 2, 3))
+        assert torch.allclose(g_shared[k], expected, rtol=1e-5, atol=1e-7), k
+    for k in g_plain:
+        if not k.startswith("heads."):
+            assert torch.allclose(g_shared[k], g_plain[k], rtol=1e-5, atol=1e-7), k
+
+
+def test_shared_heads_decode_with_their_own_cache_slots():
+    """Self-speculative decoding with the shared head at three depths equals the uncached
+    greedy reference, and its drafts equal an uncached forward's (cache slots not mixed up)."""
+    from test_inference import full_recompute_greedy, ragged_prompts, random_model
+
+    from mtp_pretrain.inference import generate
+
+    model = random_model("causal", n=4, logit_scale=40.0, share_extra_heads=True)
+    assert model.heads[2].fuse.weight is model.heads[3].fuse.weight
+    prompts = ragged_prompts(4)
+    out = generate(model, prompts, mode="self_speculative", max_new_tokens=16)
+    assert out.tokens == [full_recompute_greedy(model, p, 16) for p in prompts]
+    assert out.stats.accepted_per_forward > 0
+
+
+def test_shared_heads_train_and_resume_exactly(train_overrides, tmp_path):
+    ov = train_overrides + ["train.max_steps=6", "model.head_type=causal", "model.share_extra_heads=true",
+                            "logging.val_interval=0"]
+    code, records = run_inprocess(ov, tmp_path / "full")
+    assert code == 0
+    resumed = tmp_path / "resumed"
+    code, again = run_inprocess(ov + [f"train.resume={tmp_path / 'full' / 'checkpoints' / 'step-00000004'}",
+                                      f"checkpoint.dir={resumed / 'checkpoints'}"], resumed)
+    assert code == 0
+    full, after = train_records(records), train_records(again)
+    assert sorted(after) == [5, 6]
+    for s in (5, 6):
+        assert [after[s][0][k] for k in ("loss", "grad_norm")] == [full[s][0][k] for k in ("loss", "grad_norm")]
