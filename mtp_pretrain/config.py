@@ -229,10 +229,18 @@ class LoggingConfig:
     interval: int = 10  # steps between metric lines
     val_interval: int = 100  # steps between validation passes; 0 = off
     val_batches: int = 8  # micro-batches per rank per validation pass
+    # At each validation: greedy self-speculative decoding of this many held-out prompts per
+    # validation source (0 = off), logging val/accept_per_forward (mtp_pretrain/decode_metrics.py).
+    decode_prompts: int = 4
+    decode_new_tokens: int = 64  # tokens generated per prompt (no EOS stop: a fixed budget)
+    decode_prompt_tokens: int = 64  # prompt length, taken from the start of a validation window
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self):
         _at_least("logging.interval", self.interval, 1)
+        _at_least("logging.decode_prompts", self.decode_prompts, 0)
+        _at_least("logging.decode_new_tokens", self.decode_new_tokens, 1)
+        _at_least("logging.decode_prompt_tokens", self.decode_prompt_tokens, 1)
         _at_least("logging.val_interval", self.val_interval, 0)
         _at_least("logging.val_batches", self.val_batches, 1)
 

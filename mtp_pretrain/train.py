@@ -23,6 +23,7 @@ from mtp_pretrain.config import JobConfig, register_configs, to_job_config
 from mtp_pretrain.data import ArrowTokenStream, DataSource
 from mtp_pretrain.flops import device_peak_flops, training_flops_per_token
 from mtp_pretrain.head_schedule import HeadWeights
+from mtp_pretrain.eval.per_head import per_head_sums
 from mtp_pretrain.loss import evaluate_loss, mtp_loss
 from mtp_pretrain.metrics import MetricsLogger, peak_memory_mb
 from mtp_pretrain.model import MTPTransformer, count_parameters
@@ -32,6 +33,8 @@ from mtp_pretrain.parallel import build_strategy, destroy_distributed, init_dist
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; run again to resume
 EXIT_NONFINITE = 3
+# Validation decoding: on the model itself (every rank holds all of it) or on a gathered copy.
+DECODE_ON_MODEL, DECODE_ON_GATHERED = ("none", "ddp"), ("fsdp",)
 ZERO_STRATEGIES = ("deepspeed", "megatron")  # the optimizer is stepped by DeepSpeed's ZeRO (megatron: at stage > 0)
 
 
@@ -126,6 +129,7 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, self.env.is_main, cfg.logging.wandb,
                                      OmegaConf.to_container(OmegaConf.structured(cfg)), wandb_run_id)
         self.flops_per_token = training_flops_per_token(cfg.model, self.seq_len)
+        self.decode_prompts = self._decode_prompts()
         self.peak_flops = device_peak_flops(self.env.device, cfg.hardware.peak_flops)
         self.log(f"model {cfg.model.name}: n_future={n} head_type={cfg.model.head_type} "
                  + " ".join(f"{k}={v / 1e6:.2f}M" for k, v in self.param_counts.items()))
@@ -220,23 +224,76 @@ class Trainer:
         self.scheduler.step()
         return {"loss": loss, "per_head": per_head.tolist(), "weights": weights, "grad_norm": grad_norm, "lr": lr}
 
+    def _decode_prompts(self) -> Optional[dict]:
+        """Held-out prompts for validation decoding, or None where it is off or not measured."""
+        cfg, n = self.cfg, self.cfg.model.n_future
+        if not (cfg.logging.decode_prompts and cfg.logging.val_interval and n > 1):
+            return None
+        if self.strategy.name not in DECODE_ON_MODEL + DECODE_ON_GATHERED:
+            self.log(f"validation decoding (logging.decode_prompts) is not measured under parallel.strategy="
+                     f"{self.strategy.name}: run mtp-generate on a checkpoint instead")
+            return None
+        from mtp_pretrain.decode_metrics import held_out_prompts, write_prompts
+
+        prompts = held_out_prompts([s.path for s in cfg.data.sources], cfg.logging.decode_prompts,
+                                   cfg.logging.decode_prompt_tokens, cfg.train.seed)
+        if self.env.is_main:
+            write_prompts(self.run_dir / "decode_prompts.json", prompts, n, cfg.logging.decode_new_tokens)
+        return prompts
+
     @torch.no_grad()
     def validate(self) -> dict:
+        t0 = time.perf_counter()
         stream = self._stream("val", infinite=False, prefetch=0)
-        sums = torch.zeros(self.cfg.model.n_future, dtype=torch.float64)
-        counts = torch.zeros(self.cfg.model.n_future, dtype=torch.float64)
+        n = self.cfg.model.n_future
+        # Top-1 accuracy needs full logits: not under tensor parallelism (vocab-sharded unembedding).
+        accuracy = self.strategy.name in DECODE_ON_MODEL + DECODE_ON_GATHERED
+        sums, correct, counts = (torch.zeros(n, dtype=torch.float64) for _ in range(3))
         for k, tokens in enumerate(stream):
             if k >= self.cfg.logging.val_batches:
                 break
+            tokens = tokens.to(self.env.device)
             with self.strategy.loss_context():
-                s, c = evaluate_loss(self.model, tokens.to(self.env.device), seq_len=self.seq_len,
-                                     chunk_size=self.cfg.loss.chunk_size, pad_id=self.pad_id)
-            sums += torch.stack(s).double().cpu()
-            counts += torch.tensor(c, dtype=torch.float64)
-        both = self.strategy.all_reduce_mean(torch.cat([sums, counts]).float()).double()
-        n = self.cfg.model.n_future
-        mean = both[:n] / both[n:].clamp(min=1)
-        return {f"val/loss/head_{i + 1}": float(v) for i, v in enumerate(mean)} | {"val/loss": float(mean[0])}
+                if accuracy:
+                    s, ok, c = per_head_sums(self.model, tokens, seq_len=self.seq_len, pad_id=self.pad_id)
+                    correct += ok
+                else:
+                    s, c = evaluate_loss(self.model, tokens, seq_len=self.seq_len,
+                                         chunk_size=self.cfg.loss.chunk_size, pad_id=self.pad_id)
+                    s, c = torch.stack(s).double().cpu(), torch.tensor(c, dtype=torch.float64)
+            sums += s
+            counts += c
+        both = self.strategy.all_reduce_mean(torch.cat([sums, correct, counts]).float()).double()
+        mean, acc = both[:n] / both[2 * n:].clamp(min=1), both[n:2 * n] / both[2 * n:].clamp(min=1)
+        out = {f"val/loss/head_{i + 1}": float(v) for i, v in enumerate(mean)} | {"val/loss": float(mean[0])}
+        if accuracy:
+            out |= {f"val/acc/head_{i + 1}": float(v) for i, v in enumerate(acc)}
+        out["val/loss_s"] = time.perf_counter() - t0
+        if self.decode_prompts is not None:
+            decoded = self._decode()
+            if decoded:
+                out |= decoded | {"val/decode_cost": decoded["val/decode_s"] / out["val/loss_s"]}
+        return out
+
+    def _decode(self) -> dict:
+        """Validation decoding on the main rank; under FSDP on a copy gathered there (every rank
+        takes part in the gather). Other ranks return {} (metrics are logged by the main rank)."""
+        from mtp_pretrain.decode_metrics import measure_decoding
+
+        model = self.model
+        if self.strategy.name in DECODE_ON_GATHERED:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if not self.env.is_main:
+                return {}
+            if getattr(self, "_gathered", None) is None:
+                self._gathered = MTPTransformer(self.cfg.model)
+            self._gathered.load_state_dict(full)
+            model = self._gathered
+        elif not self.env.is_main:
+            return {}
+        return measure_decoding(model, self.decode_prompts, self.cfg.logging.decode_new_tokens)
 
     def train(self) -> int:
         cfg = self.cfg
@@ -294,9 +351,11 @@ class Trainer:
 
     def _log_val(self) -> None:
         v = self.validate()
-        self.metrics.log({"step": self.step, **v},
-                         console=f"step {self.step:>6} validation " + " ".join(
-                             f"{k.split('/')[-1]}={x:.4f}" for k, x in v.items() if "head" in k))
+        shown = " ".join(f"{k.split('/')[-1]}={x:.4f}" for k, x in v.items() if k.startswith("val/loss/head"))
+        if "val/accept_per_forward" in v:
+            shown += (f" accept/forward={v['val/accept_per_forward']:.3f} (decode {v['val/decode_s']:.1f}s = "
+                      f"{100 * v['val/decode_cost']:.0f}% of the {v['val/loss_s']:.1f}s loss pass)")
+        self.metrics.log({"step": self.step, **v}, console=f"step {self.step:>6} validation {shown}")
 
     def close(self) -> None:
         self.metrics.close()

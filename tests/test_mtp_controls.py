@@ -365,3 +365,58 @@ def test_shared_heads_train_and_resume_exactly(train_overrides, tmp_path):
     assert sorted(after) == [5, 6]
     for s in (5, 6):
         assert [after[s][0][k] for k in ("loss", "grad_norm")] == [full[s][0][k] for k in ("loss", "grad_norm")]
+
+
+# --- decoding measured during validation -------------------------------------------------------------
+def test_validation_decoding_equals_mtp_generate(tmp_path, capsys):
+    """The logged val/accept_per_forward and val/accept_rate/pos_k are what mtp-generate
+    --mode self_speculative --num-drafts n-1 --no-eos reports for the same checkpoint, prompts
+    and token budget. Data of three token ids: after a few steps the heads predict those, so
+    drafts are accepted about a third of the time (not a degenerate 0 or 1)."""
+    import json
+    import shutil
+
+    from conftest import tiny_overrides
+    from mtp_pretrain.checkpoint import TRAIN_STATE
+    from mtp_pretrain.data.synthetic import write_random_dataset
+    from mtp_pretrain.inference.cli import main as mtp_generate
+
+    data = []
+    for i, name in enumerate(("x", "y")):
+        write_random_dataset(tmp_path / name, {"train": 20_000, "val": 4_000}, high=3, doc_len=300, seed=i)
+        data.append(tmp_path / name)
+    run = tmp_path / "run"
+    ov = tiny_overrides(data) + ["train.max_steps=8", "logging.val_interval=8", "logging.decode_prompts=3",
+                                 "logging.decode_new_tokens=20", "logging.decode_prompt_tokens=12"]
+    code, records = run_inprocess(ov, run)
+    assert code == 0
+    (val,) = [r for r in records if "val/accept_per_forward" in r]
+    assert val["step"] == 8 and 1.1 < val["val/accept_per_forward"] < 4
+    assert all(0 < val[f"val/acc/head_{i}"] <= 1 for i in range(1, 5)) and val["val/decode_s"] > 0
+    spec = json.loads((run / "decode_prompts.json").read_text())
+    assert spec["num_drafts"] == 3 and spec["max_new_tokens"] == 20 and sorted(spec["prompts"]) == ["x", "y"]
+
+    # The same checkpoint, with no data source named: mtp-generate then reads prompts as token ids.
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(run / "checkpoints" / "step-00000008", ckpt)
+    state = json.loads((ckpt / TRAIN_STATE).read_text())
+    (ckpt / TRAIN_STATE).write_text(json.dumps(state | {"data_sources": []}))
+    tokens = passes = 0
+    for source, prompts in spec["prompts"].items():
+        assert len(prompts) == 3 and all(len(p) == 12 for p in prompts)
+        capsys.readouterr()
+        mtp_generate([str(ckpt), "--mode", "self_speculative", "--num-drafts", "3", "--no-eos",
+                      "--max-new-tokens", "20", "--batch-size", "3", "--json"]
+                     + [a for p in prompts for a in ("--prompt", ",".join(map(str, p)))])
+        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+        assert len(lines) == 3
+        run_stats = lines[0]["run"]
+        assert run_stats["accepted_per_forward"] == round(val[f"val/accept_per_forward/{source}"], 4)
+        for line in lines:
+            tokens += line["stats"]["tokens_generated"]
+            passes += line["stats"]["forward_passes"]
+    assert tokens == 2 * 3 * 20
+    assert val["val/accept_per_forward"] == tokens / passes
+    # unconditional rates: a draft behind a rejected one is not accepted, so they cannot rise with k
+    rates = [val[f"val/accept_rate/pos_{k}"] for k in (1, 2, 3)]
+    assert 0 < rates[0] <= 1 and rates[0] >= rates[1] >= rates[2]
