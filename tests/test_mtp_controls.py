@@ -224,10 +224,13 @@ def test_heads_only_two_ranks(strategy, train_overrides, tmp_path):
     from conftest import run_cli
 
     ov = train_overrides + ["train.freeze=trunk", "train.max_steps=4", f"parallel={strategy}",
-                            "logging.val_interval=0"]
+                            "logging.val_interval=4", "logging.decode_prompts=2", "logging.decode_new_tokens=8"]
     p = run_cli(ov, tmp_path / "run", nproc=2)
     assert f"strategy={strategy} world_size=2" in p.stdout and "train.freeze=trunk" in p.stdout
     assert_heads_only_checkpoint(tmp_path / "run" / "checkpoints" / "step-00000004", initial_weights(ov))
+    # validation decoding runs under both (fsdp: on a copy gathered to rank 0)
+    (val,) = [r for r in read_metrics(tmp_path / "run") if "val/loss" in r]
+    assert val["val/accept_per_forward"] >= 1 and "val/accept_rate/pos_3" in val and "val/acc/head_4" in val
 
 
 @pytest.mark.parametrize("strategy", ["deepspeed", "megatron", "tp", "fsdp_tp"])
