@@ -33,7 +33,7 @@ def held_out_prompts(paths: list[str], n_prompts: int, prompt_tokens: int, seed:
         stream = ArrowTokenStream(sources=[DataSource(path=path, weight=1.0)], window=prompt_tokens,
                                   micro_batch_size=n_prompts, seed=seed, split="val", prefetch=0, infinite=False)
         batch = next(iter(stream))
-        stream.close() if hasattr(stream, "close") else None
+        stream.close()
         name = Path(path).name
         if name in prompts:  # two sources with one folder name: keep both apart
             name = f"{name}_{len(prompts)}"

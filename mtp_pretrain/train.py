@@ -130,6 +130,7 @@ class Trainer:
                                      OmegaConf.to_container(OmegaConf.structured(cfg)), wandb_run_id)
         self.flops_per_token = training_flops_per_token(cfg.model, self.seq_len)
         self.decode_prompts = self._decode_prompts()
+        self._gathered: Optional[MTPTransformer] = None  # fsdp: rank 0's full copy for validation decoding
         self.peak_flops = device_peak_flops(self.env.device, cfg.hardware.peak_flops)
         self.log(f"model {cfg.model.name}: n_future={n} head_type={cfg.model.head_type} "
                  + " ".join(f"{k}={v / 1e6:.2f}M" for k, v in self.param_counts.items()))
@@ -287,8 +288,8 @@ class Trainer:
             full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
             if not self.env.is_main:
                 return {}
-            if getattr(self, "_gathered", None) is None:
-                self._gathered = MTPTransformer(self.cfg.model)
+            if self._gathered is None:
+                self._gathered = MTPTransformer(self.cfg.model).to(self.env.device)
             self._gathered.load_state_dict(full)
             model = self._gathered
         elif not self.env.is_main:
