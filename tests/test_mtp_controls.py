@@ -423,3 +423,20 @@ def test_validation_decoding_equals_mtp_generate(tmp_path, capsys):
     # unconditional rates: a draft behind a rejected one is not accepted, so they cannot rise with k
     rates = [val[f"val/accept_rate/pos_{k}"] for k in (1, 2, 3)]
     assert 0 < rates[0] <= 1 and rates[0] >= rates[1] >= rates[2]
+
+
+@pytest.mark.parametrize("head_type", ["transformer", "linear", "causal"])
+def test_frozen_next_token_path_gets_no_gradient_in_either_loss(head_type):
+    from mtp_pretrain.train import freeze_next_token_path
+
+    big, _ = pair(head_type)
+    freeze_next_token_path(big)
+    tokens = torch.randint(0, VOCAB, (3, 17), generator=torch.Generator().manual_seed(4))
+    seq_loss, seq = grads_of(head_sequential_loss, big, tokens, [1.0, 1.0, 0.5, 0.25])
+    ref_loss, ref = grads_of(naive_loss, big, tokens, [1.0, 1.0, 0.5, 0.25])
+    trained = sorted(n for n, p in big.named_parameters() if p.requires_grad)
+    assert trained and all(n.startswith(("heads.1.", "heads.2.", "heads.3.")) for n in trained)
+    assert sorted(seq) == sorted(ref) == trained
+    assert all(torch.isfinite(l) for l in seq_loss)  # head 1 still reports its loss
+    for n in trained:
+        assert torch.allclose(seq[n], ref[n], rtol=1e-5, atol=1e-7), n
