@@ -404,22 +404,21 @@ def test_validation_decoding_equals_mtp_generate(tmp_path, capsys):
     shutil.copytree(run / "checkpoints" / "step-00000008", ckpt)
     state = json.loads((ckpt / TRAIN_STATE).read_text())
     (ckpt / TRAIN_STATE).write_text(json.dumps(state | {"data_sources": []}))
-    tokens = passes = 0
-    for source, prompts in spec["prompts"].items():
-        assert len(prompts) == 3 and all(len(p) == 12 for p in prompts)
-        capsys.readouterr()
-        mtp_generate([str(ckpt), "--mode", "self_speculative", "--num-drafts", "3", "--no-eos",
-                      "--max-new-tokens", "20", "--batch-size", "3", "--json"]
-                     + [a for p in prompts for a in ("--prompt", ",".join(map(str, p)))])
-        lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
-        assert len(lines) == 3
-        run_stats = lines[0]["run"]
-        assert run_stats["accepted_per_forward"] == round(val[f"val/accept_per_forward/{source}"], 4)
-        for line in lines:
-            tokens += line["stats"]["tokens_generated"]
-            passes += line["stats"]["forward_passes"]
-    assert tokens == 2 * 3 * 20
-    assert val["val/accept_per_forward"] == tokens / passes
+    prompts = [p for source in ("x", "y") for p in spec["prompts"][source]]  # the trainer's order
+    assert len(prompts) == 6 and all(len(p) == 12 for p in prompts)
+    capsys.readouterr()
+    mtp_generate([str(ckpt), "--mode", "self_speculative", "--num-drafts", "3", "--no-eos",
+                  "--max-new-tokens", "20", "--batch-size", "6", "--json"]
+                 + [a for p in prompts for a in ("--prompt", ",".join(map(str, p)))])
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(lines) == 6 and lines[0]["run"]["tokens_generated"] == 6 * 20
+    assert lines[0]["run"]["accepted_per_forward"] == round(val["val/accept_per_forward"], 4)
+    for source, rows in (("x", lines[:3]), ("y", lines[3:])):
+        tokens = sum(line["stats"]["tokens_generated"] for line in rows)
+        passes = sum(line["stats"]["forward_passes"] for line in rows)
+        assert val[f"val/accept_per_forward/{source}"] == tokens / passes
+    tokens = sum(line["stats"]["tokens_generated"] for line in lines)
+    assert val["val/accept_per_forward"] == tokens / sum(line["stats"]["forward_passes"] for line in lines)
     # unconditional rates: a draft behind a rejected one is not accepted, so they cannot rise with k
     rates = [val[f"val/accept_rate/pos_{k}"] for k in (1, 2, 3)]
     assert 0 < rates[0] <= 1 and rates[0] >= rates[1] >= rates[2]
