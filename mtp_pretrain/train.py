@@ -21,9 +21,9 @@ from omegaconf import OmegaConf
 from mtp_pretrain.checkpoint import CheckpointManager, find_latest
 from mtp_pretrain.config import JobConfig, register_configs, to_job_config
 from mtp_pretrain.data import ArrowTokenStream, DataSource
+from mtp_pretrain.eval.per_head import per_head_sums
 from mtp_pretrain.flops import device_peak_flops, training_flops_per_token
 from mtp_pretrain.head_schedule import HeadWeights
-from mtp_pretrain.eval.per_head import per_head_sums
 from mtp_pretrain.loss import evaluate_loss, mtp_loss
 from mtp_pretrain.metrics import MetricsLogger, peak_memory_mb
 from mtp_pretrain.model import MTPTransformer, count_parameters
