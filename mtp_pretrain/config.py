@@ -28,15 +28,72 @@ def _at_least(name: str, value: Any, low: float) -> None:
         raise ValueError(f"{name} must be >= {low}, got {value!r}")
 
 
+FREEZE_STRATEGIES = ("none", "ddp", "fsdp")  # where train.freeze=trunk is implemented and tested
+WEIGHT_PRESETS = ("uniform", "harmonic", "exponential")
+WEIGHT_SCHEDULES = ("constant", "step", "linear", "cosine")
+
+
+@dataclass
+class HeadWeightScheduleConfig:
+    """Per-head loss weights over training (mtp_pretrain/head_schedule.py, docs/mtp_controls.md).
+
+    Each end of the schedule is a vector with one weight per head: ``from_weights`` /
+    ``to_weights`` if given, else head 1 = 1 and head i > 1 = scale x the preset's shape."""
+
+    kind: str = "constant"  # constant (the from vector) | step | linear | cosine
+    unit: str = "step"  # what begin/end count: step (optimizer steps) | tokens (tokens seen)
+    begin: int = 0  # step: where the to vector takes over; linear/cosine: where the anneal starts
+    end: int = 0  # linear/cosine: where the anneal reaches the to vector
+    preset: str = "uniform"  # extra heads relative to head 1: uniform (1) | harmonic (1/i) | exponential (gamma^(i-1))
+    gamma: float = 0.5  # exponential preset's base
+    from_scale: float = 1.0  # extra heads' weight scale at the start (e.g. 0.3)
+    to_scale: float = 1.0  # ... and after the change (e.g. 0.1)
+    from_weights: Optional[list[float]] = None  # explicit vector instead of preset x from_scale
+    to_weights: Optional[list[float]] = None  # explicit vector instead of preset x to_scale
+
+    def __post_init__(self):
+        _choice("loss.weight_schedule.kind", self.kind, WEIGHT_SCHEDULES)
+        _choice("loss.weight_schedule.unit", self.unit, ("step", "tokens"))
+        _choice("loss.weight_schedule.preset", self.preset, WEIGHT_PRESETS)
+        _at_least("loss.weight_schedule.begin", self.begin, 0)
+        _at_least("loss.weight_schedule.end", self.end, 0)
+        _at_least("loss.weight_schedule.from_scale", self.from_scale, 0.0)
+        _at_least("loss.weight_schedule.to_scale", self.to_scale, 0.0)
+        if not (isinstance(self.gamma, (int, float)) and self.gamma > 0):
+            raise ValueError(f"loss.weight_schedule.gamma must be > 0, got {self.gamma!r}")
+        if self.kind in ("linear", "cosine") and self.end <= self.begin:
+            raise ValueError(f"loss.weight_schedule: kind={self.kind} anneals from begin to end, so end must be > "
+                             f"begin; got begin={self.begin}, end={self.end}")
+        for name in ("from_weights", "to_weights"):
+            vec = getattr(self, name)
+            if vec is not None and any(not isinstance(w, (int, float)) or w < 0 for w in vec):
+                raise ValueError(f"loss.weight_schedule.{name} must hold weights >= 0, got {list(vec)}")
+
+
 @dataclass
 class LossConfig:
     impl: str = "head_sequential"  # head_sequential | naive
     chunk_size: int = 0  # tokens per cross-entropy chunk; 0 = whole micro-batch at once
-    head_weights: Optional[list[float]] = None  # None = every head weighs 1
+    head_weights: Optional[list[float]] = None  # a constant vector (one per head); None = weight_schedule
+    weight_schedule: HeadWeightScheduleConfig = field(default_factory=HeadWeightScheduleConfig)
+    # none | forward (head 1 alone first, one more head at each boundary) | reverse (every head first,
+    # the last one still on turned off at each boundary). Heads that are off weigh 0 and are skipped.
+    curriculum: str = "none"
+    curriculum_steps: Optional[list[int]] = None  # n_future - 1 increasing steps; None = evenly spread
 
     def __post_init__(self):
         _choice("loss.impl", self.impl, ("head_sequential", "naive"))
         _at_least("loss.chunk_size", self.chunk_size, 0)
+        _choice("loss.curriculum", self.curriculum, ("none", "forward", "reverse"))
+        if self.head_weights is not None:
+            if any(not isinstance(w, (int, float)) or w < 0 for w in self.head_weights):
+                raise ValueError(f"loss.head_weights must hold weights >= 0, got {list(self.head_weights)}")
+            if self.weight_schedule != HeadWeightScheduleConfig():
+                raise ValueError("set either loss.head_weights (a constant vector) or loss.weight_schedule, not both")
+        if self.curriculum_steps is not None:
+            steps = list(self.curriculum_steps)
+            if any(not isinstance(s, int) or s < 1 for s in steps) or steps != sorted(set(steps)):
+                raise ValueError(f"loss.curriculum_steps must be strictly increasing steps >= 1, got {steps}")
 
 
 @dataclass
@@ -104,9 +161,13 @@ class TrainConfig:
     dtype: str = "auto"  # auto (bf16 autocast where supported, else fp32) | float32 | bfloat16
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
     device: str = "auto"  # auto | cpu | cuda
+    # none | trunk: heads-only training. Embeddings, trunk, head 1 and the unembedding stay frozen
+    # (no gradient, no optimizer state); only heads 2..n train (docs/mtp_controls.md).
+    freeze: str = "none"
 
     def __post_init__(self):
         _at_least("train.max_steps", self.max_steps, 1)
+        _choice("train.freeze", self.freeze, ("none", "trunk"))
         _at_least("train.micro_batch_size", self.micro_batch_size, 1)
         if self.global_batch_tokens is not None:
             _at_least("train.global_batch_tokens", self.global_batch_tokens, 1)
@@ -173,10 +234,18 @@ class LoggingConfig:
     interval: int = 10  # steps between metric lines
     val_interval: int = 100  # steps between validation passes; 0 = off
     val_batches: int = 8  # micro-batches per rank per validation pass
+    # At each validation: greedy self-speculative decoding of this many held-out prompts per
+    # validation source (0 = off), logging val/accept_per_forward (mtp_pretrain/decode_metrics.py).
+    decode_prompts: int = 4
+    decode_new_tokens: int = 64  # tokens generated per prompt (no EOS stop: a fixed budget)
+    decode_prompt_tokens: int = 64  # prompt length, taken from the start of a validation window
     wandb: WandbConfig = field(default_factory=WandbConfig)
 
     def __post_init__(self):
         _at_least("logging.interval", self.interval, 1)
+        _at_least("logging.decode_prompts", self.decode_prompts, 0)
+        _at_least("logging.decode_new_tokens", self.decode_new_tokens, 1)
+        _at_least("logging.decode_prompt_tokens", self.decode_prompt_tokens, 1)
         _at_least("logging.val_interval", self.val_interval, 0)
         _at_least("logging.val_batches", self.val_batches, 1)
 
@@ -207,9 +276,34 @@ class JobConfig:
         if gbt is not None and gbt % micro:  # the data-parallel world size is checked at start-up
             raise ValueError(f"train.global_batch_tokens={gbt} must be a multiple of train.micro_batch_size x "
                              f"data.seq_len = {micro} (times the data-parallel ranks)")
-        if self.loss.head_weights is not None and len(self.loss.head_weights) != self.model.n_future:
-            raise ValueError(f"loss.head_weights has {len(self.loss.head_weights)} entries "
-                             f"but model.n_future is {self.model.n_future}")
+        n = self.model.n_future
+        ws = self.loss.weight_schedule
+        for name, vec in (("loss.head_weights", self.loss.head_weights),
+                          ("loss.weight_schedule.from_weights", ws.from_weights),
+                          ("loss.weight_schedule.to_weights", ws.to_weights)):
+            if vec is not None and len(vec) != n:
+                raise ValueError(f"{name} has {len(vec)} entries but model.n_future is {n}")
+        if self.train.freeze == "trunk" and n < 2:
+            raise ValueError("train.freeze=trunk trains heads 2..n only: it needs model.n_future >= 2, got 1")
+        strategy = self.parallel.strategy
+        if self.train.freeze != "none" and strategy not in FREEZE_STRATEGIES:
+            raise ValueError(f"train.freeze={self.train.freeze} is not supported with parallel.strategy={strategy}; "
+                             f"use one of {', '.join(FREEZE_STRATEGIES)}")
+        if self.model.share_extra_heads and strategy not in ("none", "ddp"):
+            # A sharded strategy would shard the one shared head once per depth.
+            raise ValueError(f"model.share_extra_heads is not supported with parallel.strategy={strategy}; "
+                             f"use none or ddp")
+        if self.loss.curriculum != "none" and strategy in ("deepspeed", "megatron"):
+            # ZeRO's flat partitions expect a gradient for every parameter at every step.
+            raise ValueError(f"loss.curriculum={self.loss.curriculum} is not supported with parallel.strategy="
+                             f"{strategy}; use none, ddp, fsdp, tp or fsdp_tp")
+        if self.loss.curriculum != "none":
+            if n < 2:
+                raise ValueError(f"loss.curriculum={self.loss.curriculum} needs model.n_future >= 2, got {n}")
+            steps = self.loss.curriculum_steps
+            if steps is not None and len(steps) != n - 1:
+                raise ValueError(f"loss.curriculum_steps has {len(steps)} boundaries; model.n_future={n} needs "
+                                 f"n_future - 1 = {n - 1}")
 
 
 def register_configs() -> None:

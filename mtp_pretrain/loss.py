@@ -48,7 +48,7 @@ class GradSyncHooks:
 @dataclass
 class MTPLoss:
     loss: torch.Tensor  # detached weighted sum of the per-head mean losses
-    per_head: list[torch.Tensor]  # detached mean cross-entropy of each head
+    per_head: list[torch.Tensor]  # detached mean cross-entropy of each head; NaN for a skipped head
     n_targets: list[int]  # valid target tokens of each head in this micro-batch
 
 
@@ -92,37 +92,44 @@ def head_sequential_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len
     hooks = hooks or GradSyncHooks()
     T, weights, targets, counts = _setup(model, tokens, seq_len, weights, pad_id)
     n = model.n_future
+    run, last = _heads_to_run(weights, model.heads_chain)
     z = model.trunk_forward(tokens[:, :T])
-    z_leaf = z.detach().requires_grad_(True)
+    # A frozen trunk (train.freeze=trunk) yields z without a graph: then nothing backprops into it.
+    z_leaf = z.detach().requires_grad_(z.requires_grad)
     per_head = []
     chained = []  # causal heads: (state, leaf of state) kept for the reverse pass below
     x = z_leaf
     for i in range(1, n + 1):
+        if not run[i - 1]:
+            per_head.append(_SKIPPED.to(z.device))
+            continue
         h, y = model.head_forward(i, x, shifted_tokens(tokens, i, T))
         if model.heads_chain:
             # Later heads read this state: cut the graph here, backprop the unembedding now
             # (frees the logits), and backprop the head itself once the later heads are done.
-            y_leaf = y.detach().requires_grad_(True)
+            y_leaf = y.detach().requires_grad_(y.requires_grad)
             loss_i = model.unembed(y_leaf, targets[i - 1], chunk_size=chunk_size) / max(counts[i - 1], 1)
-            hooks.before_head_backward(i, last=i == n)
-            (loss_i * (weights[i - 1] * loss_scale)).backward()
-            x = h.detach().requires_grad_(True)
+            hooks.before_head_backward(i, last=i == last)
+            if loss_i.requires_grad:
+                (loss_i * (weights[i - 1] * loss_scale)).backward()
+            x = h.detach().requires_grad_(h.requires_grad)
             chained.append((h, y, y_leaf, x))
         else:
             loss_i = model.unembed(y, targets[i - 1], chunk_size=chunk_size) / max(counts[i - 1], 1)
-            hooks.before_head_backward(i, last=i == n)
-            (loss_i * (weights[i - 1] * loss_scale)).backward()
+            hooks.before_head_backward(i, last=i == last)
+            if loss_i.requires_grad:
+                (loss_i * (weights[i - 1] * loss_scale)).backward()
         per_head.append(loss_i.detach())
         del h, y, loss_i
     # Causal heads, last to first: each backward also fills the leaf of the previous head's state.
     for h, y, y_leaf, h_leaf in reversed(chained):
-        outputs, grads = [y], [y_leaf.grad]
-        if h_leaf.grad is not None:
-            outputs.append(h)
-            grads.append(h_leaf.grad)
-        torch.autograd.backward(outputs, grads)
+        pairs = [(y, y_leaf.grad), (h, h_leaf.grad)]
+        pairs = [(out, g) for out, g in pairs if g is not None and out.requires_grad]
+        if pairs:
+            torch.autograd.backward(*zip(*pairs))
     hooks.before_trunk_backward()
-    z.backward(z_leaf.grad)
+    if z.requires_grad and z_leaf.grad is not None:
+        z.backward(z_leaf.grad)
     return _result(per_head, weights, counts)
 
 
@@ -133,16 +140,21 @@ def naive_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len: Optional
     """The reference: all heads forward, the weighted sum of their losses, one backward."""
     hooks = hooks or GradSyncHooks()
     T, weights, targets, counts = _setup(model, tokens, seq_len, weights, pad_id)
+    run, last = _heads_to_run(weights, model.heads_chain)
     z = model.trunk_forward(tokens[:, :T])
     x, per_head = z, []
     for i in range(1, model.n_future + 1):
+        if not run[i - 1]:  # no forward, so no gradient (not even zeros) for its parameters
+            per_head.append(_SKIPPED.to(z.device))
+            continue
         h, y = model.head_forward(i, x if model.heads_chain else z, shifted_tokens(tokens, i, T))
         per_head.append(model.unembed(y, targets[i - 1], chunk_size=chunk_size) / max(counts[i - 1], 1))
         x = h
-    total = sum(w * l for w, l in zip(weights, per_head))
-    hooks.before_head_backward(model.n_future, last=True)
+    total = sum(w * l for w, l, r in zip(weights, per_head, run) if r)
+    hooks.before_head_backward(last, last=True)
     hooks.before_trunk_backward()
-    (total * loss_scale).backward()
+    if total.requires_grad:
+        (total * loss_scale).backward()
     return _result([l.detach() for l in per_head], weights, counts)
 
 
@@ -169,6 +181,22 @@ def mtp_loss(impl: str, model: MTPTransformer, tokens: torch.Tensor, **kwargs) -
     return LOSS_IMPLS[impl](model, tokens, **kwargs)
 
 
+# The per-head loss reported for a head that was skipped (weight 0): not computed.
+_SKIPPED = torch.tensor(float("nan"))
+
+
+def _heads_to_run(weights: Sequence[float], chain: bool) -> tuple[list[bool], int]:
+    """Which heads run (forward and backward), and the last one that does. A head at weight 0
+    is skipped; a chained (causal) head only if every later head is at weight 0 too, since
+    those read its state."""
+    run = [w != 0 for w in weights]
+    if chain:
+        run = [any(run[i:]) for i in range(len(run))]
+    if not any(run):
+        raise ValueError(f"every head has weight 0 ({list(weights)}): nothing to train")
+    return run, max(i for i, r in enumerate(run, 1) if r)
+
+
 def _result(per_head, weights, counts) -> MTPLoss:
-    total = sum(w * l for w, l in zip(weights, per_head))
+    total = sum(w * l for w, l in zip(weights, per_head) if w != 0)
     return MTPLoss(loss=total.detach(), per_head=per_head, n_targets=counts)

@@ -54,3 +54,22 @@ def lr_factor(step: int, cfg: OptimConfig, max_steps: int) -> float:
 
 def build_scheduler(optimizer, cfg: OptimConfig, max_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, cfg, max_steps))
+
+
+@torch.no_grad()
+def init_adamw_state(optimizer: torch.optim.AdamW) -> None:
+    """Create now the state AdamW creates lazily at a parameter's first step (step 0, zero
+    moments), for every parameter that has none. A parameter without a gradient yet (a head the
+    curriculum turns on later) otherwise has no state in a checkpoint, and resuming fails: the
+    optimizer being loaded initialises state for all parameters and then looks for theirs. The
+    numbers are those of the lazy initialisation, so training is unchanged."""
+    for group in optimizer.param_groups:
+        if group.get("fused") or group.get("capturable") or group.get("amsgrad"):
+            raise ValueError("init_adamw_state supports plain AdamW (no fused / capturable / amsgrad)")
+        for p in group["params"]:
+            state = optimizer.state[p]
+            if not state:
+                state["step"] = torch.tensor(0.0, dtype=torch.float64 if torch.get_default_dtype() == torch.float64
+                                             else torch.float32)
+                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)

@@ -22,16 +22,21 @@ from omegaconf import OmegaConf
 from mtp_pretrain.checkpoint import CheckpointManager
 from mtp_pretrain.config import JobConfig, register_configs, to_job_config
 from mtp_pretrain.data import ArrowTokenStream, DataSource
+from mtp_pretrain.eval.per_head import per_head_sums
 from mtp_pretrain.flops import device_peak_flops, training_flops_per_token
+from mtp_pretrain.head_schedule import HeadWeights
 from mtp_pretrain.loss import evaluate_loss, mtp_loss
 from mtp_pretrain.metrics import MetricsLogger, peak_memory_mb
 from mtp_pretrain.model import MTPTransformer, count_parameters
 from mtp_pretrain.model.config import check_vocab
-from mtp_pretrain.optim import build_adamw, build_scheduler
+from mtp_pretrain.optim import build_adamw, build_scheduler, init_adamw_state
 from mtp_pretrain.parallel import build_strategy, destroy_distributed, init_distributed
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; run again to resume
 EXIT_NONFINITE = 3
+# Validation decoding: on the model itself (every rank holds all of it) or on a gathered copy.
+DECODE_ON_MODEL, DECODE_ON_GATHERED = ("none", "ddp"), ("fsdp",)
+ZERO_STRATEGIES = ("deepspeed", "megatron")  # the optimizer is stepped by DeepSpeed's ZeRO (megatron: at stage > 0)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -57,6 +62,19 @@ def autocast_dtype(cfg: JobConfig, device: torch.device) -> Optional[torch.dtype
     if cfg.train.dtype == "auto" and device.type == "cuda" and torch.cuda.is_bf16_supported():
         return torch.bfloat16
     return None
+
+
+def freeze_next_token_path(model: MTPTransformer) -> int:
+    """Freeze what the next-token prediction uses -- embeddings, trunk, head 1, unembedding -- so
+    that only heads 2..n train; returns the number of parameters frozen. Frozen parameters get no
+    gradient, the trunk no backward (the losses see an output without a graph), and the optimizer
+    (built from parameters that require grad) no state for them."""
+    frozen = {}
+    for module in (model.tok_embeddings, *model.trunk, model.heads[0], model.unembed):
+        for p in module.parameters():
+            p.requires_grad_(False)
+            frozen[id(p)] = p.numel()  # by id: a tied weight counts once
+    return sum(frozen.values())
 
 
 class Trainer:
@@ -92,10 +110,17 @@ class Trainer:
             from mtp_pretrain.interop.hf import load_hf_weights
 
             load_hf_weights(model, cfg.train.init_from_hf, extra_heads=cfg.train.init_from_hf_heads, log=self.log)
+        if cfg.train.freeze == "trunk":
+            frozen = freeze_next_token_path(model)
+            self.log(f"train.freeze=trunk: {frozen / 1e6:.2f}M parameters frozen (embeddings, trunk, head 1, "
+                     f"unembedding); heads 2..{n} train")
         self.param_counts = count_parameters(cfg.model)
         self.model = self.strategy.parallelize(model)
         self.optimizer = self.strategy.build_optimizer(self.model, lambda m: build_adamw(m, cfg.optim))
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
+        self.head_weights = HeadWeights(cfg.loss, n, cfg.train.max_steps)
+        if self.strategy.name not in ZERO_STRATEGIES:  # those keep the state in their own partitions
+            init_adamw_state(self.optimizer)
         torch.manual_seed(cfg.train.seed + 1000 * self.env.rank)
 
         self.ckpt = CheckpointManager(Path(cfg.checkpoint.dir or self.run_dir / "checkpoints"),
@@ -105,6 +130,8 @@ class Trainer:
         self.metrics = MetricsLogger(self.run_dir, self.env.is_main, cfg.logging.wandb,
                                      OmegaConf.to_container(OmegaConf.structured(cfg)), wandb_run_id)
         self.flops_per_token = training_flops_per_token(cfg.model, self.seq_len)
+        self.decode_prompts = self._decode_prompts()
+        self._gathered: Optional[MTPTransformer] = None  # fsdp: rank 0's full copy for validation decoding
         self.peak_flops = device_peak_flops(self.env.device, cfg.hardware.peak_flops)
         self.log(f"model {cfg.model.name}: n_future={n} head_type={cfg.model.head_type} "
                  + " ".join(f"{k}={v / 1e6:.2f}M" for k, v in self.param_counts.items()))
@@ -143,6 +170,12 @@ class Trainer:
         self.nonfinite_total = state.get("nonfinite_total", 0)
         self.scheduler.load_state_dict(state["scheduler"])
         self.train_stream.load_state_dict(state["data"])
+        # The weights are a function of (step, tokens_seen), both restored above; a different
+        # loss.weight_schedule / curriculum than the checkpoint's run is allowed but said.
+        saved, now = state.get("next_head_weights"), self.head_weights.weights(self.step, self.tokens_seen)
+        if saved is not None and saved != now:
+            self.log(f"note: loss weights at step {self.step} are {now}; the run that saved the checkpoint "
+                     f"would have used {saved} (loss.weight_schedule / loss.curriculum changed)")
         if state.get("world_size") != self.env.world_size:
             torch.manual_seed(self.cfg.train.seed + 1000 * self.env.rank + self.step)
         self.log(f"resumed from {path} at step {self.step} (saved with world_size={state.get('world_size')})")
@@ -151,6 +184,7 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         train_state = {"step": self.step, "tokens_seen": self.tokens_seen, "nonfinite_total": self.nonfinite_total,
                        "scheduler": self.scheduler.state_dict(), "data": self.train_stream.state_dict(),
+                       "next_head_weights": self.head_weights.weights(self.step, self.tokens_seen),
                        "wandb_run_id": self.metrics.wandb_run_id, "model_config": asdict(self.cfg.model),
                        "data_sources": [s.path for s in self.cfg.data.sources]}
         t0 = time.perf_counter()
@@ -165,18 +199,19 @@ class Trainer:
         autocast = (torch.autocast(self.env.device.type, dtype=self.amp_dtype) if self.amp_dtype
                     else contextlib.nullcontext())
         per_head = torch.zeros(cfg.model.n_future, dtype=torch.float64)
+        weights = self.head_weights.weights(self.step, self.tokens_seen)
         for micro in range(self.grad_accum):
             tokens = next(self.train_iter).to(self.env.device, non_blocking=True)
             hooks = self.strategy.grad_sync_hooks(self.model, last_micro_batch=micro == self.grad_accum - 1)
             with autocast, self.strategy.loss_context():
                 out = mtp_loss(cfg.loss.impl, self.model, tokens, seq_len=self.seq_len,
-                               weights=cfg.loss.head_weights, chunk_size=cfg.loss.chunk_size,
+                               weights=weights, chunk_size=cfg.loss.chunk_size,
                                pad_id=self.pad_id, loss_scale=1.0 / self.grad_accum, hooks=hooks)
             per_head += torch.stack(out.per_head).double().cpu() / self.grad_accum
         self.strategy.finish_backward(self.model)
         per_head = self.strategy.all_reduce_mean(per_head.to(torch.float32)).double()
-        weights = torch.tensor(cfg.loss.head_weights or [1.0] * cfg.model.n_future, dtype=torch.float64)
-        loss = float((per_head * weights).sum())
+        # Heads at weight 0 were skipped (their per-head loss is NaN): they add nothing.
+        loss = sum(w * float(l) for w, l in zip(weights, per_head) if w != 0)
         lr = self.scheduler.get_last_lr()[0]
         grad_norm, stepped = self.strategy.step(self.model, self.optimizer, cfg.optim.grad_clip,
                                                 loss_is_finite=math.isfinite(loss))
@@ -192,25 +227,78 @@ class Trainer:
                     f"{self.nonfinite_in_a_row} non-finite losses in a row at step {self.step} "
                     f"(train.max_nonfinite_steps={cfg.train.max_nonfinite_steps}); lower optim.lr or check the data")
         self.scheduler.step()
-        return {"loss": loss, "per_head": per_head.tolist(), "grad_norm": grad_norm, "lr": lr}
+        return {"loss": loss, "per_head": per_head.tolist(), "weights": weights, "grad_norm": grad_norm, "lr": lr}
+
+    def _decode_prompts(self) -> Optional[dict]:
+        """Held-out prompts for validation decoding, or None where it is off or not measured."""
+        cfg, n = self.cfg, self.cfg.model.n_future
+        if not (cfg.logging.decode_prompts and cfg.logging.val_interval and n > 1):
+            return None
+        if self.strategy.name not in DECODE_ON_MODEL + DECODE_ON_GATHERED:
+            self.log(f"validation decoding (logging.decode_prompts) is not measured under parallel.strategy="
+                     f"{self.strategy.name}: run mtp-generate on a checkpoint instead")
+            return None
+        from mtp_pretrain.decode_metrics import held_out_prompts, write_prompts
+
+        prompts = held_out_prompts([s.path for s in cfg.data.sources], cfg.logging.decode_prompts,
+                                   cfg.logging.decode_prompt_tokens, cfg.train.seed)
+        if self.env.is_main:
+            write_prompts(self.run_dir / "decode_prompts.json", prompts, n, cfg.logging.decode_new_tokens)
+        return prompts
 
     @torch.no_grad()
     def validate(self) -> dict:
+        t0 = time.perf_counter()
         stream = self._stream("val", infinite=False, prefetch=0)
-        sums = torch.zeros(self.cfg.model.n_future, dtype=torch.float64)
-        counts = torch.zeros(self.cfg.model.n_future, dtype=torch.float64)
+        n = self.cfg.model.n_future
+        # Top-1 accuracy needs full logits: not under tensor parallelism (vocab-sharded unembedding).
+        accuracy = self.strategy.name in DECODE_ON_MODEL + DECODE_ON_GATHERED
+        sums, correct, counts = (torch.zeros(n, dtype=torch.float64) for _ in range(3))
         for k, tokens in enumerate(stream):
             if k >= self.cfg.logging.val_batches:
                 break
+            tokens = tokens.to(self.env.device)
             with self.strategy.loss_context():
-                s, c = evaluate_loss(self.model, tokens.to(self.env.device), seq_len=self.seq_len,
-                                     chunk_size=self.cfg.loss.chunk_size, pad_id=self.pad_id)
-            sums += torch.stack(s).double().cpu()
-            counts += torch.tensor(c, dtype=torch.float64)
-        both = self.strategy.all_reduce_mean(torch.cat([sums, counts]).float()).double()
-        n = self.cfg.model.n_future
-        mean = both[:n] / both[n:].clamp(min=1)
-        return {f"val/loss/head_{i + 1}": float(v) for i, v in enumerate(mean)} | {"val/loss": float(mean[0])}
+                if accuracy:
+                    s, ok, c = per_head_sums(self.model, tokens, seq_len=self.seq_len, pad_id=self.pad_id)
+                    correct += ok
+                else:
+                    s, c = evaluate_loss(self.model, tokens, seq_len=self.seq_len,
+                                         chunk_size=self.cfg.loss.chunk_size, pad_id=self.pad_id)
+                    s, c = torch.stack(s).double().cpu(), torch.tensor(c, dtype=torch.float64)
+            sums += s
+            counts += c
+        both = self.strategy.all_reduce_mean(torch.cat([sums, correct, counts]).float()).double()
+        mean, acc = both[:n] / both[2 * n:].clamp(min=1), both[n:2 * n] / both[2 * n:].clamp(min=1)
+        out = {f"val/loss/head_{i + 1}": float(v) for i, v in enumerate(mean)} | {"val/loss": float(mean[0])}
+        if accuracy:
+            out |= {f"val/acc/head_{i + 1}": float(v) for i, v in enumerate(acc)}
+        out["val/loss_s"] = time.perf_counter() - t0
+        if self.decode_prompts is not None:
+            decoded = self._decode()
+            if decoded:
+                out |= decoded | {"val/decode_cost": decoded["val/decode_s"] / out["val/loss_s"]}
+        return out
+
+    def _decode(self) -> dict:
+        """Validation decoding on the main rank; under FSDP on a copy gathered there (every rank
+        takes part in the gather). Other ranks return {} (metrics are logged by the main rank)."""
+        from mtp_pretrain.decode_metrics import measure_decoding
+
+        model = self.model
+        if self.strategy.name in DECODE_ON_GATHERED:
+            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+            if not self.env.is_main:
+                return {}
+            if self._gathered is None:
+                self._gathered = MTPTransformer(self.cfg.model).to(self.env.device)
+            self._gathered.load_state_dict(full)
+            model = self._gathered
+        elif not self.env.is_main:
+            return {}
+        return measure_decoding(model, self.decode_prompts, self.cfg.logging.decode_new_tokens)
 
     def train(self) -> int:
         cfg = self.cfg
@@ -255,10 +343,11 @@ class Trainer:
              "tokens_per_s": tokens_per_s, "tokens_per_s_per_rank": tokens_per_s / self.env.world_size,
              "peak_mem_mb": peak_memory_mb(self.env.device), "tokens_seen": self.tokens_seen,
              "nonfinite_skipped": self.nonfinite_total}
-        m |= {f"loss/head_{i + 1}": v for i, v in enumerate(out["per_head"])}
+        m |= {f"loss/head_{i + 1}": v for i, (v, w) in enumerate(zip(out["per_head"], out["weights"])) if w != 0}
+        m |= {f"loss/weight/head_{i + 1}": w for i, w in enumerate(out["weights"])}
         if self.peak_flops:
             m["mfu"] = tokens_per_s / self.env.world_size * self.flops_per_token / self.peak_flops
-        heads = " ".join(f"{v:.3f}" for v in out["per_head"])
+        heads = " ".join(f"{v:.3f}" if w != 0 else "-" for v, w in zip(out["per_head"], out["weights"]))
         remaining = (self.cfg.train.max_steps - self.step) * self.tokens_per_step / max(tokens_per_s, 1e-9)
         line = (f"step {self.step:>6}/{self.cfg.train.max_steps} loss {out['loss']:.4f} heads [{heads}] "
                 f"lr {out['lr']:.2e} gnorm {out['grad_norm']:.2f} {tokens_per_s:,.0f} tok/s "
@@ -267,9 +356,11 @@ class Trainer:
 
     def _log_val(self) -> None:
         v = self.validate()
-        self.metrics.log({"step": self.step, **v},
-                         console=f"step {self.step:>6} validation " + " ".join(
-                             f"{k.split('/')[-1]}={x:.4f}" for k, x in v.items() if "head" in k))
+        shown = " ".join(f"{k.split('/')[-1]}={x:.4f}" for k, x in v.items() if k.startswith("val/loss/head"))
+        if "val/accept_per_forward" in v:
+            shown += (f" accept/forward={v['val/accept_per_forward']:.3f} (decode {v['val/decode_s']:.1f}s = "
+                      f"{100 * v['val/decode_cost']:.0f}% of the {v['val/loss_s']:.1f}s loss pass)")
+        self.metrics.log({"step": self.step, **v}, console=f"step {self.step:>6} validation {shown}")
 
     def close(self) -> None:
         self.metrics.close()

@@ -68,6 +68,9 @@ def assert_same(res_a, res_b, rtol: float = RTOL) -> None:
     (out_a, grads_a), (out_b, grads_b) = res_a, res_b
     assert len(out_a.per_head) == len(out_b.per_head)
     for i, (la, lb) in enumerate(zip(out_a.per_head, out_b.per_head)):
+        if torch.isnan(lb):  # a skipped (zero-weight) head: skipped by both
+            assert torch.isnan(la), f"head {i + 1} ran in one implementation only"
+            continue
         assert_rel_close(la, lb, rtol, f"head {i + 1} loss")
     assert_rel_close(out_a.loss, out_b.loss, rtol, "total loss")
     assert out_a.n_targets == out_b.n_targets
@@ -112,14 +115,16 @@ def test_head_weights_and_loss_scale_honoured(head_type):
     assert_same(run(head_sequential_loss, model, tokens, weights=weights, loss_scale=3.0, chunk_size=7), ref)
     per_head, grads = hand_written(model, tokens, weights=weights, loss_scale=3.0)
     for name in grads:
+        if name.startswith("heads.3."):  # the hand-written reference backprops zeros into it
+            assert grads[name].abs().max() == 0 and name not in ref[1], name
+            continue
         assert_rel_close(ref[1][name], grads[name], what=name)
     # the reported loss is the weighted sum of per-head means (loss_scale only scales gradients)
-    expected = sum(w * l for w, l in zip(weights, ref[0].per_head))
+    expected = sum(w * l for w, l in zip(weights[:3], ref[0].per_head[:3]))
     assert_rel_close(ref[0].loss, expected)
-    # a zero-weight last head gets no gradient through its own parameters
-    for name, g in ref[1].items():
-        if name.startswith("heads.3."):
-            assert g.abs().max() == 0, name
+    # a zero-weight last head is skipped: not computed (NaN), no gradient at all for its parameters
+    assert torch.isnan(ref[0].per_head[3]) and all(torch.isfinite(l) for l in ref[0].per_head[:3])
+    assert any(name.startswith("heads.2.") for name in ref[1])
     # weights differ -> gradients differ (the weights are not ignored)
     unweighted = run(head_sequential_loss, model, tokens)[1]
     assert not torch.allclose(unweighted["trunk.0.attn.q_proj.weight"], ref[1]["trunk.0.attn.q_proj.weight"])

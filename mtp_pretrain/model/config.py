@@ -32,6 +32,9 @@ class ModelConfig:
     # Paper's fair comparison: move (n_future - 1) * head_layers blocks from the trunk into the
     # extra heads so an n-head model has the parameter count of the n=1 baseline.
     match_baseline_params: bool = False
+    # Causal heads: one set of weights for heads 2..n (Megatron's mtp_use_repeated_layer), so n can
+    # grow without parameters. Each depth keeps its own attention cache slots.
+    share_extra_heads: bool = False
     tie_embeddings: bool = False
     max_seq_len: int = 2048  # RoPE table length: the longest sequence the model accepts
     rope_theta: float = 10000.0
@@ -63,6 +66,9 @@ class ModelConfig:
         if self.match_baseline_params and self.head_type == "linear":
             raise ValueError("model.match_baseline_params needs head_type transformer or causal "
                              "(linear heads have no blocks to take from the trunk)")
+        if self.share_extra_heads and self.head_type != "causal":
+            raise ValueError(f"model.share_extra_heads needs head_type=causal (a chain that reads its own depth's "
+                             f"token embedding), got head_type={self.head_type}")
         if self.trunk_layers < 1:
             raise ValueError(
                 f"model: heads deeper than the model allows: n_layers={self.n_layers} leaves "
@@ -121,7 +127,8 @@ def count_parameters(cfg: ModelConfig) -> dict[str, int]:
             # heads 2..n fuse [norm(h_prev); norm(emb)] through a 2d -> d projection
             per_head += 2 * d + 2 * d * d
     trunk = cfg.trunk_layers * block
-    heads = first_head + (cfg.n_future - 1) * per_head
+    extra_heads = min(cfg.n_future - 1, 1) if cfg.share_extra_heads else cfg.n_future - 1
+    heads = first_head + extra_heads * per_head
     return {
         "embedding": embedding,
         "trunk": trunk,

@@ -190,6 +190,9 @@ class MTPTransformer(nn.Module):
                     "causal": CausalHead if i > 1 else TransformerHead}[cfg.head_type]
             heads.append(kind(cfg, first_layer_id))
         self.heads = nn.ModuleList(heads)
+        if cfg.share_extra_heads:
+            for head in self.heads[2:]:
+                share_parameters(head, self.heads[1])
         self.unembed = Unembedding(cfg.dim, cfg.vocab_size)
         if cfg.tie_embeddings:
             self.unembed.weight = self.tok_embeddings.weight
@@ -272,6 +275,14 @@ class MTPTransformer(nn.Module):
             logits.append(self.unembed(y))
             x = h
         return logits
+
+
+def share_parameters(dst: nn.Module, src: nn.Module) -> None:
+    """Make every parameter of ``dst`` the very Parameter of ``src`` at the same place. The
+    modules stay distinct, so each keeps its own attention ``layer_id`` (its own cache slots)."""
+    for (name, sub_dst), (_, sub_src) in zip(dst.named_modules(), src.named_modules()):
+        for pname, p in list(sub_src.named_parameters(recurse=False)):
+            setattr(sub_dst, pname, p)
 
 
 def shifted_tokens(tokens: torch.Tensor, i: int, T: int, fill: int = 0) -> torch.Tensor:
