@@ -11,6 +11,7 @@ from pathlib import Path
 from mtp_pretrain.data.errors import DataError
 from mtp_pretrain.data.tokenizer import BPETokenizer, ByteTokenizer
 
+from .tokenize_corpus import add_role_arguments, roles_from_args
 from .corpus import cap_bytes, deduplicate, iter_directory, iter_jsonl, iter_parquet, iter_text_files, read_jsonl, write_jsonl
 
 
@@ -49,7 +50,7 @@ def cmd_tokenize(args) -> None:
         read_jsonl(args.docs), args.tokenizer, args.out,
         source_description=args.description or f"documents from {args.docs}",
         shard_mb=args.shard_mb, workers=args.workers, val_fraction=args.val_fraction,
-        total_bytes=os.path.getsize(args.docs),
+        total_bytes=os.path.getsize(args.docs), roles=roles_from_args(args),
     )
     for split, info in meta["splits"].items():
         print(f"{args.out} {split}: {info['num_tokens']:,} tokens in {len(info['shards'])} shards")
@@ -95,7 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("tokenize", help="documents JSONL -> Arrow shards + metadata.json")
     s.add_argument("--docs", required=True, help="documents JSONL (from `import`)")
-    s.add_argument("--tokenizer", required=True, help="tokenizer.json (copied beside the shards)")
+    s.add_argument("--tokenizer", required=True,
+                   help="tokenizer.json, a directory holding one (Hugging Face), or a tiktoken BPE file (copied beside the shards)")
+    add_role_arguments(s)
     s.add_argument("--out", required=True, help="dataset directory")
     s.add_argument("--shard-mb", type=float, default=64, help="target shard size in MiB")
     s.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")

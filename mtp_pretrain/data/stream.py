@@ -77,6 +77,9 @@ class ArrowTokenStream:
                     f"{ds.path}: tokenizer {ds.tokenizer_hash} differs from {first.path}'s "
                     f"{first.tokenizer_hash}; all sources of a mixture must share one tokenizer"
                 )
+            if ds.eos_id != first.eos_id:
+                raise DataError(f"{ds.path}: EOS id {ds.eos_id} differs from {first.path}'s {first.eos_id}; "
+                                "all sources of a mixture must map the special-token roles alike")
         self.vocab_size, self.eos_id, self.pad_id = first.vocab_size, first.eos_id, first.pad_id
         self.tokenizer_hash = first.tokenizer_hash
         self._state = SamplerState(seed=seed, consumed=[0] * len(self.sources))
