@@ -63,8 +63,18 @@ def _report(n: int) -> None:
         counter.value += n
 
 
-def _tokenize_unit(job: tuple[int, dict, str, float, str]) -> int:
-    """Tokenize one unit into the work directory; returns its index."""
+def peak_rss_mb() -> float | None:
+    """This process's peak resident memory (VmHWM; Linux), None where /proc is absent. Unlike
+    ru_maxrss it is not inflated by the parent's pages a spawned worker had before its exec."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) / 1024 for line in f if line.startswith("VmHWM:"))
+    except (OSError, StopIteration):
+        return None
+
+
+def _tokenize_unit(job: tuple[int, dict, str, float, str]) -> float | None:
+    """Tokenize one unit into the work directory; returns the worker's peak memory so far."""
     index, unit_json, text_field, val_fraction, work = job
     unit, tok = Unit(**unit_json), _worker["tok"]
     stem = Path(work) / f"unit-{index:06d}"
@@ -102,7 +112,7 @@ def _tokenize_unit(job: tuple[int, dict, str, float, str]) -> int:
     os.replace(f"{stem}.docs.tmp", f"{stem}.docs.npy")
     Path(f"{stem}.done").touch()
     _report(unit.size - reported)  # progress ends at the unit's size whatever the reader counted
-    return index
+    return peak_rss_mb()
 
 
 def _prepare_work_dir(work: Path, plan: dict) -> None:
@@ -178,11 +188,12 @@ def tokenize_inputs(inputs: list[str], tokenizer, out_dir: str | Path, *, text_f
     bar = tqdm(total=total, initial=skipped, unit="B", unit_scale=True, desc=f"tokenize {out_dir.name}",
                mininterval=1.0, smoothing=0.1)
     t0 = time.perf_counter()
+    peaks: list[float] = []
     try:
         if workers <= 1 or len(jobs) <= 1:
             _init_worker(str(out_dir / TOKENIZER_FILE), counter)
             for job in jobs:
-                _tokenize_unit(job)
+                peaks.append(_tokenize_unit(job))
                 bar.update(skipped + counter.value - bar.n)
         else:
             with mp.get_context("spawn").Pool(workers, _init_worker, (str(out_dir / TOKENIZER_FILE), counter)) as pool:
@@ -190,7 +201,7 @@ def tokenize_inputs(inputs: list[str], tokenizer, out_dir: str | Path, *, text_f
                 finished = 0
                 while finished < len(jobs):
                     try:
-                        results.next(timeout=0.5)
+                        peaks.append(results.next(timeout=0.5))
                         finished += 1
                     except mp.TimeoutError:
                         pass
@@ -200,7 +211,8 @@ def tokenize_inputs(inputs: list[str], tokenizer, out_dir: str | Path, *, text_f
     seconds = time.perf_counter() - t0
     splits, duplicates = _assemble(out_dir, work, len(units), dtype, shard_tokens, dedup)
     extra = {"input_bytes": total, "num_inputs": len(units), "tokenize_seconds": round(seconds, 3), "workers": workers,
-             "val_fraction": val_fraction, "text_field": text_field}
+             "val_fraction": val_fraction, "text_field": text_field,
+             "worker_peak_rss_mb": max((p for p in peaks if p is not None), default=None)}
     if dedup:
         extra["duplicates_removed"] = duplicates
     if num_partitions > 1:
