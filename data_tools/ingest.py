@@ -22,6 +22,7 @@ import os
 import shutil
 import sqlite3
 import time
+from array import array
 from pathlib import Path
 
 import numpy as np
@@ -85,7 +86,8 @@ def _tokenize_unit(job: tuple[int, dict, str, float, str]) -> float | None:
         reported += n
         _report(n)
 
-    lengths, val, digests = [], [], []
+    # Per document 25 bytes (not Python objects): a unit of millions of documents stays small.
+    lengths, val, digests = array("q"), bytearray(), bytearray()
     eos = np.array([tok.eos_id], dtype=np.uint32)
     with open(f"{stem}.tokens.tmp", "wb") as out:
         def flush(texts: list[str]) -> None:
@@ -93,7 +95,7 @@ def _tokenize_unit(job: tuple[int, dict, str, float, str]) -> float | None:
                 out.write(np.concatenate([np.asarray(ids, dtype=np.uint32), eos]).tobytes())
                 lengths.append(len(ids) + 1)
                 val.append(is_validation(text, val_fraction))
-                digests.append(hashlib.sha256(text.encode("utf-8")).digest()[:16])
+                digests.extend(hashlib.sha256(text.encode("utf-8")).digest()[:16])
 
         texts, size = [], 0
         for text in iter_texts(unit, text_field, report):
@@ -105,7 +107,9 @@ def _tokenize_unit(job: tuple[int, dict, str, float, str]) -> float | None:
         if texts:
             flush(texts)
     docs = np.zeros(len(lengths), dtype=[("length", "<i8"), ("val", "?"), ("digest", "S16")])
-    docs["length"], docs["val"], docs["digest"] = lengths, val, digests
+    docs["length"] = np.frombuffer(lengths, dtype=np.int64)
+    docs["val"] = np.frombuffer(val, dtype=np.bool_)
+    docs["digest"] = np.frombuffer(digests, dtype="S16")
     with open(f"{stem}.docs.tmp", "wb") as f:
         np.save(f, docs)
     os.replace(f"{stem}.tokens.tmp", f"{stem}.tokens")
