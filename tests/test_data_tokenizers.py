@@ -233,3 +233,43 @@ def test_megatron_round_trip_keeps_the_roles(style, tmp_path):
                                for s in read_metadata(d)["splits"]["train"]["shards"]])
     assert np.array_equal(tokens(tmp_path / "back"), tokens(tmp_path / "ds"))
     assert back["splits"]["train"]["num_documents"] == len(TEXTS)
+
+
+def test_continued_pretraining_from_a_hf_llama_with_its_own_tokenizer(tmp_path):
+    """train.init_from_hf on a Llama directory whose tokenizer.json (Llama-3 style) also tokenized
+    the data: trains, and the Hugging Face export carries that very tokenizer and its roles."""
+    transformers = pytest.importorskip("transformers")
+    from mtp_pretrain.config import (CheckpointConfig, DataConfig, DataSourceConfig, JobConfig, LoggingConfig,
+                                     OptimConfig, TrainConfig, WandbConfig)
+    from mtp_pretrain.interop.hf import export_hf, model_config_from_hf
+    from mtp_pretrain.train import Trainer
+
+    llama_dir = make_tokenizer_dir("llama3", tmp_path)
+    tok, _ = open_tokenizer_source(llama_dir)
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(vocab_size=tok.vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                      num_attention_heads=2, max_position_embeddings=64, bos_token_id=tok.bos_id,
+                                      eos_token_id=tok.eos_id, tie_word_embeddings=False)
+    transformers.LlamaForCausalLM(config).save_pretrained(llama_dir)
+    meta = tokenize_to_dataset([{"text": t, "source": ""} for t in TEXTS * 4], llama_dir, tmp_path / "ds",
+                               source_description="llama", val_fraction=0.0)
+    job = JobConfig(
+        model=model_config_from_hf(llama_dir, n_future=2),
+        data=DataConfig(sources=[DataSourceConfig(path=str(tmp_path / "ds"))], seq_len=32, prefetch=0),
+        optim=OptimConfig(lr=1e-3, warmup_steps=0),
+        train=TrainConfig(max_steps=2, micro_batch_size=2, resume="never", init_from_hf=str(llama_dir),
+                          device="cpu", dtype="float32"),
+        checkpoint=CheckpointConfig(dir=str(tmp_path / "ckpt"), interval=2),
+        logging=LoggingConfig(interval=1, val_interval=0, wandb=WandbConfig(mode="disabled")))
+    trainer = Trainer(job, tmp_path / "run")
+    try:
+        assert trainer.train() == 0
+    finally:
+        trainer.close()
+    out = export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    assert (out / "tokenizer.json").read_bytes() == (llama_dir / "tokenizer.json").read_bytes()
+    hf_tok = transformers.AutoTokenizer.from_pretrained(out)
+    assert (hf_tok.eos_token, hf_tok.bos_token) == ("<|end_of_text|>", "<|begin_of_text|>")
+    assert hf_tok.eos_token_id == meta["tokenizer"]["eos_id"] == config.eos_token_id
+    ids = tok.encode(TEXTS[0])
+    assert hf_tok.decode(ids) == TEXTS[0]
