@@ -157,3 +157,18 @@ def test_denominators_make_the_loss_independent_of_micro_batching():
                              denominators=counts.mean(0).tolist())
     for (k, p), q in zip(whole.named_parameters(), split.parameters()):
         torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=1e-10, msg=k)
+
+
+def test_validation_and_per_head_eval_use_the_same_masking():
+    """The trainer's validation loss (evaluate_loss) and mtp-eval's per-head sums see the same
+    document-masked targets and logits."""
+    from mtp_pretrain.eval.per_head import per_head_sums
+    from mtp_pretrain.loss import evaluate_loss
+
+    model = make_model("causal")
+    T = BATCH.shape[1] - N_FUTURE
+    sums, counts = evaluate_loss(model, BATCH, seq_len=T, document_end_id=EOS)
+    ce, _, count = per_head_sums(model, BATCH, seq_len=T, document_end_id=EOS)
+    plain, _, plain_count = per_head_sums(model, BATCH, seq_len=T)
+    assert count.tolist() == counts and (count < plain_count).all()
+    torch.testing.assert_close(ce, torch.stack(sums).double(), rtol=1e-6, atol=1e-6)
