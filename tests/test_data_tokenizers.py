@@ -273,3 +273,21 @@ def test_continued_pretraining_from_a_hf_llama_with_its_own_tokenizer(tmp_path):
     assert hf_tok.eos_token_id == meta["tokenizer"]["eos_id"] == config.eos_token_id
     ids = tok.encode(TEXTS[0])
     assert hf_tok.decode(ids) == TEXTS[0]
+
+
+def test_dataset_written_before_roles_were_recorded_still_loads(tmp_path):
+    """metadata.json of the previous format (ids only, no role names, no tokenizer_config.json):
+    the project's own tokenizers are found by their conventional names, ids checked as before."""
+    from mtp_pretrain.data.dataset import TokenWindows
+    from mtp_pretrain.data.shards import write_metadata
+    from mtp_pretrain.data.synthetic import write_random_dataset
+
+    write_random_dataset(tmp_path / "old", {"train": 4000, "val": 400}, doc_len=50)
+    meta = read_metadata(tmp_path / "old")
+    for role in ("eos", "bos", "pad"):
+        del meta["tokenizer"][f"{role}_token"]
+    write_metadata(tmp_path / "old", meta)
+    (tmp_path / "old" / "tokenizer_config.json").unlink(missing_ok=True)
+    windows = TokenWindows(tmp_path / "old", "train", 64)
+    assert (windows.eos_id, windows.pad_id) == (258, 256)
+    assert load_tokenizer(tmp_path / "old").role_tokens()["eos"] == "<|eos|>"
