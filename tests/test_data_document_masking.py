@@ -172,3 +172,46 @@ def test_validation_and_per_head_eval_use_the_same_masking():
     plain, _, plain_count = per_head_sums(model, BATCH, seq_len=T)
     assert count.tolist() == counts and (count < plain_count).all()
     torch.testing.assert_close(ce, torch.stack(sums).double(), rtol=1e-6, atol=1e-6)
+
+
+def test_trainer_step_loss_does_not_depend_on_micro_batching(tmp_path):
+    """The trainer's step loss over the same 8 windows is the same with 1 micro-batch of 8 or 4
+    accumulated micro-batches of 2, although document masking keeps a different number of targets
+    in each micro-batch (short and long documents): every target weighs the same."""
+    from data_tools.tokenize_corpus import tokenize_to_dataset
+    from mtp_pretrain.config import (CheckpointConfig, DataConfig, DataSourceConfig, JobConfig, LoggingConfig,
+                                     OptimConfig, TrainConfig, WandbConfig)
+    from mtp_pretrain.data.tokenizer import ByteTokenizer
+    from mtp_pretrain.train import Trainer
+
+    ByteTokenizer().save(tmp_path / "bytes.json")
+    g = torch.Generator().manual_seed(0)
+    docs = []
+    for k in range(120):  # runs of 1-3 character documents, then a long one
+        n = 1 if k % 12 else 90
+        docs.append("".join(chr(97 + int(c)) for c in torch.randint(0, 26, (int(torch.randint(1, 4, (1,), generator=g)) * n,),
+                                                                  generator=g)))
+    tokenize_to_dataset([{"text": t, "source": ""} for t in docs], tmp_path / "bytes.json", tmp_path / "ds",
+                        source_description="t", val_fraction=0.0)
+    losses = []
+    for micro in (8, 2):
+        job = JobConfig(
+            model=ModelConfig(vocab_size=259, dim=32, n_layers=1, n_heads=2, n_future=3, max_seq_len=64, init_std=0.5),
+            data=DataConfig(sources=[DataSourceConfig(path=str(tmp_path / "ds"))], seq_len=24, prefetch=0),
+            optim=OptimConfig(lr=1e-3, warmup_steps=0),
+            train=TrainConfig(max_steps=1, micro_batch_size=micro, global_batch_tokens=8 * 24, resume="never",
+                              device="cpu", dtype="float32"),
+            checkpoint=CheckpointConfig(dir=str(tmp_path / f"ckpt{micro}"), interval=0),
+            logging=LoggingConfig(interval=1, val_interval=0, wandb=WandbConfig(mode="disabled")))
+        trainer = Trainer(job, tmp_path / f"run{micro}")
+        try:
+            it = iter(trainer.train_stream)
+            batches = [next(it) for _ in range(trainer.grad_accum)]
+            counts = [int((head_targets(b, 24, 3, document_end_id=trainer.document_end_id)[2] != IGNORE_INDEX).sum())
+                      for b in batches]
+            trainer.train_iter = iter(batches)
+            losses.append(trainer.train_step()["loss"])
+        finally:
+            trainer.close()
+    assert len(set(counts)) > 1  # the 2-window micro-batches keep different numbers of targets
+    assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=0)
