@@ -3,7 +3,6 @@ sources kept continue exactly where they were."""
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import numpy as np
 import pytest
