@@ -3,7 +3,6 @@ sources kept continue exactly where they were."""
 
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 
