@@ -1,4 +1,4 @@
-"""Command line of the data pipeline: `python -m data_tools {import,train-tokenizer,tokenize,inspect,build-default}`."""
+"""Command line of the data pipeline: `python -m data_tools {import,train-tokenizer,tokenize,merge,inspect,build-default}`."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ from mtp_pretrain.data.errors import DataError
 from mtp_pretrain.data.tokenizer import BPETokenizer, ByteTokenizer
 
 from .corpus import cap_bytes, deduplicate, iter_directory, iter_jsonl, iter_parquet, iter_text_files, read_jsonl, write_jsonl
+from .tokenize_corpus import add_role_arguments, roles_from_args
 
 
 def cmd_import(args) -> None:
@@ -43,16 +44,30 @@ def cmd_train_tokenizer(args) -> None:
 
 
 def cmd_tokenize(args) -> None:
-    from .tokenize_corpus import tokenize_to_dataset
+    from .ingest import tokenize_inputs
 
-    meta = tokenize_to_dataset(
-        read_jsonl(args.docs), args.tokenizer, args.out,
-        source_description=args.description or f"documents from {args.docs}",
-        shard_mb=args.shard_mb, workers=args.workers, val_fraction=args.val_fraction,
-        total_bytes=os.path.getsize(args.docs),
+    inputs = list(args.input or []) + ([args.docs] if args.docs else [])
+    if not inputs:
+        sys.exit("tokenize: give at least one --input (file, directory, glob or URL)")
+    meta = tokenize_inputs(
+        inputs, args.tokenizer, args.out, text_field=args.text_field, workers=args.workers, shard_mb=args.shard_mb,
+        val_fraction=args.val_fraction, dedup=args.dedup, num_partitions=args.num_partitions,
+        partition=args.partition, roles=roles_from_args(args), description=args.description,
     )
     for split, info in meta["splits"].items():
-        print(f"{args.out} {split}: {info['num_tokens']:,} tokens in {len(info['shards'])} shards")
+        print(f"{args.out} {split}: {info['num_documents']:,} documents, {info['num_tokens']:,} tokens "
+              f"in {len(info['shards'])} shards")
+    if "duplicates_removed" in meta:
+        print(f"{args.out}: {meta['duplicates_removed']:,} exact duplicates removed")
+
+
+def cmd_merge(args) -> None:
+    from .ingest import merge_partitions
+
+    meta = merge_partitions(args.parts, args.out)
+    for split, info in meta["splits"].items():
+        print(f"{args.out} {split}: {info['num_documents']:,} documents, {info['num_tokens']:,} tokens "
+              f"in {len(info['shards'])} shards")
 
 
 def cmd_inspect(args) -> None:
@@ -93,15 +108,29 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--out", required=True, help="tokenizer.json to write")
     s.set_defaults(func=cmd_train_tokenizer)
 
-    s = sub.add_parser("tokenize", help="documents JSONL -> Arrow shards + metadata.json")
-    s.add_argument("--docs", required=True, help="documents JSONL (from `import`)")
-    s.add_argument("--tokenizer", required=True, help="tokenizer.json (copied beside the shards)")
+    s = sub.add_parser("tokenize", help="inputs (files, dirs, globs, URLs) -> Arrow shards + metadata.json; resumable")
+    s.add_argument("--input", action="append",
+                   help="file, directory, glob or fsspec URL of JSONL / Parquet / text (.gz .zst .bz2 .xz) or a "
+                        "save_to_disk directory (repeatable)")
+    s.add_argument("--docs", help="documents JSONL (from `import`); same as --input")
+    s.add_argument("--text-field", default="text", help="JSONL field / Parquet or Arrow column holding the text")
+    s.add_argument("--tokenizer", required=True,
+                   help="tokenizer.json, a directory holding one (Hugging Face), or a tiktoken BPE file (copied beside the shards)")
+    add_role_arguments(s)
     s.add_argument("--out", required=True, help="dataset directory")
     s.add_argument("--shard-mb", type=float, default=64, help="target shard size in MiB")
     s.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="tokenizer processes")
     s.add_argument("--val-fraction", type=float, default=0.01, help="share of documents held out (by document hash)")
+    s.add_argument("--dedup", action="store_true", help="drop exact duplicate documents (bounded memory, on disk)")
+    s.add_argument("--num-partitions", type=int, default=1, help="split the inputs into N partitions (one per machine)")
+    s.add_argument("--partition", type=int, default=0, help="which partition this run tokenizes (0..N-1)")
     s.add_argument("--description", help="source description for metadata.json")
     s.set_defaults(func=cmd_tokenize)
+
+    s = sub.add_parser("merge", help="join partition datasets (tokenize --num-partitions) into one dataset")
+    s.add_argument("parts", nargs="+", help="partition dataset directories")
+    s.add_argument("--out", required=True, help="merged dataset directory (new or empty)")
+    s.set_defaults(func=cmd_merge)
 
     s = sub.add_parser("inspect", help="print metadata, token counts and a decoded sample; verify checksums")
     s.add_argument("dataset")

@@ -18,7 +18,8 @@ def inspect_dataset(path: str | Path, verify: bool = True, sample_tokens: int = 
     t = meta["tokenizer"]
     print(f"dataset      {path}")
     print(f"source       {meta['source']}")
-    print(f"tokenizer    {t['kind']} vocab={t['vocab_size']} hash={t['hash']} pad={t['pad_id']} bos={t['bos_id']} eos={t['eos_id']}")
+    roles = " ".join(f"{r}={t[f'{r}_id']}" + (f" {t[f'{r}_token']!r}" if t.get(f"{r}_token") else "") for r in ("pad", "bos", "eos"))
+    print(f"tokenizer    {t['kind']} vocab={t['vocab_size']} hash={t['hash']} {roles}")
     raw = meta.get("raw_text_bytes")  # absent for datasets imported from token files (import-megatron)
     print(f"token dtype  {meta['token_dtype']}" + (f"   raw text {raw / 1e6:.2f} MB" if raw is not None else ""))
     dtype = token_dtype(t["vocab_size"])

@@ -31,9 +31,9 @@ import numpy as np
 
 from mtp_pretrain.data.errors import DataError
 from mtp_pretrain.data.shards import SPLITS, build_metadata, open_shard, read_metadata, write_metadata
-from mtp_pretrain.data.tokenizer import load_tokenizer
+from mtp_pretrain.data.tokenizer import open_tokenizer_source
 
-from .tokenize_corpus import _SplitWriter, prepare_dataset_dir
+from .tokenize_corpus import _SplitWriter, add_role_arguments, prepare_dataset_dir, roles_from_args
 
 INDEX_HEADER = b"MMIDIDX\x00\x00"
 INDEX_VERSION = 1
@@ -221,13 +221,14 @@ def export_megatron(dataset_dir: str | Path, out_prefix: str | Path, split: str 
 # --- megatron -> Arrow ------------------------------------------------------------------------
 def import_megatron(prefixes: Sequence[str | Path], tokenizer_path: str | Path, out_dir: str | Path, *,
                     val_prefixes: Sequence[str | Path] = (), shard_mb: float = 64,
-                    description: str | None = None) -> dict:
+                    description: str | None = None, roles: dict | None = None) -> dict:
     """Megatron indexed datasets -> Arrow shards + metadata.json (+ tokenizer.json) in ``out_dir``.
 
     ``prefixes`` become the train split, ``val_prefixes`` the val split (documents in order).
     Every token id is checked against ``tokenizer_path``'s vocabulary. Returns the metadata."""
     out_dir = Path(out_dir)
-    tok = load_tokenizer(tokenizer_path)
+    roles = roles or {}
+    tok, _ = open_tokenizer_source(tokenizer_path, roles.get("eos"), roles.get("bos"), roles.get("pad"))
     indexes = {s: [read_index(p) for p in ps] for s, ps in (("train", prefixes), ("val", val_prefixes))}
     if not indexes["train"]:
         raise DataError("import-megatron: no PREFIX given")
@@ -239,7 +240,7 @@ def import_megatron(prefixes: Sequence[str | Path], tokenizer_path: str | Path, 
                 bad = hi if hi >= tok.vocab_size else lo
                 raise DataError(f"{idx.bin_path}: token id {bad} is outside the vocabulary of {tokenizer_path} "
                                 f"(vocab size {tok.vocab_size}); name the tokenizer the dataset was built with")
-    tok, dtype, shard_tokens = prepare_dataset_dir(out_dir, tokenizer_path, shard_mb)
+    tok, dtype, shard_tokens = prepare_dataset_dir(out_dir, tokenizer_path, shard_mb, roles)
     eos = np.array([tok.eos_id], dtype=dtype)
     splits = {}
     for split in SPLITS:
@@ -261,7 +262,7 @@ def import_megatron(prefixes: Sequence[str | Path], tokenizer_path: str | Path, 
 # --- CLI --------------------------------------------------------------------------------------
 def cmd_import_megatron(args) -> None:
     meta = import_megatron(args.prefix, args.tokenizer, args.out, val_prefixes=args.val_prefix or (),
-                           shard_mb=args.shard_mb, description=args.description)
+                           shard_mb=args.shard_mb, description=args.description, roles=roles_from_args(args))
     for split, info in meta["splits"].items():
         print(f"{args.out} {split}: {info['num_documents']:,} documents, {info['num_tokens']:,} tokens "
               f"in {len(info['shards'])} shards")
@@ -275,11 +276,12 @@ def cmd_export_megatron(args) -> None:
 def add_subcommands(sub) -> None:
     s = sub.add_parser("import-megatron", help="megatron indexed datasets (PREFIX.bin/.idx) -> Arrow shards")
     s.add_argument("prefix", nargs="+", help="dataset prefix(es): PREFIX.bin + PREFIX.idx (train split)")
-    s.add_argument("--tokenizer", required=True, help="tokenizer.json the ids were made with (checked, copied)")
+    s.add_argument("--tokenizer", required=True, help="tokenizer the ids were made with: tokenizer.json, a directory, or a tiktoken file (checked, copied)")
     s.add_argument("--out", required=True, help="dataset directory")
     s.add_argument("--val-prefix", action="append", help="prefix for the val split (repeatable)")
     s.add_argument("--shard-mb", type=float, default=64, help="target shard size in MiB")
     s.add_argument("--description", help="source description for metadata.json")
+    add_role_arguments(s)
     s.set_defaults(func=cmd_import_megatron)
 
     s = sub.add_parser("export-megatron", help="Arrow shards -> megatron indexed dataset (PREFIX.bin/.idx)")

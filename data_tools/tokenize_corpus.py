@@ -14,7 +14,7 @@ import numpy as np
 from tqdm import tqdm
 
 from mtp_pretrain.data.shards import SPLITS, build_metadata, split_summary, token_dtype, write_metadata, write_shard
-from mtp_pretrain.data.tokenizer import TOKENIZER_FILE, load_tokenizer
+from mtp_pretrain.data.tokenizer import TOKENIZER_FILE, load_tokenizer, open_tokenizer_source, write_role_config
 
 from .corpus import Document
 
@@ -92,19 +92,41 @@ class _SplitWriter:
 
 
 
-def prepare_dataset_dir(out_dir: Path, tokenizer_path, shard_mb: float):
+def add_role_arguments(parser) -> None:
+    """--eos-token/--bos-token/--pad-token: which special tokens play the roles (default: the
+    tokenizer's tokenizer_config.json, else conventional names such as <|endoftext|>, </s>)."""
+    parser.add_argument("--eos-token", help="token that ends each document (required role; default from the tokenizer's config)")
+    parser.add_argument("--bos-token", help="beginning-of-sequence token (optional role)")
+    parser.add_argument("--pad-token", help="padding token (optional role; may equal the EOS token)")
+
+
+def roles_from_args(args) -> dict:
+    return {"eos": args.eos_token, "bos": args.bos_token, "pad": args.pad_token}
+
+
+def prepare_dataset_dir(out_dir: Path, tokenizer_path, shard_mb: float, roles: dict | None = None):
     """Empty ``out_dir`` of an older dataset (metadata.json first, so a half-rewritten directory
-    never looks complete), put the tokenizer beside the shards; returns (tokenizer, token dtype,
-    tokens per shard)."""
+    never looks complete), put the tokenizer and its roles (tokenizer_config.json) beside the
+    shards; returns (tokenizer, token dtype, tokens per shard).
+
+    ``tokenizer_path``: anything `open_tokenizer_source` accepts; ``roles``: explicit
+    eos/bos/pad token names (--eos-token ...), overriding the tokenizer's own config."""
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / "metadata.json").unlink(missing_ok=True)
     for old in out_dir.glob("*.arrow"):
         old.unlink()
-    if Path(tokenizer_path).resolve() != (out_dir / TOKENIZER_FILE).resolve():
-        shutil.copyfile(tokenizer_path, out_dir / TOKENIZER_FILE)
+    roles = roles or {}
+    source_tok, store = open_tokenizer_source(tokenizer_path, roles.get("eos"), roles.get("bos"), roles.get("pad"))
+    if isinstance(store, Path):
+        if store.resolve() != (out_dir / TOKENIZER_FILE).resolve():
+            shutil.copyfile(store, out_dir / TOKENIZER_FILE)
+    else:  # converted (tiktoken): saved in the tokenizers format
+        store.save(str(out_dir / TOKENIZER_FILE))
+    write_role_config(source_tok, out_dir)
     tok = load_tokenizer(out_dir / TOKENIZER_FILE)
     dtype = token_dtype(tok.vocab_size)
     return tok, dtype, max(1, int(shard_mb * 2**20) // dtype.itemsize)
+
 
 def tokenize_to_dataset(
     docs: Iterable[Document],
@@ -118,13 +140,14 @@ def tokenize_to_dataset(
     total_bytes: int | None = None,
     chunk_bytes: int = 1 << 20,
     extra_metadata: dict | None = None,
+    roles: dict | None = None,
 ) -> dict:
     """Tokenize `docs` into `out_dir` (train/val shards, tokenizer.json, metadata.json). Returns the metadata.
 
     metadata.json is written last: its presence means the dataset is complete.
     """
     out_dir = Path(out_dir)
-    tok, dtype, shard_tokens = prepare_dataset_dir(out_dir, tokenizer_path, shard_mb)
+    tok, dtype, shard_tokens = prepare_dataset_dir(out_dir, tokenizer_path, shard_mb, roles)
     writers = {s: _SplitWriter(out_dir, s, shard_tokens, dtype) for s in SPLITS}
 
     chunks = _chunks(docs, chunk_bytes, val_fraction)

@@ -111,6 +111,9 @@ class DataConfig:
     sources: list[DataSourceConfig] = field(default_factory=lambda: [DataSourceConfig()])
     seq_len: int = 256  # model input length; samples are seq_len + n_future tokens
     prefetch: int = 2  # micro-batches prepared ahead in a background thread
+    # Packed windows: attention, rotary positions and every head's targets stay inside each
+    # document (documents end with the tokenizer's EOS). Off = plain concatenation.
+    document_masking: bool = True
 
     def __post_init__(self):
         if not self.sources:

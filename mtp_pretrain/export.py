@@ -161,6 +161,9 @@ def export_single_file(checkpoint: str | Path, out_dir: str | Path) -> Path:
              "source": str(path)}, indent=1))
         if (tok := tokenizer_source(path)) is not None:
             shutil.copy(tok, tmp / TOKENIZER_FILE)
+            from mtp_pretrain.data.tokenizer import load_tokenizer, write_role_config
+
+            write_role_config(load_tokenizer(tok), tmp)  # the roles travel with the tokenizer
         if out_dir.exists():
             shutil.rmtree(out_dir)
         os.replace(tmp, out_dir)

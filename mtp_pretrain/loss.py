@@ -28,8 +28,9 @@ from dataclasses import dataclass
 from typing import Optional, Sequence
 
 import torch
+import torch.nn.functional as F
 
-from mtp_pretrain.model.transformer import MTPTransformer, shifted_tokens
+from mtp_pretrain.model.transformer import MTPTransformer, PackedDocuments, shifted_tokens
 
 IGNORE_INDEX = -100
 
@@ -53,21 +54,28 @@ class MTPLoss:
 
 
 def head_targets(tokens: torch.Tensor, seq_len: int, n_future: int,
-                 pad_id: Optional[int] = None) -> list[torch.Tensor]:
+                 pad_id: Optional[int] = None, document_end_id: Optional[int] = None) -> list[torch.Tensor]:
     """targets_i[:, t] = tokens[:, t + i] for i = 1..n; positions past the batch's end, and
-    padding, get IGNORE_INDEX (never read past the batch)."""
+    padding, get IGNORE_INDEX (never read past the batch). With ``document_end_id`` a target in
+    another document is ignored too: one where an EOS lies in tokens[t .. t+i-1] (the EOS that
+    ends t's document, at t+i itself, stays a target)."""
     targets = []
+    if document_end_id is not None:
+        ends = F.pad(torch.cumsum(tokens == document_end_id, dim=1), (1, 0))  # ends[:, k] = #EOS in tokens[:, :k]
     for i in range(1, n_future + 1):
         t = torch.full((tokens.shape[0], seq_len), IGNORE_INDEX, dtype=torch.long, device=tokens.device)
         avail = max(0, min(seq_len, tokens.shape[1] - i))
         t[:, :avail] = tokens[:, i:i + avail]
         if pad_id is not None:
             t[t == pad_id] = IGNORE_INDEX
+        if document_end_id is not None:
+            crosses = ends[:, i:i + avail] > ends[:, :avail]
+            t[:, :avail][crosses] = IGNORE_INDEX
         targets.append(t)
     return targets
 
 
-def _setup(model, tokens, seq_len, weights, pad_id):
+def _setup(model, tokens, seq_len, weights, pad_id, document_end_id=None, denominators=None):
     n = model.n_future
     T = tokens.shape[1] - 1 if seq_len is None else seq_len
     if T < 1 or T > tokens.shape[1]:
@@ -75,25 +83,36 @@ def _setup(model, tokens, seq_len, weights, pad_id):
     weights = [1.0] * n if weights is None else list(weights)
     if len(weights) != n:
         raise ValueError(f"loss.head_weights has {len(weights)} entries, model.n_future is {n}")
-    targets = head_targets(tokens, T, n, pad_id)
+    targets = head_targets(tokens, T, n, pad_id, document_end_id)
     counts = [int((t != IGNORE_INDEX).sum()) for t in targets]
-    return T, weights, targets, counts
+    documents = None if document_end_id is None else PackedDocuments.from_tokens(tokens[:, :T], document_end_id)
+    # Each head's summed cross-entropy is divided by this micro-batch's valid targets, or by the
+    # caller's denominators: with document masking the count varies between micro-batches and
+    # ranks, and the trainer passes the step's mean count so every target weighs the same.
+    divisors = [max(c, 1) for c in counts] if denominators is None else list(denominators)
+    if len(divisors) != n:
+        raise ValueError(f"denominators has {len(divisors)} entries, model.n_future is {n}")
+    return T, weights, targets, counts, documents, divisors
 
 
 def head_sequential_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len: Optional[int] = None,
                          weights: Optional[Sequence[float]] = None, chunk_size: int = 0,
                          pad_id: Optional[int] = None, loss_scale: float = 1.0,
-                         hooks: Optional[GradSyncHooks] = None) -> MTPLoss:
+                         hooks: Optional[GradSyncHooks] = None, document_end_id: Optional[int] = None,
+                         denominators: Optional[Sequence[float]] = None) -> MTPLoss:
     """Forward and backward of the multi-token loss with one head's logits alive at a time.
 
     tokens [B, L]: inputs are tokens[:, :seq_len] (default L - 1); gradients of
     ``loss_scale * sum_i w_i * mean CE_i`` are accumulated into the parameters' ``.grad``.
+    ``document_end_id``: windows are packed documents ended by this id; attention, positions and
+    targets stay inside each document.
     """
     hooks = hooks or GradSyncHooks()
-    T, weights, targets, counts = _setup(model, tokens, seq_len, weights, pad_id)
+    T, weights, targets, counts, documents, divisors = _setup(model, tokens, seq_len, weights, pad_id,
+                                                              document_end_id, denominators)
     n = model.n_future
     run, last = _heads_to_run(weights, model.heads_chain)
-    z = model.trunk_forward(tokens[:, :T])
+    z = model.trunk_forward(tokens[:, :T], documents=documents)
     # A frozen trunk (train.freeze=trunk) yields z without a graph: then nothing backprops into it.
     z_leaf = z.detach().requires_grad_(z.requires_grad)
     per_head = []
@@ -103,19 +122,19 @@ def head_sequential_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len
         if not run[i - 1]:
             per_head.append(_SKIPPED.to(z.device))
             continue
-        h, y = model.head_forward(i, x, shifted_tokens(tokens, i, T))
+        h, y = model.head_forward(i, x, shifted_tokens(tokens, i, T), documents=documents)
         if model.heads_chain:
             # Later heads read this state: cut the graph here, backprop the unembedding now
             # (frees the logits), and backprop the head itself once the later heads are done.
             y_leaf = y.detach().requires_grad_(y.requires_grad)
-            loss_i = model.unembed(y_leaf, targets[i - 1], chunk_size=chunk_size) / max(counts[i - 1], 1)
+            loss_i = model.unembed(y_leaf, targets[i - 1], chunk_size=chunk_size) / divisors[i - 1]
             hooks.before_head_backward(i, last=i == last)
             if loss_i.requires_grad:
                 (loss_i * (weights[i - 1] * loss_scale)).backward()
             x = h.detach().requires_grad_(h.requires_grad)
             chained.append((h, y, y_leaf, x))
         else:
-            loss_i = model.unembed(y, targets[i - 1], chunk_size=chunk_size) / max(counts[i - 1], 1)
+            loss_i = model.unembed(y, targets[i - 1], chunk_size=chunk_size) / divisors[i - 1]
             hooks.before_head_backward(i, last=i == last)
             if loss_i.requires_grad:
                 (loss_i * (weights[i - 1] * loss_scale)).backward()
@@ -136,19 +155,21 @@ def head_sequential_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len
 def naive_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len: Optional[int] = None,
                weights: Optional[Sequence[float]] = None, chunk_size: int = 0,
                pad_id: Optional[int] = None, loss_scale: float = 1.0,
-               hooks: Optional[GradSyncHooks] = None) -> MTPLoss:
+               hooks: Optional[GradSyncHooks] = None, document_end_id: Optional[int] = None,
+               denominators: Optional[Sequence[float]] = None) -> MTPLoss:
     """The reference: all heads forward, the weighted sum of their losses, one backward."""
     hooks = hooks or GradSyncHooks()
-    T, weights, targets, counts = _setup(model, tokens, seq_len, weights, pad_id)
+    T, weights, targets, counts, documents, divisors = _setup(model, tokens, seq_len, weights, pad_id,
+                                                              document_end_id, denominators)
     run, last = _heads_to_run(weights, model.heads_chain)
-    z = model.trunk_forward(tokens[:, :T])
+    z = model.trunk_forward(tokens[:, :T], documents=documents)
     x, per_head = z, []
     for i in range(1, model.n_future + 1):
         if not run[i - 1]:  # no forward, so no gradient (not even zeros) for its parameters
             per_head.append(_SKIPPED.to(z.device))
             continue
-        h, y = model.head_forward(i, x if model.heads_chain else z, shifted_tokens(tokens, i, T))
-        per_head.append(model.unembed(y, targets[i - 1], chunk_size=chunk_size) / max(counts[i - 1], 1))
+        h, y = model.head_forward(i, x if model.heads_chain else z, shifted_tokens(tokens, i, T), documents=documents)
+        per_head.append(model.unembed(y, targets[i - 1], chunk_size=chunk_size) / divisors[i - 1])
         x = h
     total = sum(w * l for w, l, r in zip(weights, per_head, run) if r)
     hooks.before_head_backward(last, last=True)
@@ -160,13 +181,14 @@ def naive_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len: Optional
 
 @torch.no_grad()
 def evaluate_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len: Optional[int] = None,
-                  chunk_size: int = 0, pad_id: Optional[int] = None) -> tuple[list[torch.Tensor], list[int]]:
+                  chunk_size: int = 0, pad_id: Optional[int] = None,
+                  document_end_id: Optional[int] = None) -> tuple[list[torch.Tensor], list[int]]:
     """Per-head summed cross-entropy and target counts, no gradients (validation)."""
-    T, _, targets, counts = _setup(model, tokens, seq_len, None, pad_id)
-    z = model.trunk_forward(tokens[:, :T])
+    T, _, targets, counts, documents, _ = _setup(model, tokens, seq_len, None, pad_id, document_end_id)
+    z = model.trunk_forward(tokens[:, :T], documents=documents)
     x, sums = z, []
     for i in range(1, model.n_future + 1):
-        h, y = model.head_forward(i, x if model.heads_chain else z, shifted_tokens(tokens, i, T))
+        h, y = model.head_forward(i, x if model.heads_chain else z, shifted_tokens(tokens, i, T), documents=documents)
         sums.append(model.unembed(y, targets[i - 1], chunk_size=chunk_size))
         x = h
     return sums, counts

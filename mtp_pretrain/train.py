@@ -25,7 +25,7 @@ from mtp_pretrain.data import ArrowTokenStream, DataSource
 from mtp_pretrain.eval.per_head import per_head_sums
 from mtp_pretrain.flops import device_peak_flops, training_flops_per_token
 from mtp_pretrain.head_schedule import HeadWeights
-from mtp_pretrain.loss import evaluate_loss, mtp_loss
+from mtp_pretrain.loss import IGNORE_INDEX, evaluate_loss, head_targets, mtp_loss
 from mtp_pretrain.metrics import MetricsLogger, peak_memory_mb
 from mtp_pretrain.model import MTPTransformer, count_parameters
 from mtp_pretrain.model.config import check_vocab
@@ -99,6 +99,7 @@ class Trainer:
         self.train_stream = self._stream("train", infinite=True, prefetch=cfg.data.prefetch)
         check_vocab(cfg.model, self.train_stream.vocab_size)
         self.pad_id = self.train_stream.pad_id
+        self.document_end_id = self.train_stream.eos_id if cfg.data.document_masking else None
 
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = MTPTransformer(cfg.model)
@@ -200,13 +201,15 @@ class Trainer:
                     else contextlib.nullcontext())
         per_head = torch.zeros(cfg.model.n_future, dtype=torch.float64)
         weights = self.head_weights.weights(self.step, self.tokens_seen)
-        for micro in range(self.grad_accum):
-            tokens = next(self.train_iter).to(self.env.device, non_blocking=True)
+        batches = [next(self.train_iter).to(self.env.device, non_blocking=True) for _ in range(self.grad_accum)]
+        denominators = self._mean_target_counts(batches)
+        for micro, tokens in enumerate(batches):
             hooks = self.strategy.grad_sync_hooks(self.model, last_micro_batch=micro == self.grad_accum - 1)
             with autocast, self.strategy.loss_context():
                 out = mtp_loss(cfg.loss.impl, self.model, tokens, seq_len=self.seq_len,
                                weights=weights, chunk_size=cfg.loss.chunk_size,
-                               pad_id=self.pad_id, loss_scale=1.0 / self.grad_accum, hooks=hooks)
+                               pad_id=self.pad_id, loss_scale=1.0 / self.grad_accum, hooks=hooks,
+                               document_end_id=self.document_end_id, denominators=denominators)
             per_head += torch.stack(out.per_head).double().cpu() / self.grad_accum
         self.strategy.finish_backward(self.model)
         per_head = self.strategy.all_reduce_mean(per_head.to(torch.float32)).double()
@@ -246,6 +249,21 @@ class Trainer:
             write_prompts(self.run_dir / "decode_prompts.json", prompts, n, cfg.logging.decode_new_tokens)
         return prompts
 
+    def _mean_target_counts(self, batches: list[torch.Tensor]) -> Optional[list[float]]:
+        """Per head, the step's valid targets per micro-batch, averaged over micro-batches and
+        data-parallel ranks. Document masking drops a varying number of targets per micro-batch;
+        dividing each one's summed loss by this mean (not its own count) makes the step's loss
+        the mean over all its targets, whatever the number of ranks and micro-batches."""
+        if self.document_end_id is None:
+            return None
+        n = self.cfg.model.n_future
+        local = torch.zeros(n, dtype=torch.float64)
+        for tokens in batches:
+            targets = head_targets(tokens, self.seq_len, n, self.pad_id, self.document_end_id)
+            local += torch.tensor([float((t != IGNORE_INDEX).sum()) for t in targets], dtype=torch.float64)
+        mean = self.strategy.all_reduce_mean(local.float()).double() / len(batches)
+        return mean.clamp(min=1.0).tolist()
+
     @torch.no_grad()
     def validate(self) -> dict:
         t0 = time.perf_counter()
@@ -260,11 +278,13 @@ class Trainer:
             tokens = tokens.to(self.env.device)
             with self.strategy.loss_context():
                 if accuracy:
-                    s, ok, c = per_head_sums(self.model, tokens, seq_len=self.seq_len, pad_id=self.pad_id)
+                    s, ok, c = per_head_sums(self.model, tokens, seq_len=self.seq_len, pad_id=self.pad_id,
+                                             document_end_id=self.document_end_id)
                     correct += ok
                 else:
                     s, c = evaluate_loss(self.model, tokens, seq_len=self.seq_len,
-                                         chunk_size=self.cfg.loss.chunk_size, pad_id=self.pad_id)
+                                         chunk_size=self.cfg.loss.chunk_size, pad_id=self.pad_id,
+                                         document_end_id=self.document_end_id)
                     s, c = torch.stack(s).double().cpu(), torch.tensor(c, dtype=torch.float64)
             sums += s
             counts += c

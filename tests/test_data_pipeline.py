@@ -62,7 +62,8 @@ def test_round_trip_documents_shards_text(kind, bpe_file, byte_file, tmp_path):
         assert decoded_documents(tmp_path / "ds", split) == expected[split]
     tok = load_tokenizer(tmp_path / "ds")
     assert meta["tokenizer"] == {"file": "tokenizer.json", "kind": tok.kind, "hash": tok.hash, "vocab_size": tok.vocab_size,
-                                 "pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id}
+                                 "pad_id": tok.pad_id, "bos_id": tok.bos_id, "eos_id": tok.eos_id,
+                                 **{f"{r}_token": n for r, n in tok.role_tokens().items()}}
     assert (tok.pad_id, tok.bos_id, tok.eos_id) == ((0, 1, 2) if kind == "bpe" else (256, 257, 258))
 
 

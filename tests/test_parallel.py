@@ -129,7 +129,8 @@ def data(tmp_path_factory) -> Path:
     from mtp_pretrain.data.synthetic import write_random_dataset
 
     path = tmp_path_factory.mktemp("parallel_data") / "random"
-    write_random_dataset(path, {"train": 100_000, "val": 10_000}, seed=0)
+    # Documents of 24 tokens: every cell trains with document masking (on by default) across boundaries.
+    write_random_dataset(path, {"train": 100_000, "val": 10_000}, seed=0, doc_len=24)
     return path
 
 

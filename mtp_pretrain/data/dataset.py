@@ -28,7 +28,10 @@ class TokenWindows:
         self.meta = read_metadata(self.path)
         self.tokenizer = load_tokenizer(self.path)  # checks the tokenizer against metadata.json
         tmeta = self.meta["tokenizer"]
-        self.vocab_size, self.eos_id, self.pad_id = tmeta["vocab_size"], tmeta["eos_id"], tmeta["pad_id"]
+        self.vocab_size, self.eos_id = tmeta["vocab_size"], tmeta["eos_id"]
+        # The id the loss ignores as padding: none when PAD is absent or doubles as EOS (GPT-2,
+        # Llama 3 fine-tunes), since every EOS ending a document must stay a target.
+        self.pad_id = tmeta["pad_id"] if tmeta["pad_id"] != self.eos_id else None
         self.tokenizer_hash = tmeta["hash"]
         dtype = token_dtype(self.vocab_size)
         if np.dtype(self.meta["token_dtype"]) != dtype:

@@ -70,6 +70,8 @@ def build_metadata(tokenizer, splits: dict, source: str, **extra) -> dict:
             "pad_id": tokenizer.pad_id,
             "bos_id": tokenizer.bos_id,
             "eos_id": tokenizer.eos_id,
+            # Roles by name (bos/pad may be None): every consumer reads them from here.
+            **{f"{role}_token": name for role, name in tokenizer.role_tokens().items()},
         },
         "token_dtype": token_dtype(tokenizer.vocab_size).name,
         "document_separator": "eos",

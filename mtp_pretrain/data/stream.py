@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import queue
 import threading
+import warnings
 import weakref
 from dataclasses import dataclass
 from pathlib import Path
@@ -77,6 +78,9 @@ class ArrowTokenStream:
                     f"{ds.path}: tokenizer {ds.tokenizer_hash} differs from {first.path}'s "
                     f"{first.tokenizer_hash}; all sources of a mixture must share one tokenizer"
                 )
+            if ds.eos_id != first.eos_id:
+                raise DataError(f"{ds.path}: EOS id {ds.eos_id} differs from {first.path}'s {first.eos_id}; "
+                                "all sources of a mixture must map the special-token roles alike")
         self.vocab_size, self.eos_id, self.pad_id = first.vocab_size, first.eos_id, first.pad_id
         self.tokenizer_hash = first.tokenizer_hash
         self._state = SamplerState(seed=seed, consumed=[0] * len(self.sources))
@@ -102,19 +106,38 @@ class ArrowTokenStream:
             ],
         }
 
+    @staticmethod
+    def _source_key(path: str, all_paths: list[str]) -> str:
+        """Sources match across a resume by directory name (a dataset may move), or by full path
+        where two sources share a name."""
+        name = Path(path).name
+        return name if [Path(p).name for p in all_paths].count(name) == 1 else str(path)
+
     def load_state_dict(self, state: dict) -> None:
-        """Continue from `state`, saved on any world size. The saved seed wins over the constructor's."""
+        """Continue from `state`, saved on any world size. The saved seed wins over the constructor's.
+
+        Sources are matched by name: one added since the state was saved starts at zero (the
+        global cursor continues, so the mixture changes from here on); one removed is dropped with
+        a warning."""
         if state.get("version") != STATE_VERSION:
             raise DataError(f"data state version {state.get('version')!r}, expected {STATE_VERSION}")
         if state["window"] != self.window:
             raise DataError(f"data state was saved with window {state['window']}, this stream has {self.window}")
-        saved = state["sources"]
-        if [Path(s["path"]).name for s in saved] != [Path(s.path).name for s in self.sources]:
-            raise DataError(f"data state sources {[s['path'] for s in saved]} differ from {[s.path for s in self.sources]}")
-        for s, ds in zip(saved, self.datasets):
-            if s["num_windows"] != ds.num_windows:
-                raise DataError(f"{ds.path}: {ds.num_windows} windows, the data state was saved with {s['num_windows']} (dataset changed)")
-        self._state = SamplerState(seed=state["seed"], cursor=state["cursor"], consumed=[s["consumed"] for s in saved])
+        saved = {self._source_key(s["path"], [x["path"] for x in state["sources"]]): s for s in state["sources"]}
+        consumed = []
+        for source, ds in zip(self.sources, self.datasets):
+            entry = saved.pop(self._source_key(source.path, [s.path for s in self.sources]), None)
+            if entry is None:  # a source added on resume (an annealing mixture) starts at its beginning
+                consumed.append(0)
+                continue
+            if entry["num_windows"] != ds.num_windows:
+                raise DataError(f"{ds.path}: {ds.num_windows} windows, the data state was saved with "
+                                f"{entry['num_windows']} (dataset changed)")
+            consumed.append(entry["consumed"])
+        for entry in saved.values():
+            warnings.warn(f"data source {entry['path']} is in the resumed data state but no longer in the mixture; "
+                          f"dropped after {entry['consumed']} of its windows", stacklevel=2)
+        self._state = SamplerState(seed=state["seed"], cursor=state["cursor"], consumed=consumed)
         self._start_state = self._copy(self._state)
 
     # -- iteration ----------------------------------------------------------------------------

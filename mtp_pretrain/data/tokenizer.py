@@ -1,8 +1,11 @@
-"""Tokenizers of the pipeline: a byte-level BPE (trained with `tokenizers`) and a plain byte tokenizer.
+"""Tokenizers of the pipeline: any Hugging Face fast tokenizer, a tiktoken BPE file, the project's
+own byte-level BPE (trained with `tokenizers`) and a plain byte tokenizer.
 
-Both are stored as one `tokenizer.json` beside a dataset's shards. Their special tokens have fixed
-ids (PAD, BOS, EOS) that are recorded in the dataset metadata. The tokenizer hash is the SHA-256 of
-that file, so that a dataset can refuse a tokenizer it was not built with.
+A dataset directory holds its tokenizer as one `tokenizer.json` (a tiktoken file is converted to
+that format once, when a dataset is built) and the special-token *roles* in metadata.json and in a
+Hugging Face `tokenizer_config.json` beside it. Roles are mapped, not required by name:
+EOS ends every document and is required; BOS and PAD are optional (None). The tokenizer hash is
+the SHA-256 of tokenizer.json, so that a dataset can refuse a tokenizer it was not built with.
 """
 
 from __future__ import annotations
@@ -10,13 +13,34 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
+from typing import Optional
 
 from .errors import DataError
 
 TOKENIZER_FILE = "tokenizer.json"
+TOKENIZER_CONFIG_FILE = "tokenizer_config.json"
+SPECIAL_TOKENS_MAP_FILE = "special_tokens_map.json"
 PAD, BOS, EOS = "<|pad|>", "<|bos|>", "<|eos|>"
 # BPE: the trainer gives the special tokens the first ids, in this order.
 SPECIAL_TOKENS = [PAD, BOS, EOS]
+ROLES = ("eos", "bos", "pad")
+# Used when neither the command line nor the tokenizer's config names a role: the project's own
+# names, then those of GPT-2, Llama 3 and Llama 2 / SentencePiece models, first match wins.
+CONVENTIONAL_NAMES = {
+    "eos": (EOS, "<|endoftext|>", "<|end_of_text|>", "</s>", "<eos>"),
+    "bos": (BOS, "<|begin_of_text|>", "<s>", "<bos>"),
+    "pad": (PAD, "<pad>", "[PAD]"),
+}
+# tiktoken BPE files (Llama 3's tokenizer.model) hold only the ranks; the split pattern and the
+# special tokens live in the model's code. These are Llama 3's.
+LLAMA3_SPLIT_PATTERN = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
+                        r"|\s*[\r\n]+|\s+(?!\S)|\s+")
+LLAMA3_NUM_SPECIAL = 256
+LLAMA3_SPECIAL_TOKENS = [
+    "<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_token_0|>", "<|reserved_special_token_1|>",
+    "<|finetune_right_pad_id|>", "<|step_id|>", "<|start_header_id|>", "<|end_header_id|>", "<|eom_id|>",
+    "<|eot_id|>", "<|python_tag|>",
+] + [f"<|reserved_special_token_{i}|>" for i in range(2, LLAMA3_NUM_SPECIAL - 9)]
 
 
 def file_hash(path: Path) -> str:
@@ -33,6 +57,9 @@ class ByteTokenizer:
         self.vocab_size = 259
         self.hash = hash_
 
+    def role_tokens(self) -> dict[str, Optional[str]]:
+        return {"eos": EOS, "bos": BOS, "pad": PAD}
+
     def encode(self, text: str) -> list[int]:
         return list(text.encode("utf-8"))
 
@@ -48,18 +75,54 @@ class ByteTokenizer:
         self.hash = file_hash(path)
 
 
-class BPETokenizer:
-    """A byte-level BPE from the `tokenizers` library (lossless: every string round-trips)."""
+class HFTokenizer:
+    """Any `tokenizers` (Hugging Face fast) tokenizer, with its special-token roles mapped by name.
 
-    kind = "bpe"
+    ``roles`` maps eos/bos/pad to token names (bos/pad may be None); EOS is required.
+    """
 
-    def __init__(self, tokenizer, hash_: str = ""):
+    kind = "tokenizers"
+
+    def __init__(self, tokenizer, hash_: str = "", roles: Optional[dict] = None, source: str = "tokenizer"):
         self._tok = tokenizer
-        # A document that literally contains "<|eos|>" must not turn into a document boundary.
+        # A document that literally contains "<|endoftext|>" must not turn into a document boundary.
         self._tok.encode_special_tokens = True
-        self.pad_id, self.bos_id, self.eos_id = (tokenizer.token_to_id(t) for t in SPECIAL_TOKENS)
         self.vocab_size = tokenizer.get_vocab_size()
         self.hash = hash_
+        self.roles = dict(roles) if roles is not None else conventional_roles(tokenizer)
+        for role in ROLES:
+            name = self.roles.get(role)
+            token_id = None if name is None else tokenizer.token_to_id(name)
+            if name is not None and token_id is None:
+                raise DataError(f"{source}: {role} token {name!r} is not in the tokenizer's vocabulary "
+                                f"(special tokens: {special_token_names(tokenizer)})")
+            setattr(self, f"{role}_id", token_id)
+        if self.eos_id is None:
+            raise DataError(f"{source}: no end-of-document token; pass --eos-token NAME (documents are separated "
+                            f"by it). The tokenizer's special tokens: {special_token_names(tokenizer)}")
+
+    def role_tokens(self) -> dict[str, Optional[str]]:
+        return {role: self.roles.get(role) for role in ROLES}
+
+    def encode(self, text: str) -> list[int]:
+        return self._tok.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(self, ids) -> str:
+        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
+
+    def save(self, path: Path) -> None:
+        self._tok.save(str(path))
+        self.hash = file_hash(path)
+
+
+class BPETokenizer(HFTokenizer):
+    """The project's own byte-level BPE (lossless: every string round-trips), with PAD, BOS, EOS
+    as ids 0, 1, 2."""
+
+    kind = "bpe"
 
     @classmethod
     def train(cls, texts, vocab_size: int, show_progress: bool = True) -> "BPETokenizer":
@@ -77,39 +140,83 @@ class BPETokenizer:
         tok.train_from_iterator(texts, trainer=trainer)
         return cls(tok)
 
-    def encode(self, text: str) -> list[int]:
-        return self._tok.encode(text, add_special_tokens=False).ids
 
-    def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        return [e.ids for e in self._tok.encode_batch(texts, add_special_tokens=False)]
-
-    def decode(self, ids) -> str:
-        return self._tok.decode([int(i) for i in ids], skip_special_tokens=True)
-
-    def save(self, path: Path) -> None:
-        self._tok.save(str(path))
-        self.hash = file_hash(path)
+Tokenizer = ByteTokenizer | HFTokenizer
 
 
-Tokenizer = ByteTokenizer | BPETokenizer
+def special_token_names(tokenizer) -> list[str]:
+    return [t.content for t in tokenizer.get_added_tokens_decoder().values() if t.special]
 
 
-def _read_tokenizer_file(path: Path) -> Tokenizer:
+def conventional_roles(tokenizer) -> dict[str, Optional[str]]:
+    """Each role's first conventional name that the tokenizer has, else None."""
+    return {role: next((n for n in names if tokenizer.token_to_id(n) is not None), None)
+            for role, names in CONVENTIONAL_NAMES.items()}
+
+
+def _token_name(value) -> Optional[str]:
+    """A special token as tokenizer_config.json writes it: a string or {"content": ...}."""
+    if isinstance(value, dict):
+        return value.get("content")
+    return value if isinstance(value, str) else None
+
+
+def configured_roles(directory: Path) -> dict[str, str]:
+    """Roles named by the Hugging Face config files in ``directory`` (tokenizer_config.json wins
+    over special_tokens_map.json); roles they do not name are absent."""
+    roles: dict[str, str] = {}
+    for name in (SPECIAL_TOKENS_MAP_FILE, TOKENIZER_CONFIG_FILE):
+        path = directory / name
+        if not path.is_file():
+            continue
+        try:
+            config = json.loads(path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"{path}: unreadable tokenizer config: {e}") from e
+        for role in ROLES:
+            if (token := _token_name(config.get(f"{role}_token"))) is not None:
+                roles[role] = token
+    return roles
+
+
+def _recorded_roles(directory: Path) -> Optional[dict]:
+    """The roles a dataset's metadata.json records (None for no metadata, or one written before
+    roles were recorded: its tokenizer uses the project's own names)."""
+    meta_path = directory / "metadata.json"
+    if not meta_path.is_file():
+        return None
+    recorded = json.loads(meta_path.read_text()).get("tokenizer", {})
+    if "eos_token" not in recorded:
+        return None
+    return {role: recorded.get(f"{role}_token") for role in ROLES}
+
+
+def _is_byte_spec(path: Path) -> bool:
     try:
-        spec = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise DataError(f"{path}: cannot read tokenizer: {e}") from e
-    if spec.get("kind") == ByteTokenizer.kind:
+        with open(path, "rb") as f:
+            head = f.read(4096)
+        return b'"kind"' in head and json.loads(path.read_text()).get("kind") == ByteTokenizer.kind
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError):
+        return False
+
+
+def _read_tokenizer_file(path: Path, roles: Optional[dict] = None) -> Tokenizer:
+    """A tokenizer.json (Hugging Face, or the byte tokenizer's spec). Roles: ``roles`` if given,
+    else those recorded beside it (metadata.json, then the HF config files), else conventional."""
+    if _is_byte_spec(path):
         return ByteTokenizer(file_hash(path))
-    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import Tokenizer as RustTokenizer
 
     try:
-        tok = BPETokenizer(HFTokenizer.from_file(str(path)), file_hash(path))
+        raw = RustTokenizer.from_file(str(path))
     except Exception as e:  # the tokenizers library raises its own exception types
         raise DataError(f"{path}: not a valid tokenizer file: {e}") from e
-    if None in (tok.pad_id, tok.bos_id, tok.eos_id):
-        raise DataError(f"{path}: tokenizer lacks one of the special tokens {SPECIAL_TOKENS}")
-    return tok
+    if roles is None:
+        roles = _recorded_roles(path.parent)
+    if roles is None:
+        roles = {**conventional_roles(raw), **configured_roles(path.parent)}
+    cls = BPETokenizer if all(raw.token_to_id(n) == i for i, n in enumerate(SPECIAL_TOKENS)) else HFTokenizer
+    return cls(raw, file_hash(path), roles, source=str(path))
 
 
 def load_tokenizer(path: str | Path) -> Tokenizer:
@@ -143,3 +250,104 @@ def check_tokenizer_matches(tok: Tokenizer, metadata: dict, tok_path: Path) -> N
     for key, value in ids.items():
         if expected[key] != value:
             raise DataError(f"{tok_path}: tokenizer {key}={value} but the dataset metadata says {expected[key]}")
+
+
+def write_role_config(tok: Tokenizer, directory: Path) -> None:
+    """tokenizer_config.json naming the roles beside a tokenizer.json, in the Hugging Face format
+    (so the directory also loads with transformers' AutoTokenizer)."""
+    roles = {f"{role}_token": name for role, name in tok.role_tokens().items() if name is not None}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", **roles}
+    (Path(directory) / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=1) + "\n")
+
+
+# ------------------------------------------------------------------------------------------------
+# Tokenizers as users bring them: a tokenizer.json file or directory, or a tiktoken BPE file
+# ------------------------------------------------------------------------------------------------
+
+def open_tokenizer_source(source: str | Path, eos_token: Optional[str] = None, bos_token: Optional[str] = None,
+                          pad_token: Optional[str] = None) -> tuple[Tokenizer, object]:
+    """The tokenizer a user names with --tokenizer, and what to store as the dataset's
+    tokenizer.json (a path to copy, or a `tokenizers` object to save).
+
+    ``source``: a tokenizer.json, a directory holding one (its tokenizer_config.json /
+    special_tokens_map.json name the roles), a tiktoken BPE file (Llama 3's tokenizer.model) or a
+    directory holding one, or the byte tokenizer's spec. Explicit role names win over configured
+    ones, which win over conventional names.
+    """
+    source = Path(source)
+    if not source.exists():
+        raise DataError(f"{source}: tokenizer does not exist (expected a tokenizer.json, a directory holding one, "
+                        "or a tiktoken BPE file)")
+    directory = source if source.is_dir() else source.parent
+    if source.is_dir():
+        candidates = [source / TOKENIZER_FILE, source / "tokenizer.model"]
+        found = [c for c in candidates if c.is_file()]
+        if not found:
+            raise DataError(f"{source}: directory holds neither {TOKENIZER_FILE} nor a tiktoken tokenizer.model")
+        source = found[0]
+    explicit = {r: n for r, n in (("eos", eos_token), ("bos", bos_token), ("pad", pad_token)) if n is not None}
+    if _is_byte_spec(source):
+        if explicit:
+            raise DataError(f"{source}: the byte tokenizer's roles are fixed; drop --eos/--bos/--pad-token")
+        return ByteTokenizer(file_hash(source)), source
+    try:
+        json.loads(source.read_text())
+        is_json = True
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        is_json = False
+    if is_json:
+        from tokenizers import Tokenizer as RustTokenizer
+
+        try:
+            raw = RustTokenizer.from_file(str(source))
+        except Exception as e:  # the tokenizers library raises its own exception types
+            raise DataError(f"{source}: not a valid Hugging Face tokenizer.json: {e}") from e
+        store: object = source
+    else:
+        raw = tiktoken_to_tokenizers(source)
+        store = raw
+    roles = {**conventional_roles(raw), **configured_roles(directory), **explicit}
+    return HFTokenizer(raw, "", roles, source=str(source)), store
+
+
+def tiktoken_to_tokenizers(path: Path, pattern: str = LLAMA3_SPLIT_PATTERN,
+                           special_tokens: Optional[list[str]] = None):
+    """A tiktoken BPE file as an equivalent `tokenizers` byte-level BPE (same ids for every text).
+
+    tiktoken merges, within each pre-tokenized piece, the adjacent pair whose concatenation has the
+    lowest rank, and takes a piece that is itself a token whole. A BPE model whose merges are
+    ordered by the rank of their result, with ``ignore_merges``, does the same. Special tokens
+    follow the ranks (Llama 3's 256 by default).
+    """
+    import tiktoken.load
+    from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
+    from tokenizers import Tokenizer as RustTokenizer
+
+    from mtp_pretrain.interop.hf import _bytes_to_unicode
+
+    try:
+        ranks = tiktoken.load.load_tiktoken_bpe(str(path))
+    except Exception as e:  # base64/ValueError from a file of another format
+        raise DataError(f"{path}: neither a tokenizer.json nor a tiktoken BPE file (lines 'base64-token rank'): {e}") from e
+    if sorted(ranks.values()) != list(range(len(ranks))):
+        raise DataError(f"{path}: tiktoken ranks are not 0..{len(ranks) - 1} without gaps")
+    byte_chars = _bytes_to_unicode()
+
+    def as_text(token: bytes) -> str:
+        return "".join(byte_chars[b] for b in token)
+
+    merges = []
+    for token, rank in sorted(ranks.items(), key=lambda kv: kv[1]):
+        splits = [(token[:k], token[k:]) for k in range(1, len(token))]
+        pairs = [(ranks[a], ranks[b], a, b) for a, b in splits if a in ranks and b in ranks]
+        merges += [(as_text(a), as_text(b)) for _, _, a, b in sorted(pairs) if max(ranks[a], ranks[b]) < rank]
+    vocab = {as_text(token): rank for token, rank in ranks.items()}
+    tok = RustTokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=True))
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(pattern), behavior="isolated"),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
+    ])
+    tok.decoder = decoders.ByteLevel()
+    specials = LLAMA3_SPECIAL_TOKENS if special_tokens is None else special_tokens
+    tok.add_special_tokens([AddedToken(t, special=True, normalized=False) for t in specials])
+    return tok

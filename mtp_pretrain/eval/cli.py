@@ -53,7 +53,10 @@ def _parse_ops(text: str) -> list[int]:
 
 
 def _prefix_ids(tokenizer, which: str) -> list[int]:
-    return {"none": [], "eos": [tokenizer.eos_id], "bos": [tokenizer.bos_id]}[which]
+    ids = {"none": [], "eos": [tokenizer.eos_id], "bos": [tokenizer.bos_id]}[which]
+    if None in ids:  # BOS is an optional role (GPT-2 style tokenizers have none)
+        raise SystemExit(f"mtp-eval: --prompt-prefix {which}: the tokenizer has no {which.upper()} token")
+    return ids
 
 
 def _decode_kwargs(args) -> dict:

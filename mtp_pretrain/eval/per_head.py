@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from mtp_pretrain.data import ArrowTokenStream, DataSource
 from mtp_pretrain.loss import IGNORE_INDEX, head_targets
-from mtp_pretrain.model.transformer import MTPTransformer, shifted_tokens
+from mtp_pretrain.model.transformer import MTPTransformer, PackedDocuments, shifted_tokens
 
 
 @dataclass
@@ -48,19 +48,22 @@ class PerHeadResult:
 
 @torch.no_grad()
 def per_head_sums(model: MTPTransformer, tokens: torch.Tensor, *, seq_len: Optional[int] = None,
-                  pad_id: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                  pad_id: Optional[int] = None,
+                  document_end_id: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(summed CE, correct top-1 count, target count) per head, float64 [n_future] each, for one
-    batch ``tokens`` [B, L] (inputs tokens[:, :seq_len], default L - 1; padding is ignored).
+    batch ``tokens`` [B, L] (inputs tokens[:, :seq_len], default L - 1; padding is ignored; with
+    ``document_end_id``, attention and targets stay inside each packed document, as in training).
     The CE sums equal ``mtp_pretrain.loss.evaluate_loss``'s."""
     n = model.n_future
     T = tokens.shape[1] - 1 if seq_len is None else seq_len
-    targets = head_targets(tokens, T, n, pad_id)
-    z = model.trunk_forward(tokens[:, :T])
+    targets = head_targets(tokens, T, n, pad_id, document_end_id)
+    documents = None if document_end_id is None else PackedDocuments.from_tokens(tokens[:, :T], document_end_id)
+    z = model.trunk_forward(tokens[:, :T], documents=documents)
     x = z
     # Sums stay on the model's device (no host sync per sequence); one copy at the end.
     ce, correct, count = (torch.zeros(n, dtype=torch.float64, device=tokens.device) for _ in range(3))
     for i in range(1, n + 1):
-        h, y = model.head_forward(i, x if model.heads_chain else z, shifted_tokens(tokens, i, T))
+        h, y = model.head_forward(i, x if model.heads_chain else z, shifted_tokens(tokens, i, T), documents=documents)
         x = h
         tgt = targets[i - 1]
         valid = tgt != IGNORE_INDEX
@@ -76,7 +79,7 @@ def per_head_sums(model: MTPTransformer, tokens: torch.Tensor, *, seq_len: Optio
 @torch.no_grad()
 def evaluate_per_head(model: MTPTransformer, sources: Sequence[str | Path | DataSource], *, seq_len: int = 256,
                       batch_size: int = 8, max_batches: Optional[int] = None, split: str = "val",
-                      lookahead: Optional[int] = None, seed: int = 0) -> PerHeadResult:
+                      lookahead: Optional[int] = None, seed: int = 0, document_masking: bool = True) -> PerHeadResult:
     """Per-head loss and accuracy over (at most ``max_batches`` batches of) ``split``.
 
     One pass over the split without repetition (sources mixed by weight, as in training)."""
@@ -98,7 +101,8 @@ def evaluate_per_head(model: MTPTransformer, sources: Sequence[str | Path | Data
         for tokens in stream:
             if max_batches is not None and batches >= max_batches:
                 break
-            s, c, k = per_head_sums(model, tokens.to(device), seq_len=seq_len, pad_id=stream.pad_id)
+            s, c, k = per_head_sums(model, tokens.to(device), seq_len=seq_len, pad_id=stream.pad_id,
+                                    document_end_id=stream.eos_id if document_masking else None)
             ce, correct, count = ce + s, correct + c, count + k
             batches += 1
     finally:

@@ -63,7 +63,10 @@ def encode(prompt: str, tokenizer, prepend: str) -> list[int]:
     if prepend != "none":
         if tokenizer is None:
             raise SystemExit("mtp-generate: --prepend needs a tokenizer")
-        ids = [tokenizer.bos_id if prepend == "bos" else tokenizer.eos_id] + ids
+        token = tokenizer.bos_id if prepend == "bos" else tokenizer.eos_id
+        if token is None:  # BOS is an optional role (GPT-2 style tokenizers have none)
+            raise SystemExit(f"mtp-generate: --prepend {prepend}: the tokenizer has no {prepend.upper()} token")
+        ids = [token] + ids
     return ids
 
 

@@ -202,16 +202,16 @@ def write_hf_tokenizer(src: Path, out_dir: Path, model_max_length: int) -> dict[
     from mtp_pretrain.data.tokenizer import BOS, EOS, PAD, ByteTokenizer
 
     ours = load_tokenizer(src)
+    # Optional roles (a GPT-2 tokenizer has no PAD or BOS) are left out of the HF config.
+    names = {role: name for role, name in ours.role_tokens().items() if name is not None}
     if isinstance(ours, ByteTokenizer):
         tok = byte_tokenizer_as_tokenizers(PAD, BOS, EOS)
-        names = {"pad": PAD, "bos": BOS, "eos": EOS}
         for role, name in names.items():
             if tok.token_to_id(name) != getattr(ours, f"{role}_id"):
                 raise HFInteropError(f"byte tokenizer: {name} would get id {tok.token_to_id(name)}, "
                                      f"not {getattr(ours, f'{role}_id')}")
         tok.save(str(out_dir / "tokenizer.json"))
     else:
-        names = {role: ours._tok.id_to_token(getattr(ours, f"{role}_id")) for role in ("pad", "bos", "eos")}
         shutil.copy(src, out_dir / "tokenizer.json")
     specials = {f"{role}_token": name for role, name in names.items()}
     (out_dir / "tokenizer_config.json").write_text(json.dumps(

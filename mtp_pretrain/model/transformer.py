@@ -15,6 +15,7 @@ a two-method protocol, so the same blocks serve training and incremental decodin
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Optional, Protocol
 
 import torch
@@ -33,6 +34,31 @@ class AttentionCache(Protocol):
         """Store k/v [B, H_kv, T, hd] of the new positions; return all cached k, v and the
         boolean attention mask [B, 1, T, S] (True = attend) for the new queries."""
         ...
+
+
+@dataclass
+class PackedDocuments:
+    """Where the documents of packed windows lie, for attention and rotary positions that stay
+    inside each document. A token belongs to the document its EOS ends (the EOS included); the
+    first document of a window may have begun in the previous window and starts at position 0."""
+
+    positions: torch.Tensor  # [B, T] position of each token inside its document
+    mask: torch.Tensor  # [B, 1, T, T] bool, True where query t may attend key s (same document, s <= t)
+
+    @classmethod
+    def from_tokens(cls, inputs: torch.Tensor, document_end_id: int) -> "PackedDocuments":
+        ends = inputs == document_end_id
+        # Document index of each token: the number of EOS strictly before it.
+        doc = torch.cumsum(ends, dim=1) - ends.long()
+        T = inputs.shape[1]
+        t = torch.arange(T, device=inputs.device).expand_as(inputs)
+        starts = torch.zeros_like(ends)
+        starts[:, 1:] = ends[:, :-1]
+        starts[:, 0] = True
+        first = torch.cummax(torch.where(starts, t, torch.zeros_like(t)), dim=1).values
+        causal = torch.ones(T, T, dtype=torch.bool, device=inputs.device).tril()
+        mask = (doc[:, :, None] == doc[:, None, :]) & causal
+        return cls(positions=t - first, mask=mask.unsqueeze(1))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -77,13 +103,13 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                cache: Optional[AttentionCache] = None) -> torch.Tensor:
+                cache: Optional[AttentionCache] = None, mask: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """mask: [B, 1, T, T] bool (True = attend) for packed documents; None = plain causal."""
         B, T, _ = x.shape
         # -1 heads: under tensor parallelism each rank holds only its share of the heads.
         q = apply_rope(self.q_proj(x).view(B, T, -1, self.head_dim), cos, sin).transpose(1, 2)
         k = apply_rope(self.k_proj(x).view(B, T, -1, self.head_dim), cos, sin).transpose(1, 2)
         v = self.v_proj(x).view(B, T, -1, self.head_dim).transpose(1, 2)
-        mask = None
         if cache is not None:
             k, v, mask = cache.update(self.layer_id, k, v)
         if k.shape[1] != q.shape[1]:  # grouped-query attention: share each k/v head
@@ -112,8 +138,8 @@ class Block(nn.Module):
         self.mlp_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = SwiGLU(cfg.dim, cfg.ffn_dim)
 
-    def forward(self, x, cos, sin, cache=None):
-        x = x + self.attn(self.attn_norm(x), cos, sin, cache)
+    def forward(self, x, cos, sin, cache=None, mask=None):
+        x = x + self.attn(self.attn_norm(x), cos, sin, cache, mask)
         return x + self.mlp(self.mlp_norm(x))
 
 
@@ -125,11 +151,11 @@ class TransformerHead(nn.Module):
         self.blocks = nn.ModuleList(Block(cfg, first_layer_id + j) for j in range(cfg.head_layers))
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, cache=None, emb=None):
+    def forward(self, x, cos, sin, cache=None, emb=None, mask=None):
         """Returns (state, normed state): the state feeds a chained next head, the normed state
         the unembedding. Both come out of forward so that sharding wrappers see the norm used."""
         for block in self.blocks:
-            x = block(x, cos, sin, cache)
+            x = block(x, cos, sin, cache, mask)
         return x, self.norm(x)
 
 
@@ -141,7 +167,7 @@ class LinearHead(nn.Module):
         self.proj = nn.Linear(cfg.dim, cfg.dim, bias=False)
         self.norm = RMSNorm(cfg.dim, cfg.norm_eps)
 
-    def forward(self, x, cos, sin, cache=None, emb=None):
+    def forward(self, x, cos, sin, cache=None, emb=None, mask=None):
         x = self.proj(x)
         return x, self.norm(x)
 
@@ -156,9 +182,9 @@ class CausalHead(TransformerHead):
         self.emb_norm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.fuse = nn.Linear(2 * cfg.dim, cfg.dim, bias=False)
 
-    def forward(self, x, cos, sin, cache=None, emb=None):
+    def forward(self, x, cos, sin, cache=None, emb=None, mask=None):
         x = self.fuse(torch.cat((self.prev_norm(x), self.emb_norm(emb)), dim=-1))
-        return super().forward(x, cos, sin, cache)
+        return super().forward(x, cos, sin, cache, mask=mask)
 
 
 class Unembedding(nn.Module):
@@ -239,39 +265,53 @@ class MTPTransformer(nn.Module):
             raise ValueError(f"sequence length {T} exceeds model.max_seq_len={self.cfg.max_seq_len} (the RoPE limit)")
 
     def trunk_forward(self, inputs: torch.Tensor, positions: Optional[torch.Tensor] = None,
-                      cache: Optional[AttentionCache] = None) -> torch.Tensor:
-        """inputs [B, T] -> trunk output z [B, T, dim]."""
+                      cache: Optional[AttentionCache] = None,
+                      documents: Optional[PackedDocuments] = None) -> torch.Tensor:
+        """inputs [B, T] -> trunk output z [B, T, dim]. ``documents``: attention and positions
+        stay inside each packed document (overrides ``positions``)."""
+        mask = None
+        if documents is not None:
+            positions, mask = documents.positions, documents.mask
         self.check_length(inputs.shape[1] if positions is None else int(positions.max()) + 1)
         if positions is None:
             positions = torch.arange(inputs.shape[1], device=inputs.device)
         cos, sin = self.rope(positions)
         x = self.tok_embeddings(inputs)
         for block in self.trunk:
-            x = block(x, cos, sin, cache)
+            x = block(x, cos, sin, cache, mask)
         return x
 
     def head_forward(self, i: int, x: torch.Tensor, shifted_tokens: Optional[torch.Tensor] = None,
                      positions: Optional[torch.Tensor] = None,
-                     cache: Optional[AttentionCache] = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     cache: Optional[AttentionCache] = None,
+                     documents: Optional[PackedDocuments] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """(state, normed state) of head i (1-based). x is z for independent heads and
         head i-1's state for chained (causal) heads, which also embed ``shifted_tokens``: the
-        tokens at t+i-1 for every position t."""
+        tokens at t+i-1 for every position t. ``documents`` as in ``trunk_forward``."""
+        mask = None
+        if documents is not None:
+            positions, mask = documents.positions, documents.mask
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device)
         cos, sin = self.rope(positions)
         emb = None
         if self.heads_chain and i > 1:
             emb = self.tok_embeddings(shifted_tokens)
-        return self.heads[i - 1](x, cos, sin, cache, emb)
+        return self.heads[i - 1](x, cos, sin, cache, emb, mask)
 
-    def forward(self, tokens: torch.Tensor, seq_len: Optional[int] = None) -> list[torch.Tensor]:
+    def forward(self, tokens: torch.Tensor, seq_len: Optional[int] = None,
+                document_end_id: Optional[int] = None) -> list[torch.Tensor]:
         """Per-head logits [B, T, V] for inputs tokens[:, :T] (T = seq_len, default the whole
-        sequence). Causal heads embed tokens beyond T when the batch has them."""
+        sequence). Causal heads embed tokens beyond T when the batch has them.
+        ``document_end_id``: the windows are packed documents ended by this id (see
+        ``PackedDocuments``)."""
         T = tokens.shape[1] if seq_len is None else seq_len
-        x = z = self.trunk_forward(tokens[:, :T])
+        documents = None if document_end_id is None else PackedDocuments.from_tokens(tokens[:, :T], document_end_id)
+        x = z = self.trunk_forward(tokens[:, :T], documents=documents)
         logits = []
         for i in range(1, self.n_future + 1):
-            h, y = self.head_forward(i, x if self.heads_chain else z, shifted_tokens(tokens, i, T))
+            h, y = self.head_forward(i, x if self.heads_chain else z, shifted_tokens(tokens, i, T),
+                                     documents=documents)
             logits.append(self.unembed(y))
             x = h
         return logits
