@@ -1,0 +1,296 @@
+"""The real trainer across the nodes of the namespace cluster (tests/multinode/cluster.sh).
+
+Run with `make test-multinode`. Every job trains the tiny n=4 model on a fixed global batch of 12
+sequences of 32 tokens (train.global_batch_tokens=384, micro-batches of 1 sequence), so that any
+number of ranks trains on the same samples per step: 4 ranks on 2 nodes accumulate 3
+micro-batches, 1 process 12. The learning rate is constant after 2 warm-up steps, so a run's
+losses up to step s do not depend on train.max_steps, and one single-process reference run serves
+every test: each compares its logged losses, every attempt of every step, with the reference's
+(within 1e-4: another world size sums in another order). Equal losses mean the same weights and
+the same data, step for step: a resume that repeated or skipped a sample would show.
+
+Timings (node failure detection, requeue to first step) are printed; run pytest with -s to see them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from conftest import REPO, assert_same_losses, read_metrics, run_inprocess, tiny_overrides, train_records
+from multinode_helpers import CLUSTER_SCRIPT, PREFIX, cluster, node_ip, node_name, node_pids
+from slurm_helpers import batch_log, job_info, rank_log, submit, wait_for_end, wait_until
+
+pytestmark = pytest.mark.multinode
+
+REF_STEPS = 16
+TWO_NODES = ["--nodes", "2", "--ntasks-per-node", "2", "--cpus-per-task", "1", "--time", "10"]
+GLOBAL_BATCH = ["train.micro_batch_size=1", "train.global_batch_tokens=384", "optim.schedule=constant",
+                "checkpoint.interval=4", "logging.val_interval=0"]
+
+
+@pytest.fixture(autouse=True)
+def _needs_cluster():
+    if not os.environ.get("MN_CLUSTER_DIR"):
+        pytest.skip("no multi-node test cluster: run `make test-multinode`")
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory) -> list[Path]:
+    from mtp_pretrain.data.synthetic import write_random_dataset
+
+    root = tmp_path_factory.mktemp("data")
+    for i, name in enumerate(("a", "b")):
+        write_random_dataset(root / name, {"train": 60_000, "val": 8_000}, doc_len=300, seed=10 + i)
+    return [root / "a", root / "b"]
+
+
+@pytest.fixture(scope="module")
+def overrides(dataset) -> list[str]:
+    """The trainer's overrides, one process (the jobs add parallel=fsdp)."""
+    return tiny_overrides(dataset) + GLOBAL_BATCH
+
+
+class Reference:
+    """One process accumulating the whole global batch; extended on demand (resumed from its own
+    last checkpoint) when a test needs more steps."""
+
+    def __init__(self, overrides: list[str], run_dir: Path):
+        self.overrides, self.run_dir, self.steps = overrides, run_dir, 0
+
+    def records(self, steps: int) -> list[dict]:
+        if steps > self.steps:
+            code, _ = run_inprocess(self.overrides + [f"train.max_steps={steps}"], self.run_dir)
+            assert code == 0
+            self.steps = steps
+        records = read_metrics(self.run_dir)
+        assert sorted(train_records(records)) == list(range(1, self.steps + 1))
+        return records
+
+
+@pytest.fixture(scope="module")
+def reference(overrides, tmp_path_factory) -> Reference:
+    return Reference(overrides, tmp_path_factory.mktemp("reference") / "run")
+
+
+def fsdp(overrides: list[str], steps: int) -> list[str]:
+    return overrides + ["parallel=fsdp", "parallel.timeout_s=60", f"train.max_steps={steps}"]
+
+
+def assert_losses_match(run_dir: Path, reference: Reference, steps) -> None:
+    steps = list(steps)
+    assert_same_losses(read_metrics(run_dir), reference.records(max(steps)), exact=False, tol=1e-4, steps=steps)
+
+
+def watch_requeue(run_dir: Path, job: str, timeout: float = 240) -> float:
+    """Seconds from the batch script's requeue (its log line) to the requeued attempt's first
+    training step (rank 0's log), polled as they happen."""
+    wait_until(lambda: "requeueing job" in batch_log(run_dir, job), timeout, f"job {job} to requeue itself")
+    requeued = time.monotonic()
+    restart1 = run_dir / "slurm" / f"job-{job}" / "restart-1" / "rank-0.log"
+    wait_until(lambda: restart1.is_file() and re.search(r"^step +\d+/", restart1.read_text(), re.M),
+               timeout, "the requeued attempt's first step", poll=0.2)
+    return time.monotonic() - requeued
+
+
+# --- 2 nodes, srun and torchrun -----------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def fsdp_2_nodes(tmp_path_factory, overrides) -> tuple[Path, str, dict]:
+    """mtp-submit --nodes 2 --ntasks-per-node 2: 4 ranks, 2 per node, 8 steps; (run dir, job, final info)."""
+    run_dir = tmp_path_factory.mktemp("fsdp_2_nodes") / "run"
+    job = submit(*TWO_NODES, "--job-name", "fsdp2n", "--run-dir", str(run_dir), *fsdp(overrides, 8))
+    return run_dir, job, wait_for_end(job, 240)
+
+
+def test_srun_fsdp_on_2_nodes_matches_one_process(fsdp_2_nodes, reference):
+    """The 4 ranks meet at the first node of the allocation (not localhost) and train exactly as
+    one process accumulating the same global batch."""
+    run_dir, job, info = fsdp_2_nodes
+    log = batch_log(run_dir, job)
+    assert info["JobState"] == "COMPLETED", (info, log)
+    assert info["NodeList"] == f"{PREFIX}-n[1-2]", info
+    assert f"rendezvous {node_name(1)}:" in log, log
+    rank0 = rank_log(run_dir, job, 0, 0)
+    assert "world_size=4" in rank0 and "grad_accum=3" in rank0, rank0
+    assert_losses_match(run_dir, reference, range(1, 9))
+
+
+def test_2_node_checkpoint_resumes_on_1_and_on_3_nodes(fsdp_2_nodes, tmp_path, overrides, reference):
+    """DCP reshards the 4-rank checkpoint onto 2 ranks on 1 node and 3 ranks on 3 nodes; the data
+    stream continues at the same global sample (its state is in global sample indices)."""
+    ckpt = fsdp_2_nodes[0] / "checkpoints" / "step-00000004"
+    assert ckpt.is_dir(), "the 2-node run left no step-4 checkpoint"
+    layouts = {"1node": ["--nodes", "1", "--ntasks-per-node", "2"], "3nodes": ["--nodes", "3", "--ntasks-per-node", "1"]}
+    jobs = {name: submit(*layout, "--cpus-per-task", "1", "--time", "10", "--job-name", name,
+                         "--run-dir", str(tmp_path / name), *fsdp(overrides, 8), f"train.resume={ckpt}")
+            for name, layout in layouts.items()}   # both fit on the 3 nodes at once
+    for name, job in jobs.items():
+        run_dir = tmp_path / name
+        info = wait_for_end(job, 240)
+        assert info["JobState"] == "COMPLETED", (info, batch_log(run_dir, job))
+        rank0 = rank_log(run_dir, job, 0, 0)
+        assert f"resumed from {ckpt} at step 4 (saved with world_size=4)" in rank0, rank0
+        world = 2 if name == "1node" else 3
+        assert f"world_size={world}" in rank0 and f"grad_accum={12 // world}" in rank0, rank0
+        assert_losses_match(run_dir, reference, range(5, 9))
+    assert job_info(jobs["3nodes"])["NodeList"] == f"{PREFIX}-n[1-3]"
+
+
+def test_every_sample_of_an_epoch_is_read_once_across_2_nodes(tmp_path, dataset):
+    """4 ranks on 2 nodes (srun) each record the windows the data pipeline gave them for one epoch;
+    together they read exactly the windows one process reads, none twice."""
+    from mtp_pretrain.data.stream import ArrowTokenStream, DataSource
+
+    out, micro = tmp_path / "records", 4
+    proc = subprocess.run(["srun", "--nodes=2", "--ntasks-per-node=2", "--time=5", sys.executable,
+                           str(REPO / "tests" / "multinode" / "read_epoch.py"), str(out), str(micro), *map(str, dataset)],
+                          capture_output=True, text=True, timeout=240, cwd=REPO)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(4)]
+    assert {(r["host"], r["node_id"]) for r in ranks} == {(node_name(1), 0), (node_name(2), 1)}
+    read = [row for r in ranks for row in r["rows"]]
+
+    one = ArrowTokenStream([DataSource(path=p, weight=1.0) for p in dataset], window=36, micro_batch_size=micro * 4,
+                           seed=7, prefetch=0, infinite=False)
+    expected = [hashlib.sha1(row.numpy().tobytes()).hexdigest() for batch in one for row in batch]
+    total_windows = sum(ds.num_windows for ds in one.datasets)
+    assert len(expected) > total_windows - micro * 4, "the one-process epoch itself skipped windows"
+    assert len(set(expected)) == len(expected), "windows are not unique: the comparison would be blind"
+    assert len(read) == len(set(read)), f"{len(read) - len(set(read))} windows read twice"
+    assert set(read) == set(expected), (f"{len(set(expected) - set(read))} windows never read, "
+                                        f"{len(set(read) - set(expected))} read that one process does not")
+    print(f"epoch of {len(read)} windows ({total_windows} in the data) read once each by 4 ranks on 2 nodes")
+
+
+# --- preemption from SLURM ------------------------------------------------------------------------
+
+def test_torchrun_launcher_preempted_by_scancel_requeues_and_resumes(tmp_path, overrides, reference):
+    """One torchrun per node (c10d rendezvous at the first node). `scancel --signal=USR1` has slurmd
+    signal the job step on both nodes; every rank checkpoints, the job requeues itself and the
+    next attempt resumes with the uninterrupted run's losses."""
+    run_dir = tmp_path / "run"
+    job = submit(*TWO_NODES, "--launcher", "torchrun", "--job-name", "torchrun2n", "--run-dir", str(run_dir),
+                 *fsdp(overrides, REF_STEPS))
+    wait_until(lambda: (run_dir / "checkpoints" / "latest").exists(), 240, "the first checkpoint")
+    subprocess.run(["scancel", "--signal=USR1", job], check=True)
+    requeue_to_step = watch_requeue(run_dir, job)
+    info = wait_for_end(job, 240)
+    log = batch_log(run_dir, job)
+    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
+    assert "preempted (2 of 2 tasks exited 75" in log, log   # one torchrun per node, both preempted
+    assert (run_dir / "slurm" / f"job-{job}" / "restart-0" / "preempted.node1").exists()
+    saved = re.search(r"checkpoint saved at step (\d+)",
+                      (run_dir / "slurm" / f"job-{job}" / "restart-0" / "node-0.log").read_text())
+    assert saved, log
+    k = int(saved.group(1))
+    assert k < REF_STEPS, "the job finished before the signal"
+    assert re.search(rf"resumed from .*step-0*{k} at step {k}\b",
+                     (run_dir / "slurm" / f"job-{job}" / "restart-1" / "node-0.log").read_text())
+    assert_losses_match(run_dir, reference, range(1, REF_STEPS + 1))
+    print(f"torchrun launcher: USR1 -> checkpoint at step {k}; requeue to first step {requeue_to_step:.1f}s")
+
+
+def test_time_limit_signal_from_slurmd_checkpoints_requeues_and_resumes(tmp_path, overrides, reference):
+    """`--time 1 --signal-seconds 30`: slurmd sends USR1 to the ranks on both nodes when at most 30 s
+    (+ up to 30 s, slurmctld's check interval) are left. Attempt 0 checkpoints and requeues;
+    attempt 1 resumes and, at the restart limit, stops at its own signal with exit code 75."""
+    run_dir = tmp_path / "run"
+    job = submit("--nodes", "2", "--ntasks-per-node", "2", "--time", "1", "--signal-seconds", "30",
+                 "--max-restarts", "1", "--job-name", "timelimit", "--run-dir", str(run_dir),
+                 *fsdp(overrides, 100_000))
+    requeue_to_step = watch_requeue(run_dir, job)
+    info = wait_for_end(job, 300)
+    log = batch_log(run_dir, job)
+    assert info["JobState"] == "FAILED" and info["ExitCode"] == "75:0" and info["Restarts"] == "1", (info, log)
+    assert "received SIGUSR1" not in log   # slurmd signalled the ranks, not the batch shell
+    assert "preempted (4 of 4 tasks exited 75 after a checkpoint; step exit 0): checkpoint saved; requeueing" in log
+    assert "restart count 1 reached the maximum 1: not requeueing" in log
+    saved = re.search(r"checkpoint saved at step (\d+)", rank_log(run_dir, job, 0, 0))
+    assert saved, rank_log(run_dir, job, 0, 0)
+    k = int(saved.group(1))
+    assert re.search(rf"resumed from .*step-0*{k} at step {k}\b", rank_log(run_dir, job, 1, 0))
+    last = max(train_records(read_metrics(run_dir)))
+    assert last > k, "the requeued attempt trained no step"
+    # The reference is extended to a few steps past the resume (not to the end: that would cost
+    # as much single-process time as the job ran).
+    compare = min(last, k + 6)
+    ref = reference.records(compare)
+    got = [r for r in read_metrics(run_dir) if r.get("step", 0) <= compare]
+    assert_same_losses(got, ref, exact=False, tol=1e-4, steps=range(1, compare + 1))
+    print(f"time limit: USR1 -> checkpoint at step {k}; requeue to first step {requeue_to_step:.1f}s; "
+          f"losses equal the reference through step {compare}")
+
+
+# --- a node dies ----------------------------------------------------------------------------------
+
+def test_node_killed_fails_the_job_fast_and_resubmission_resumes(tmp_path, overrides, reference):
+    """Every process of node 2 (slurmd, slurmstepd, its 2 ranks) is SIGKILLed after a checkpoint,
+    as when a machine loses power. The ranks on node 1 see their peers' sockets close, the step
+    and the job fail within seconds (not a collective timeout), the last checkpoint is intact, and
+    the batch script submitted again resumes from it once the node is back."""
+    from mtp_pretrain.checkpoint import find_latest
+
+    run_dir = tmp_path / "run"
+    job = submit(*TWO_NODES, "--job-name", "nodedies", "--run-dir", str(run_dir), *fsdp(overrides, REF_STEPS))
+    wait_until(lambda: (run_dir / "checkpoints" / "latest").exists(), 240, "the first checkpoint")
+    victims = node_pids(2)
+    assert len(victims) >= 4, victims   # slurmd, slurmstepd, 2 ranks (and their wrappers)
+    for pid in victims:
+        os.kill(pid, signal.SIGKILL)
+    killed = time.monotonic()
+    info = wait_for_end(job, 300)
+    detect = time.monotonic() - killed
+    log = batch_log(run_dir, job)
+    print(f"node 2 killed: job {job} {info['JobState']} after {detect:.1f}s")
+    assert info["JobState"] in ("FAILED", "NODE_FAIL"), (info, log)
+    assert detect < 60, f"the job took {detect:.0f}s to fail after node 2 died (parallel.timeout_s=60)"
+    last_good = find_latest(run_dir / "checkpoints")
+    assert last_good is not None
+    done = max(train_records(read_metrics(run_dir)))
+    assert done < REF_STEPS, "the job finished before the node was killed"
+
+    # The node comes back (its slurmd restarts); the same batch script, submitted again, resumes.
+    cluster("node-start", os.environ["MN_CLUSTER_DIR"], "2")
+    out = subprocess.run(["sbatch", "--parsable", str(run_dir / "slurm" / "train.sbatch")],
+                         capture_output=True, text=True, check=True).stdout
+    again = out.strip().split(";")[0]
+    info = wait_for_end(again, 300)
+    assert info["JobState"] == "COMPLETED", (info, batch_log(run_dir, again))
+    assert f"resumed from {last_good} at step" in rank_log(run_dir, again, 0, 0)
+    assert_losses_match(run_dir, reference, range(1, REF_STEPS + 1))
+    print(f"node death: failure detected in {detect:.1f}s; resumed from {last_good.name} (steps up to {done} had run)")
+
+
+# --- torchrun across namespaces, no SLURM -----------------------------------------------------------
+
+def test_torchrun_nnodes_2_c10d_without_slurm(tmp_path, overrides, reference):
+    """`torchrun --nnodes=2 --rdzv-backend=c10d --rdzv-endpoint=<node 1>` started by hand on nodes 1
+    and 2, as `make train` would be on two machines."""
+    run_dir = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}
+    env.update(OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    cmd = [str(Path(sys.executable).with_name("torchrun")), "--nnodes=2", "--nproc-per-node=1",
+           "--rdzv-backend=c10d", f"--rdzv-endpoint={node_ip(1)}:29400", "--rdzv-id=mn-torchrun", "--max-restarts=0",
+           "-m", "mtp_pretrain.train", *fsdp(overrides, 8), f"hydra.run.dir={run_dir}"]
+    logs = [open(tmp_path / f"node{i}.log", "w") for i in (1, 2)]
+    procs = [subprocess.Popen([str(CLUSTER_SCRIPT), "exec", f"n{i}", *cmd], cwd=REPO, env=env,
+                              stdout=logs[i - 1], stderr=subprocess.STDOUT) for i in (1, 2)]
+    try:
+        codes = [p.wait(timeout=300) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+    out = (tmp_path / "node1.log").read_text()
+    assert codes == [0, 0], out[-3000:] + (tmp_path / "node2.log").read_text()[-3000:]
+    assert "world_size=2" in out and "grad_accum=6" in out, out
+    assert_losses_match(run_dir, reference, range(1, 9))
