@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= data/default
 NPROC ?= 2
 
-.PHONY: setup data train test test-slurm reproduce clean
+.PHONY: setup data train test test-slurm test-multinode reproduce clean
 
 # One id for the whole `make train` invocation: its run directory is runs/$(RUN_ID).
 ifndef RUN_ID
@@ -48,6 +48,11 @@ test: setup
 
 test-slurm: setup
 	bash tests/slurm/run_slurm_test.sh
+
+# A 3-node SLURM cluster of network namespaces on this machine, the real trainer across nodes
+# (needs root; skips with one line without it). docs/slurm.md "Multi-node".
+test-multinode: setup
+	bash tests/multinode/run_multinode_test.sh
 
 reproduce: setup
 	$(PY) bench/reproduce.py

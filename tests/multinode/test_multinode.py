@@ -91,13 +91,15 @@ def assert_losses_match(run_dir: Path, reference: Reference, steps) -> None:
     assert_same_losses(read_metrics(run_dir), reference.records(max(steps)), exact=False, tol=1e-4, steps=steps)
 
 
-def watch_requeue(run_dir: Path, job: str, timeout: float = 240) -> float:
+def watch_requeue(run_dir: Path, job: str, first_log: str = "rank-0.log", timeout: float = 240) -> float:
     """Seconds from the batch script's requeue (its log line) to the requeued attempt's first
-    training step (rank 0's log), polled as they happen."""
-    wait_until(lambda: "requeueing job" in batch_log(run_dir, job), timeout, f"job {job} to requeue itself")
+    training step (in `first_log`: rank 0's log, or node 0's under the torchrun launcher), polled
+    as they happen."""
+    batch = run_dir / "slurm" / f"job-{job}.out"   # appears when the job starts
+    wait_until(lambda: batch.is_file() and "requeueing job" in batch.read_text(), timeout, f"job {job} to requeue itself")
     requeued = time.monotonic()
-    restart1 = run_dir / "slurm" / f"job-{job}" / "restart-1" / "rank-0.log"
-    wait_until(lambda: restart1.is_file() and re.search(r"^step +\d+/", restart1.read_text(), re.M),
+    log = run_dir / "slurm" / f"job-{job}" / "restart-1" / first_log
+    wait_until(lambda: log.is_file() and re.search(r"^(\[default0\]:)?step +\d+/", log.read_text(), re.M),
                timeout, "the requeued attempt's first step", poll=0.2)
     return time.monotonic() - requeued
 
@@ -147,24 +149,25 @@ def test_2_node_checkpoint_resumes_on_1_and_on_3_nodes(fsdp_2_nodes, tmp_path, o
 
 
 def test_every_sample_of_an_epoch_is_read_once_across_2_nodes(tmp_path, dataset):
-    """4 ranks on 2 nodes (srun) each record the windows the data pipeline gave them for one epoch;
-    together they read exactly the windows one process reads, none twice."""
+    """4 ranks on 2 nodes (srun) each record the windows the data pipeline gave them for one epoch
+    of one source; together they read exactly the windows one process reads, none twice, and
+    that is every window but a tail shorter than one global block."""
     from mtp_pretrain.data.stream import ArrowTokenStream, DataSource
 
     out, micro = tmp_path / "records", 4
     proc = subprocess.run(["srun", "--nodes=2", "--ntasks-per-node=2", "--time=5", sys.executable,
-                           str(REPO / "tests" / "multinode" / "read_epoch.py"), str(out), str(micro), *map(str, dataset)],
+                           str(REPO / "tests" / "multinode" / "read_epoch.py"), str(out), str(micro), str(dataset[0])],
                           capture_output=True, text=True, timeout=240, cwd=REPO)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     ranks = [json.loads((out / f"rank-{r}.json").read_text()) for r in range(4)]
     assert {(r["host"], r["node_id"]) for r in ranks} == {(node_name(1), 0), (node_name(2), 1)}
     read = [row for r in ranks for row in r["rows"]]
 
-    one = ArrowTokenStream([DataSource(path=p, weight=1.0) for p in dataset], window=36, micro_batch_size=micro * 4,
+    one = ArrowTokenStream([DataSource(path=dataset[0], weight=1.0)], window=36, micro_batch_size=micro * 4,
                            seed=7, prefetch=0, infinite=False)
     expected = [hashlib.sha1(row.numpy().tobytes()).hexdigest() for batch in one for row in batch]
     total_windows = sum(ds.num_windows for ds in one.datasets)
-    assert len(expected) > total_windows - micro * 4, "the one-process epoch itself skipped windows"
+    assert total_windows - micro * 4 < len(expected) <= total_windows, (len(expected), total_windows)
     assert len(set(expected)) == len(expected), "windows are not unique: the comparison would be blind"
     assert len(read) == len(set(read)), f"{len(read) - len(set(read))} windows read twice"
     assert set(read) == set(expected), (f"{len(set(expected) - set(read))} windows never read, "
@@ -183,12 +186,12 @@ def test_torchrun_launcher_preempted_by_scancel_requeues_and_resumes(tmp_path, o
                  *fsdp(overrides, REF_STEPS))
     wait_until(lambda: (run_dir / "checkpoints" / "latest").exists(), 240, "the first checkpoint")
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
-    requeue_to_step = watch_requeue(run_dir, job)
+    requeue_to_step = watch_requeue(run_dir, job, "node-0.log")
     info = wait_for_end(job, 240)
     log = batch_log(run_dir, job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
     assert "preempted (2 of 2 tasks exited 75" in log, log   # one torchrun per node, both preempted
-    assert (run_dir / "slurm" / f"job-{job}" / "restart-0" / "preempted.node1").exists()
+    assert all((run_dir / "slurm" / f"job-{job}" / "restart-0" / f"preempted.node{n}").exists() for n in (0, 1))
     saved = re.search(r"checkpoint saved at step (\d+)",
                       (run_dir / "slurm" / f"job-{job}" / "restart-0" / "node-0.log").read_text())
     assert saved, log
