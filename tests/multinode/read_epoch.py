@@ -3,7 +3,8 @@ and records what it read.
 
 usage (one process per rank, under srun):  python tests/multinode/read_epoch.py OUT_DIR MICRO_BATCH SOURCE...
 
-Rank and world size come from SLURM (SLURM_PROCID, SLURM_NTASKS), as in the trainer's srun launch.
+Rank and world size come from the trainer's own reading of the srun environment
+(mtp_pretrain.parallel.setup.launcher_ranks).
 Each rank writes OUT_DIR/rank-<r>.json: its host, its SLURM node id, and the SHA-1 of every
 window (row) it was given, in order. The test compares the union with a one-process read.
 """
@@ -18,11 +19,12 @@ import sys
 from pathlib import Path
 
 from mtp_pretrain.data.stream import ArrowTokenStream, DataSource
+from mtp_pretrain.parallel.setup import launcher_ranks
 
 
 def main() -> int:
     out, micro, paths = Path(sys.argv[1]), int(sys.argv[2]), sys.argv[3:]
-    rank, world = int(os.environ["SLURM_PROCID"]), int(os.environ["SLURM_NTASKS"])
+    rank, world, _ = launcher_ranks()
     stream = ArrowTokenStream([DataSource(path=p, weight=1.0) for p in paths], window=36,
                               micro_batch_size=micro, rank=rank, world_size=world, seed=7,
                               prefetch=0, infinite=False)
