@@ -30,10 +30,11 @@ node_ip() { if [[ $1 == head ]]; then echo "$MN_SUBNET.1"; else echo "$MN_SUBNET
 # Run a command in a node: its network and UTS (hostname) namespaces, and a private mount
 # namespace in which its /etc/hosts is mounted over the host's. (Not `ip netns exec`, which also
 # remounts /sys without the cgroup tree that slurmd needs.)
+# With MN_EXEC=exec (in a backgrounded subshell) the chain execs down to CMD, so that $! is CMD's PID.
 in_node() {
     local node=$1; shift
     local ns; ns=$(ns_name "$node")
-    nsenter --net="/run/netns/$ns" --uts="$UTS_DIR/uts-$node" -- \
+    ${MN_EXEC:-} nsenter --net="/run/netns/$ns" --uts="$UTS_DIR/uts-$node" -- \
         unshare --mount --propagation slave -- \
         sh -c 'mount --bind "$0" /etc/hosts && exec "$@"' "/etc/netns/$ns/hosts" "$@"
 }
@@ -132,7 +133,7 @@ make_node() {   # make_node NODE ALL_NODES...: namespace, hostname, /etc/hosts, 
 start_slurmd() {   # start_slurmd DIR NODE
     local dir=$1 node=$2 ns; ns=$(ns_name "$2")
     mkdir -p "$dir/spool/$ns"
-    in_node "$node" slurmd -D -f "$dir/slurm.conf" -N "$ns" > "$dir/log/slurmd-$ns.out" 2>&1 &
+    (MN_EXEC=exec in_node "$node" slurmd -D -f "$dir/slurm.conf" -N "$ns") > "$dir/log/slurmd-$ns.out" 2>&1 &
     echo $! > "$dir/pids/slurmd-$node"
     log "slurmd on $ns ($(node_ip "$node")): pid $!"
 }
@@ -165,14 +166,14 @@ cmd_up() {
     for node in "${all[@]}"; do make_node "$node" "${all[@]}"; done
     dd if=/dev/urandom of="$dir/munge/munge.key" bs=1024 count=1 status=none
     chmod 400 "$dir/munge/munge.key"
-    in_node head munged --foreground --force --key-file="$dir/munge/munge.key" \
+    (MN_EXEC=exec in_node head munged --foreground --force --key-file="$dir/munge/munge.key" \
         --socket="$dir/munge/munge.sock" --pid-file="$dir/munge/munged.pid" \
-        --log-file="$dir/log/munged.log" --seed-file="$dir/munge/munged.seed" > "$dir/log/munged.out" 2>&1 &
+        --log-file="$dir/log/munged.log" --seed-file="$dir/munge/munged.seed") > "$dir/log/munged.out" 2>&1 &
     echo $! > "$dir/pids/munged"
     wait_for 20 test -S "$dir/munge/munge.sock" || { log "munged did not start"; cat "$dir/log/munged.out" >&2; return 1; }
 
     write_slurm_conf "$dir" "$nodes"
-    in_node head slurmctld -D -i -f "$dir/slurm.conf" > "$dir/log/slurmctld.out" 2>&1 &
+    (MN_EXEC=exec in_node head slurmctld -D -i -f "$dir/slurm.conf") > "$dir/log/slurmctld.out" 2>&1 &
     echo $! > "$dir/pids/slurmctld"
     log "slurmctld on $(ns_name head) ($(node_ip head)): pid $!"
     if ! wait_for 30 in_node head env SLURM_CONF="$dir/slurm.conf" scontrol ping; then

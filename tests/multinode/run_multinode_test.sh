@@ -5,7 +5,9 @@
 # Needs root and network/UTS namespaces; without them it prints one line saying it skipped and
 # why, and exits 0 without running anything (a skip, not a pass). Installs slurm-wlm and munge if
 # missing. On exit, success or not, the cluster is torn down by name and PID; the logs of a failed
-# run are kept in the temp dir it prints. Extra arguments go to pytest (e.g. -k node_dies).
+# run are kept in the temp dir it prints. Extra arguments go to pytest (e.g. -s -k node_dies).
+# MN_TESTS selects by marker: default "multinode and not slow" (what CI runs); MN_TESTS=multinode
+# adds the slow ones (a node cut off the network).
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 PY=${PY:-$PWD/.venv/bin/python}
@@ -38,7 +40,8 @@ START=$SECONDS
 echo "cluster up in $((SECONDS - START))s" >&2
 # pytest runs on the head node (where sbatch is run on a real cluster); addopts deselects
 # `multinode`, the -m given here replaces it.
+MARKERS=${MN_TESTS:-multinode and not slow}
 timeout 900 "$CLUSTER" exec head env SLURM_CONF="$WORK/cluster/slurm.conf" MN_CLUSTER_DIR="$WORK/cluster" \
-    OMP_NUM_THREADS=1 "$PY" -m pytest -q -m multinode -p no:cacheprovider --basetemp "$WORK/pytest" \
+    OMP_NUM_THREADS=1 "$PY" -m pytest -q -m "$MARKERS" -p no:cacheprovider --basetemp "$WORK/pytest" \
     tests/multinode "$@"
 echo "multi-node tests passed in $((SECONDS - START))s" >&2

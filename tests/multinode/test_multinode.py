@@ -179,103 +179,92 @@ def test_every_sample_of_an_epoch_is_read_once_across_2_nodes(tmp_path, dataset)
 
 # --- preemption from SLURM ------------------------------------------------------------------------
 
-def test_torchrun_launcher_preempted_by_scancel_requeues_and_resumes(tmp_path, overrides, reference):
-    """One torchrun per node (c10d rendezvous at the first node). `scancel --signal=USR1` has slurmd
-    signal the job step on both nodes; every rank checkpoints, the job requeues itself and the
-    next attempt resumes with the uninterrupted run's losses."""
-    run_dir = tmp_path / "run"
-    job = submit(*TWO_NODES, "--launcher", "torchrun", "--job-name", "torchrun2n", "--run-dir", str(run_dir),
-                 *fsdp(overrides, REF_STEPS))
-    wait_until(lambda: (run_dir / "checkpoints" / "latest").exists(), 240, "the first checkpoint")
-    subprocess.run(["scancel", "--signal=USR1", job], check=True)
-    requeue_to_step = watch_requeue(run_dir, job, "node-0.log")
-    info = wait_for_end(job, 240)
-    log = batch_log(run_dir, job)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
-    assert "preempted (2 of 2 tasks exited 75" in log, log   # one torchrun per node, both preempted
-    assert all((run_dir / "slurm" / f"job-{job}" / "restart-0" / f"preempted.node{n}").exists() for n in (0, 1))
-    saved = re.search(r"checkpoint saved at step (\d+)",
-                      (run_dir / "slurm" / f"job-{job}" / "restart-0" / "node-0.log").read_text())
-    assert saved, log
-    k = int(saved.group(1))
-    assert k < REF_STEPS, "the job finished before the signal"
-    assert re.search(rf"resumed from .*step-0*{k} at step {k}\b",
-                     (run_dir / "slurm" / f"job-{job}" / "restart-1" / "node-0.log").read_text())
-    assert_losses_match(run_dir, reference, range(1, REF_STEPS + 1))
-    print(f"torchrun launcher: USR1 -> checkpoint at step {k}; requeue to first step {requeue_to_step:.1f}s")
-
-
-def test_time_limit_signal_from_slurmd_checkpoints_requeues_and_resumes(tmp_path, overrides, reference):
-    """`--time 2 --signal-seconds 60`: slurmd sends USR1 to the 4 ranks on both nodes when at most
-    60 s are left (slurmctld checks every 30 s: 60-90 s into the job, after the ranks started).
-    Attempt 0 checkpoints and requeues; attempt 1 resumes, and a few steps later
-    `scancel --signal=USR1` (slurmd signals the ranks again) stops it at the restart limit with
-    exit code 75 instead of waiting for its own time limit."""
+def test_time_limit_signal_checkpoints_requeues_and_resumes_under_the_torchrun_launcher(tmp_path, overrides, reference):
+    """One torchrun per node (c10d rendezvous at the first node), `--time 2 --signal-seconds 60`:
+    slurmd sends USR1 to the job step on both nodes when at most 60 s are left (slurmctld checks
+    every 30 s: 60-90 s into the job, after the ranks started). Attempt 0 checkpoints and
+    requeues; attempt 1 resumes, and a few steps later `scancel --signal=USR1` (slurmd signals
+    the step again) stops it at the restart limit with exit code 75 instead of waiting for its
+    own time limit. The losses of both attempts are the uninterrupted reference's."""
     run_dir = tmp_path / "run"
     job = submit("--nodes", "2", "--ntasks-per-node", "2", "--time", "2", "--signal-seconds", "60",
-                 "--max-restarts", "1", "--job-name", "timelimit", "--run-dir", str(run_dir),
-                 *fsdp(overrides, 100_000))
-    requeue_to_step = watch_requeue(run_dir, job)
-    saved = re.search(r"checkpoint saved at step (\d+)", rank_log(run_dir, job, 0, 0))
-    assert saved, rank_log(run_dir, job, 0, 0)
+                 "--max-restarts", "1", "--launcher", "torchrun", "--job-name", "timelimit",
+                 "--run-dir", str(run_dir), *fsdp(overrides, 100_000))
+    requeue_to_step = watch_requeue(run_dir, job, "node-0.log")
+    attempt = run_dir / "slurm" / f"job-{job}"
+    saved = re.search(r"checkpoint saved at step (\d+)", (attempt / "restart-0" / "node-0.log").read_text())
+    assert saved, (attempt / "restart-0" / "node-0.log").read_text()
     k = int(saved.group(1))
     wait_until(lambda: max(train_records(read_metrics(run_dir))) >= k + 3, 120, f"step {k + 3} after the resume")
     subprocess.run(["scancel", "--signal=USR1", job], check=True)
     info = wait_for_end(job, 180)
     log = batch_log(run_dir, job)
     assert info["JobState"] == "FAILED" and info["ExitCode"] == "75:0" and info["Restarts"] == "1", (info, log)
-    assert "received SIGUSR1" not in log   # slurmd signalled the ranks, not the batch shell
-    assert "preempted (4 of 4 tasks exited 75 after a checkpoint; step exit 0): checkpoint saved; requeueing" in log
-    # All 4 ranks exited 75 the second time too, though scancel's USR1 reaches each twice.
-    assert "preempted (4 of 4 tasks exited 75 after a checkpoint; step exit 0), but restart count 1 reached the maximum 1: not requeueing" in log, log
-    assert re.search(rf"resumed from .*step-0*{k} at step {k}\b", rank_log(run_dir, job, 1, 0))
-    again = re.search(r"checkpoint saved at step (\d+)", rank_log(run_dir, job, 1, 0))
-    assert again and int(again.group(1)) > k, rank_log(run_dir, job, 1, 0)
+    assert "received SIGUSR1" not in log   # slurmd signalled the job step, not the batch shell
+    # One torchrun per node: both nodes' ranks checkpointed and exited 75, each time.
+    assert "preempted (2 of 2 tasks exited 75 after a checkpoint; step exit 0): checkpoint saved; requeueing" in log
+    assert "preempted (2 of 2 tasks exited 75 after a checkpoint; step exit 0), but restart count 1 reached the maximum 1: not requeueing" in log, log
+    node0 = (attempt / "restart-1" / "node-0.log").read_text()
+    assert re.search(rf"resumed from .*step-0*{k} at step {k}\b", node0), node0
+    again = re.search(r"checkpoint saved at step (\d+)", node0)
+    assert again and int(again.group(1)) > k, node0
     last = int(again.group(1))
     assert max(train_records(read_metrics(run_dir))) == last
     assert_losses_match(run_dir, reference, range(1, last + 1))
-    print(f"time limit: USR1 -> checkpoint at step {k}; requeue to first step {requeue_to_step:.1f}s; "
-          f"second attempt stopped at step {last}; losses equal the reference")
+    print(f"time limit (torchrun launcher): USR1 -> checkpoint at step {k}; requeue to first step "
+          f"{requeue_to_step:.1f}s; second attempt stopped by scancel --signal=USR1 at step {last}; "
+          f"losses equal the reference")
 
 
 # --- a node dies ----------------------------------------------------------------------------------
 
-def test_node_killed_fails_the_step_fast_and_the_requeued_job_resumes(tmp_path, overrides, reference):
-    """Every process of node 2 (slurmd, slurmstepd, its 2 ranks) is SIGKILLed after a checkpoint,
-    as when a machine loses power. The ranks on node 1 see their peers' sockets reset and fail at
-    once (no collective timeout); slurmctld declares node 2 dead after SlurmdTimeout (30 s), and
-    since the job is requeueable SLURM requeues it onto the nodes left (1 and 3), where it resumes
-    from the last checkpoint, which the failure left intact."""
+@pytest.mark.parametrize("how", ["killed", pytest.param("cut_off", marks=pytest.mark.slow)])
+def test_node_dies_the_step_fails_fast_and_the_requeued_job_resumes(how, tmp_path, overrides, reference):
+    """Node 2 dies after a checkpoint. `killed`: every process of it (slurmd, slurmstepd, its 2
+    ranks) gets SIGKILL, as when a machine loses power; the ranks on node 1 see their peers'
+    sockets reset and fail at once. `cut_off`: its link to the bridge goes down, so every socket
+    to it stays half-open and nobody on it is told. Either way slurmctld declares node 2 dead
+    after SlurmdTimeout (30 s) and ends the step (no 10-minute collective timeout), and since the
+    job is requeueable SLURM requeues it onto the nodes left (1 and 3), where it resumes from the
+    last checkpoint, which the failure left intact."""
     run_dir = tmp_path / "run"
     job = submit(*TWO_NODES, "--job-name", "nodedies", "--run-dir", str(run_dir), *fsdp(overrides, REF_STEPS))
     wait_until(lambda: (run_dir / "checkpoints" / "latest").exists(), 240, "the first checkpoint")
-    victims = node_pids(2)
-    assert len(victims) >= 4, victims   # slurmd, slurmstepd, 2 ranks (and their wrappers)
-    for pid in victims:
-        os.kill(pid, signal.SIGKILL)
-    killed = time.monotonic()
+    if how == "killed":
+        victims = node_pids(2)
+        assert len(victims) >= 4, victims   # slurmd, slurmstepd, 2 ranks (and their wrappers)
+        for pid in victims:
+            os.kill(pid, signal.SIGKILL)
+    else:
+        cluster("link", "down", "2")
+    gone = time.monotonic()
     saved_before = int((run_dir / "checkpoints" / "latest").read_text().strip().split("-")[1])
 
     rank0 = run_dir / "slurm" / f"job-{job}" / "restart-0" / "rank-0.log"
-    wait_until(lambda: "Connection reset by peer" in rank0.read_text(), 60, "rank 0 to see node 2 go", poll=0.1)
-    ranks_failed = time.monotonic() - killed
+    if how == "killed":
+        wait_until(lambda: "Connection reset by peer" in rank0.read_text(), 60, "rank 0 to see node 2 go", poll=0.1)
+        ranks_failed = f"the ranks on node 1 failed after {time.monotonic() - gone:.1f}s, "
+    else:
+        ranks_failed = ""
     failed_to_step = watch_requeue(run_dir, job, marker="training step failed")
-    step_failed = time.monotonic() - killed - failed_to_step
+    step_failed = time.monotonic() - gone - failed_to_step
+    if how == "cut_off":
+        cluster("link", "up", "2")   # its slurmd registers again; SLURM ends the job's leftovers there
     info = wait_for_end(job, 300)
     log = batch_log(run_dir, job)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", (info, log)
-    assert info["NodeList"] == f"{PREFIX}-n[1,3]", info   # node 2 is DOWN
+    assert info["NodeList"] == f"{PREFIX}-n[1,3]", info   # node 2 was DOWN
     assert step_failed < 60, f"the training step took {step_failed:.0f}s to end after node 2 died"
     resumed = re.search(r"resumed from (\S+) at step (\d+)", rank_log(run_dir, job, 1, 0))
     assert resumed and int(resumed.group(2)) >= saved_before, rank_log(run_dir, job, 1, 0)
     assert f"checkpoint step {resumed.group(2)} -> {resumed.group(1)}" in rank0.read_text()   # attempt 0's
     assert_losses_match(run_dir, reference, range(1, REF_STEPS + 1))
-    print(f"node 2 killed: ranks on node 1 failed after {ranks_failed:.1f}s, the step ended after "
-          f"{step_failed:.1f}s; SLURM requeued the job onto nodes 1 and 3, whose first step came "
-          f"{failed_to_step:.1f}s after that; resumed at step {resumed.group(2)}")
+    print(f"node 2 {how}: {ranks_failed}the step ended after {step_failed:.1f}s; SLURM requeued the job "
+          f"onto nodes 1 and 3, whose first step came {failed_to_step:.1f}s after that; resumed at step "
+          f"{resumed.group(2)}")
 
-    # The node comes back: its slurmd restarts and the node returns to service.
-    cluster("node-start", os.environ["MN_CLUSTER_DIR"], "2")
+    if how == "killed":   # the node comes back: its slurmd restarts and it returns to service
+        cluster("node-start", os.environ["MN_CLUSTER_DIR"], "2")
 
 
 # --- torchrun across namespaces, no SLURM -----------------------------------------------------------
