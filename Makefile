@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 DATA_DIR ?= data/default
 NPROC ?= 2
 
-.PHONY: setup data train test test-all test-slurm reproduce clean
+.PHONY: setup data train test test-all test-slurm test-multinode reproduce clean
 
 # One id for the whole `make train` invocation: its run directory is runs/$(RUN_ID).
 ifndef RUN_ID
@@ -46,13 +46,18 @@ train: data
 # make test: everything but the cells marked slow (the rest of the strategy x model-shape matrix,
 # compile); make test-all: all of it (run it before resolving parallelism or model changes).
 test: setup
-	$(PY) -m pytest -q -x -m "not slow and not slurm" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -x -m "not slow and not slurm and not multinode" $(PYTEST_ARGS)
 
 test-all: setup
-	$(PY) -m pytest -q -x -m "not slurm" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -x -m "not slurm and not multinode" $(PYTEST_ARGS)
 
 test-slurm: setup
 	bash tests/slurm/run_slurm_test.sh
+
+# A 3-node SLURM cluster of network namespaces on this machine, the real trainer across nodes
+# (needs root; skips with one line without it). docs/slurm.md "Multi-node".
+test-multinode: setup
+	bash tests/multinode/run_multinode_test.sh
 
 reproduce: setup
 	$(PY) bench/reproduce.py

@@ -54,6 +54,11 @@ class PreemptionFlag:
 
     def _handle(self, signum, frame):
         self.signal = signum
+        # Once is enough. `scancel --signal=USR1 <job>` reaches a rank twice (from slurmstepd, and
+        # forwarded by srun), and a repeat that lands while Python shuts down, which restores the
+        # default action, would kill the rank (exit 138) in place of its exit 75 after the save.
+        for sig in (signal.SIGTERM, signal.SIGUSR1):
+            signal.signal(sig, signal.SIG_IGN)
 
 
 def autocast_dtype(cfg: JobConfig, device: torch.device) -> Optional[torch.dtype]:

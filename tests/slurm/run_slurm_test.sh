@@ -15,21 +15,9 @@ if [[ $(id -u) != 0 ]]; then
     exit 1
 fi
 
-install_slurm() {
-    echo "installing slurm-wlm and munge" >&2
-    # Keep the packages' own services from starting: this test runs private daemons only.
-    local policy=/usr/sbin/policy-rc.d added=""
-    if [[ ! -e $policy ]]; then
-        printf '#!/bin/sh\nexit 101\n' > "$policy" && chmod 755 "$policy" && added=1
-    fi
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends slurm-wlm munge
-    [[ -n $added ]] && rm -f "$policy"
-    return 0
-}
-for cmd in munged slurmctld slurmd sbatch srun scontrol; do
-    if ! command -v "$cmd" >/dev/null; then install_slurm; break; fi
-done
+# shellcheck source=tests/slurm/install_slurm.sh
+source tests/slurm/install_slurm.sh
+ensure_slurm
 
 WORK=$(mktemp -d /tmp/mtp-slurm-test.XXXXXX)
 # shellcheck source=tests/slurm/local_cluster.sh

@@ -4,6 +4,7 @@ and the Hydra launcher config. Fast; part of `make test`."""
 from __future__ import annotations
 
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -122,3 +123,20 @@ def test_hydra_launcher_config_composes():
     assert launcher._target_.endswith("SlurmLauncher") and launcher.nodes == 2
     assert any("MASTER_ADDR" in line for line in launcher.setup)
     assert any("MASTER_PORT" in line for line in launcher.setup)
+
+
+def test_a_repeated_preemption_signal_cannot_kill_the_exiting_trainer():
+    """`scancel --signal=USR1 <job>` reaches every rank twice (from slurmstepd, and forwarded by
+    srun). The first one sets the flag; the repeat must neither change it nor, arriving while
+    Python shuts down (which restores the default action of signals it handled), kill the rank:
+    a rank killed by USR1 exits 138 instead of 75 and the job is not requeued as preempted."""
+    code = ("import os, signal\n"
+            "from mtp_pretrain.train import PreemptionFlag\n"
+            "flag = PreemptionFlag()\n"
+            "os.kill(os.getpid(), signal.SIGUSR1)\n"
+            "os.kill(os.getpid(), signal.SIGTERM)\n"
+            "print(flag.signal == signal.SIGUSR1,"
+            " [signal.getsignal(s) == signal.SIG_IGN for s in (signal.SIGUSR1, signal.SIGTERM)])\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO_ROOT, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.split("\n")[0] == "True [True, True]", proc.stdout
