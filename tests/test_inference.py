@@ -204,7 +204,7 @@ def test_causal_heads_speculative_trained():
     model, cycle = train_repetitive("causal", n=3, steps=80, seed=1)
     prompts = cycle_prompts(cycle)
     greedy = generate(model, prompts, mode="greedy", max_new_tokens=24)
-    spec = generate(model, prompts, mode="self_speculative", max_new_tokens=24)
+    spec = generate(model, prompts, mode="self_speculative", max_new_tokens=24, num_drafts=None)
     assert spec.tokens == greedy.tokens
     assert run_batched(model, prompts, 1, mode="self_speculative", max_new_tokens=24) == greedy.tokens
     assert spec.stats.accepted_per_forward > 1.5, spec.stats.to_dict()
@@ -223,8 +223,8 @@ def test_drafts_equal_full_forward_drafts(head_type):
     checked = []
 
     class CheckingDecoder(Decoder):
-        def _causal_drafting(self, st, n_drafts, cfg, gen):
-            passes = super()._causal_drafting(st, n_drafts, cfg, gen)
+        def _draft(self, st, k, width, cfg, gen):
+            passes = super()._draft(st, k, width, cfg, gen)
             for b in range(st.rows.numel()):
                 L = int(st.length[b])
                 seq = st.tokens[b, :L].tolist() + [int(st.next_token[b])] + st.drafts[b, :-1].tolist()
@@ -235,7 +235,8 @@ def test_drafts_equal_full_forward_drafts(head_type):
             return passes
 
     prompts = ragged_prompts(4)
-    out = CheckingDecoder(model).generate(prompts, GenerationConfig(mode="self_speculative", max_new_tokens=12))
+    out = CheckingDecoder(model).generate(prompts, GenerationConfig(mode="self_speculative", max_new_tokens=12,
+                                                                    num_drafts=None))
     assert out.tokens == [full_recompute_greedy(model, p, 12) for p in prompts]
     assert len(checked) >= 4 * 3
     # Sequences stopping at EOS leave the batch (and the caches, stacked heads' copies included):
@@ -243,7 +244,7 @@ def test_drafts_equal_full_forward_drafts(head_type):
     eos = eos_hit_mid_batch(out.tokens)
     checked.clear()
     out = CheckingDecoder(model).generate(prompts, GenerationConfig(mode="self_speculative", max_new_tokens=12,
-                                                                    eos_id=eos))
+                                                                    eos_id=eos, num_drafts=None))
     assert out.tokens == [full_recompute_greedy(model, p, 12, eos) for p in prompts]
     assert min(map(len, out.tokens)) < 12 and max(map(len, out.tokens)) == 12
 

@@ -1,0 +1,141 @@
+"""Adaptive draft length (``num_drafts="auto"``): feed the number of drafts that pays.
+
+A self-speculative pass that feeds k drafts (k = 0 is a plain greedy pass) costs C(k) seconds
+and brings E(k) = 1 + a_1 + ... + a_k tokens per sequence, a_j being the probability that the
+accepted prefix reaches draft position j. Speculation pays only where E(k) / C(k) beats
+E(0) / C(0) = 1 / C(0), and how much it pays depends on the machine (on a compute-bound CPU
+every fed token and unembedding row costs nearly its full share; on a GPU at small batch a pass
+costs about the same whatever k) and on the text (repetitive code accepts far more than prose).
+So the decoder measures both, online and per batch, and before every drafting step picks
+
+    k* = argmax_k  E(k) / C(k)
+
+* **Costs.** C(k) = verify(k) + draft(k): the wall time of the verification part of a pass
+  that fed k drafts (trunk and head 1 over k+1 tokens, their unembedding, the acceptance
+  decision) plus that of drafting k tokens for the next pass (k drafting heads over the accepted
+  positions, their unembedding) and the step's bookkeeping. Each is an exponential moving
+  average of the samples seen *at the current batch size* (finished sequences leave the batch
+  and make every pass cheaper); a k not yet timed at this batch size takes its time at another
+  batch size, rescaled by the two sizes' ratio on a k timed at both. A drafting step that had
+  to catch up positions of heads skipped earlier is not a sample (it is a switching cost, not
+  the steady price of k).
+* **Acceptance.** Conditional acceptance c_j = P(draft j accepted | draft j-1 accepted), from
+  decayed counts of the passes that fed position j (decay per pass, so acceptance is re-learned
+  as the text changes: indentation vs a new identifier), shrunk towards c_{j-1} (towards 1 for
+  j = 1) with a small pseudo-count; a_j = c_1 ... c_j. Positions not fed recently therefore
+  drift back to an optimistic guess, which is what makes the decoder probe a longer draft now
+  and then (one pass, which refreshes the estimate) instead of never learning that the text
+  became predictable. Exactness does not depend on any of this: verification is unchanged.
+* **Warm-up.** Until every k has a verification and a drafting time, the decoder feeds the
+  largest k still missing one (the first passes feed all heads, which also measures the
+  acceptance of every position), so a run tries each k once and then settles.
+
+``cost_model`` (a test hook and a way to plan for other hardware) replaces the measured costs:
+``cost_model(k, batch_size)`` returns C(k) in any unit.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional, Sequence
+
+CostModel = Callable[[int, int], float]
+
+
+class DraftLengthController:
+    def __init__(self, max_drafts: int, cost_model: Optional[CostModel] = None, acceptance_decay: float = 0.95,
+                 prior_weight: float = 0.5, cost_smoothing: float = 0.2):
+        if max_drafts < 1:
+            raise ValueError(f"max_drafts must be >= 1, got {max_drafts}")
+        if not 0 < acceptance_decay <= 1 or prior_weight <= 0 or not 0 < cost_smoothing <= 1:
+            raise ValueError("need 0 < acceptance_decay <= 1, prior_weight > 0 and 0 < cost_smoothing <= 1")
+        self.max_drafts = max_drafts
+        self.cost_model = cost_model
+        self.decay, self.prior_weight, self.smoothing = acceptance_decay, prior_weight, cost_smoothing
+        # Decayed counts per draft position j = 1..K (index j-1): sequences whose accepted
+        # prefix reached j-1 in a pass that fed j, and those among them that accepted j.
+        self.reached = [0.0] * max_drafts
+        self.accepted = [0.0] * max_drafts
+        # batch size -> phase -> [seconds per k or None]
+        self._costs: dict[int, dict[str, list[Optional[float]]]] = {}
+
+    # -- observations ---------------------------------------------------------------------------
+
+    def record_verification(self, k: int, batch_size: int, seconds: float, n_accepted: Sequence[int]) -> None:
+        """A pass fed k drafts to ``batch_size`` sequences, took ``seconds`` up to the acceptance
+        decision and accepted ``n_accepted`` drafts per sequence."""
+        self.reached = [r * self.decay for r in self.reached]
+        self.accepted = [a * self.decay for a in self.accepted]
+        for n in n_accepted:
+            for j in range(min(n + 1, k)):  # positions 1..n+1 were reached (n+1 only if fed)
+                self.reached[j] += 1
+                self.accepted[j] += j < n
+        self._record(batch_size, "verify", k, seconds)
+
+    def record_drafting(self, k: int, batch_size: int, seconds: float) -> None:
+        """Drafting k tokens for the next pass (and the step's bookkeeping) took ``seconds``."""
+        self._record(batch_size, "draft", k, seconds)
+
+    def _record(self, batch_size: int, phase: str, k: int, seconds: float) -> None:
+        table = self._costs.setdefault(batch_size, {p: [None] * (self.max_drafts + 1) for p in ("verify", "draft")})
+        old = table[phase][k]
+        table[phase][k] = seconds if old is None else old + self.smoothing * (seconds - old)
+
+    # -- estimates and the decision -------------------------------------------------------------
+
+    def conditional_acceptance(self) -> list[float]:
+        """c_j for j = 1..K, shrunk towards c_{j-1} (1 for j = 1) by ``prior_weight`` pseudo-passes."""
+        out, prev = [], 1.0
+        for r, a in zip(self.reached, self.accepted):
+            prev = (a + self.prior_weight * prev) / (r + self.prior_weight)
+            out.append(prev)
+        return out
+
+    def expected_tokens(self) -> list[float]:
+        """E(k) for k = 0..K: tokens a sequence gets from a pass that feeds k drafts."""
+        out, reach = [1.0], 1.0
+        for c in self.conditional_acceptance():
+            reach *= c
+            out.append(out[-1] + reach)
+        return out
+
+    def costs(self, batch_size: int) -> list[Optional[float]]:
+        """C(k) for k = 0..K at this batch size (None: not measured yet)."""
+        if self.cost_model is not None:
+            return [float(self.cost_model(k, batch_size)) for k in range(self.max_drafts + 1)]
+        return [self._cost(batch_size, k) for k in range(self.max_drafts + 1)]
+
+    def _cost(self, batch_size: int, k: int) -> Optional[float]:
+        parts = []
+        for phase in ("verify", "draft"):
+            here = self._costs.get(batch_size, {}).get(phase)
+            if here is not None and here[k] is not None:
+                parts.append(here[k])
+                continue
+            # Not timed at this batch size: another size's time, rescaled by the two sizes'
+            # ratio on the most recently comparable k (the nearest other size first).
+            found = None
+            for other in sorted(self._costs, key=lambda b: abs(b - batch_size)):
+                theirs = self._costs[other][phase]
+                if other == batch_size or theirs[k] is None:
+                    continue
+                scale = 1.0
+                if here is not None:
+                    common = [j for j in range(self.max_drafts + 1) if here[j] is not None and theirs[j] is not None]
+                    if common:
+                        scale = here[common[0]] / theirs[common[0]]
+                found = theirs[k] * scale
+                break
+            if found is None:
+                return None
+            parts.append(found)
+        return sum(parts)
+
+    def choose(self, batch_size: int) -> int:
+        """The number of drafts to propose for the next pass."""
+        costs = self.costs(batch_size)
+        missing = [k for k, c in enumerate(costs) if c is None]
+        if missing:
+            return missing[-1]
+        gains = self.expected_tokens()
+        rates = [gains[k] / max(costs[k], 1e-12) for k in range(self.max_drafts + 1)]
+        return max(range(self.max_drafts + 1), key=lambda k: (rates[k], -k))  # ties: the shorter draft
