@@ -211,42 +211,165 @@ def test_causal_heads_speculative_trained():
     assert spec.stats.head_passes == 2 * spec.stats.forward_passes  # heads 2, 3 draft in sequence
 
 
+# -- adaptive draft length (num_drafts="auto") --------------------------------------------------------
+
+
+class ShuffledCosts:
+    """A cost model that makes every pass's choice a pseudo-random k (it only ranks k; the
+    acceptance estimate cannot overrule a 100x cost gap): exercises every switch of draft
+    length, heads that catch up after being skipped included."""
+
+    def __init__(self, max_drafts: int, seed: int = 0):
+        self.max_drafts, self.g = max_drafts, torch.Generator().manual_seed(seed)
+        self.calls = 0
+
+    def __call__(self, k: int, batch_size: int) -> float:
+        if k == 0:
+            self.calls += 1
+            self.pick = int(torch.randint(0, self.max_drafts + 1, (1,), generator=self.g))
+        return 1.0 if k == self.pick else 100.0
+
+
+def assert_switches_both_ways(draft_lengths: list[int]) -> None:
+    ups = sum(b > a for a, b in zip(draft_lengths, draft_lengths[1:]))
+    downs = sum(b < a for a, b in zip(draft_lengths, draft_lengths[1:]))
+    assert ups >= 2 and downs >= 2 and 0 in draft_lengths, draft_lengths
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_auto_draft_length_equals_greedy(head_type):
+    """num_drafts='auto' (measured costs, and a schedule that switches k at random) is greedy
+    token for token: batch 1 and 8, ragged prompts, EOS mid-batch."""
+    model = random_model(head_type)
+    prompts = ragged_prompts()
+    greedy = run_batched(model, prompts, 8, mode="greedy", max_new_tokens=20)
+    eos = eos_hit_mid_batch(greedy)
+    greedy_eos = run_batched(model, prompts, 8, mode="greedy", max_new_tokens=20, eos_id=eos)
+    assert any(len(o) < 20 for o in greedy_eos) and any(len(o) == 20 for o in greedy_eos)
+    for costs in (None, ShuffledCosts(3)):
+        decoder = Decoder(model, cost_model=costs)
+        for bs in (1, 8):
+            for eos_id, reference in ((None, greedy), (eos, greedy_eos)):
+                config = GenerationConfig(mode="self_speculative", max_new_tokens=20, eos_id=eos_id)
+                runs = [decoder.generate(prompts[i: i + bs], config) for i in range(0, len(prompts), bs)]
+                assert [t for r in runs for t in r.tokens] == reference, (costs, bs, eos_id)
+                lengths = [k for r in runs for k in r.stats.draft_lengths]
+                assert len(lengths) == sum(r.stats.forward_passes - 1 for r in runs)
+                assert set(lengths) <= {0, 1, 2, 3}
+        if costs is not None:
+            assert_switches_both_ways(runs[0].stats.draft_lengths)
+
+
+def test_auto_trained_model_stays_exact(trained):
+    model, cycle = trained
+    prompts = cycle_prompts(cycle)
+    greedy = generate(model, prompts, mode="greedy", max_new_tokens=40).tokens
+    for costs in (None, ShuffledCosts(3, seed=1)):
+        for bs in (1, 8):
+            decoder = Decoder(model, cost_model=costs)
+            config = GenerationConfig(mode="self_speculative", max_new_tokens=40)
+            runs = [decoder.generate(prompts[i: i + bs], config) for i in range(0, len(prompts), bs)]
+            assert [t for r in runs for t in r.tokens] == greedy, (costs, bs)
+    assert runs[0].stats.accepted_per_forward > 1.5  # drafts are accepted across the switches
+    assert_switches_both_ways(runs[0].stats.draft_lengths)
+
+
+def test_forced_cost_model_gives_expected_draft_length(trained):
+    """With pass costs forced by the hook, the decoder feeds the k that maximises expected
+    tokens per cost: all heads when drafts are free, none when they cost 10 passes each, and
+    one draft when head 3 is useless (its drafts are never accepted) and drafts cost 0.3 pass."""
+    import copy
+
+    model, cycle = trained
+    prompts = cycle_prompts(cycle)
+    config = GenerationConfig(mode="self_speculative", max_new_tokens=40)
+    free = Decoder(model, cost_model=lambda k, b: 1.0).generate(prompts, config)
+    assert set(free.stats.draft_lengths) == {3}
+    dear = Decoder(model, cost_model=lambda k, b: 1.0 + 10 * k).generate(prompts, config)
+    assert set(dear.stats.draft_lengths) == {0} and dear.stats.accepted_per_forward == 1.0
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.heads[2].norm.weight.zero_()  # head 3's logits all 0: it always drafts token 0
+    assert 0 not in cycle
+    res = Decoder(model, cost_model=lambda k, b: 1.0 + 0.3 * k).generate(prompts, config)
+    # The first pass feeds all heads (nothing measured: acceptance 1 assumed); once head 3's
+    # drafts are seen rejected, one draft per pass is best: (1 + c1) / 1.3 with c1 > 0.5.
+    assert res.stats.draft_lengths[0] == 3 and set(res.stats.draft_lengths[1:]) == {1}, res.stats.draft_lengths
+    assert res.tokens == generate(model, prompts, mode="greedy", max_new_tokens=40).tokens
+
+
+def test_draft_length_controller_decision():
+    """The decision rule on hand-computed numbers: measured costs per batch size (with the
+    rescaled fallback), decayed acceptance, warm-up order."""
+    from mtp_pretrain.inference.adaptive import DraftLengthController
+
+    ctl = DraftLengthController(3, acceptance_decay=1.0, prior_weight=1e-9)
+    assert ctl.choose(8) == 3  # warm-up: the largest k not timed yet
+    # 10 sequences fed 3 drafts: accepted 0, 1, 2, 3 drafts by 4, 2, 2, 2 of them
+    ctl.record_verification(3, 10, 0.0, [0] * 4 + [1] * 2 + [2] * 2 + [3] * 2)
+    c = ctl.conditional_acceptance()
+    assert c == pytest.approx([6 / 10, 4 / 6, 2 / 4])
+    assert ctl.expected_tokens() == pytest.approx([1.0, 1.6, 2.0, 2.2])
+    for k, (verify, draft) in enumerate([(1.0, 0.0), (1.2, 0.2), (1.5, 0.3), (1.8, 0.4)]):
+        ctl.record_verification(k, 8, verify, [])
+        ctl.record_drafting(k, 8, draft)
+    # tokens per second: 1/1, 1.6/1.4, 2.0/1.8, 2.2/2.2 -> k = 1
+    assert ctl.costs(8) == pytest.approx([1.0, 1.4, 1.8, 2.2])
+    assert ctl.choose(8) == 1
+    # Batch 4 has only k = 0 timed, at half the batch-8 time: the others are rescaled by 1/2.
+    ctl.record_verification(0, 4, 0.5, [])
+    ctl.record_drafting(0, 4, 0.0)
+    assert ctl.costs(4) == pytest.approx([0.5, 0.7, 0.9, 1.1])
+    # Free drafting heads but slow verification of 3 drafts: k = 2 (2.0/1.5 > 2.2/1.8 > 1.6/1.2)
+    forced = DraftLengthController(3, cost_model=lambda k, b: [1.0, 1.2, 1.5, 1.8][k], acceptance_decay=1.0,
+                                   prior_weight=1e-9)
+    forced.record_verification(3, 10, 0.0, [0] * 4 + [1] * 2 + [2] * 2 + [3] * 2)
+    assert forced.choose(1) == 2
+
+
 # -- the heads' caches: drafts are exactly what a full forward would propose ------------------------
 
 
 @pytest.mark.parametrize("head_type", HEAD_TYPES)
 def test_drafts_equal_full_forward_drafts(head_type):
-    """After every step, heads 2..n's drafts at the last accepted position equal those of an
-    uncached forward of the accepted sequence: the heads' own caches hold exactly the accepted
-    positions (for causal heads: computed with the accepted tokens, not stale drafts)."""
+    """After every step, the drafts of heads 2..k+1 at the last accepted position equal those of
+    an uncached forward of the accepted sequence: the heads' own caches hold exactly the accepted
+    positions (for causal heads: computed with the accepted tokens, not stale drafts). Fixed
+    k = n-1, and an auto schedule switching k at random (heads skipped by short drafts catch up)."""
     model = random_model(head_type, n=4, logit_scale=40.0)
     checked = []
 
     class CheckingDecoder(Decoder):
         def _draft(self, st, k, width, cfg, gen):
             passes = super()._draft(st, k, width, cfg, gen)
-            for b in range(st.rows.numel()):
+            assert st.drafts.shape == (st.rows.numel(), k)
+            for b in range(st.rows.numel() if k else 0):
                 L = int(st.length[b])
                 seq = st.tokens[b, :L].tolist() + [int(st.next_token[b])] + st.drafts[b, :-1].tolist()
                 logits = model(torch.tensor([seq]), seq_len=L)
-                expected = [int(logits[i][0, L - 1].argmax()) for i in range(1, model.n_future)]
+                expected = [int(logits[i][0, L - 1].argmax()) for i in range(1, k + 1)]
                 assert st.drafts[b].tolist() == expected
-                checked.append(b)
+                checked.append(k)
             return passes
 
     prompts = ragged_prompts(4)
-    out = CheckingDecoder(model).generate(prompts, GenerationConfig(mode="self_speculative", max_new_tokens=12,
-                                                                    num_drafts=None))
-    assert out.tokens == [full_recompute_greedy(model, p, 12) for p in prompts]
-    assert len(checked) >= 4 * 3
-    # Sequences stopping at EOS leave the batch (and the caches, stacked heads' copies included):
-    # the remaining ones still draft from exactly their own positions.
-    eos = eos_hit_mid_batch(out.tokens)
-    checked.clear()
-    out = CheckingDecoder(model).generate(prompts, GenerationConfig(mode="self_speculative", max_new_tokens=12,
-                                                                    eos_id=eos, num_drafts=None))
-    assert out.tokens == [full_recompute_greedy(model, p, 12, eos) for p in prompts]
-    assert min(map(len, out.tokens)) < 12 and max(map(len, out.tokens)) == 12
+    for costs, num_drafts in ((None, None), (ShuffledCosts(3, seed=2), "auto")):
+        config = GenerationConfig(mode="self_speculative", max_new_tokens=12, num_drafts=num_drafts)
+        checked.clear()
+        out = CheckingDecoder(model, cost_model=costs).generate(prompts, config)
+        assert out.tokens == [full_recompute_greedy(model, p, 12) for p in prompts]
+        assert len(checked) >= 4 * 3
+        if costs is not None:
+            assert_switches_both_ways(out.stats.draft_lengths)
+        # Sequences stopping at EOS leave the batch (and the caches, stacked heads' copies
+        # included): the remaining ones still draft from exactly their own positions.
+        eos = eos_hit_mid_batch(out.tokens)
+        checked.clear()
+        config = GenerationConfig(mode="self_speculative", max_new_tokens=12, eos_id=eos, num_drafts=num_drafts)
+        out = CheckingDecoder(model, cost_model=costs).generate(prompts, config)
+        assert out.tokens == [full_recompute_greedy(model, p, 12, eos) for p in prompts]
+        assert min(map(len, out.tokens)) < 12 and max(map(len, out.tokens)) == 12
+        assert len(checked) >= 4 * 3
 
 
 @pytest.mark.parametrize("head_type", ("transformer", "linear"))

@@ -105,30 +105,29 @@ class DraftLengthController:
         return [self._cost(batch_size, k) for k in range(self.max_drafts + 1)]
 
     def _cost(self, batch_size: int, k: int) -> Optional[float]:
-        parts = []
+        here = self._costs.get(batch_size)
+        total = 0.0
         for phase in ("verify", "draft"):
-            here = self._costs.get(batch_size, {}).get(phase)
-            if here is not None and here[k] is not None:
-                parts.append(here[k])
+            if here is not None and here[phase][k] is not None:
+                total += here[phase][k]
                 continue
-            # Not timed at this batch size: another size's time, rescaled by the two sizes'
-            # ratio on the most recently comparable k (the nearest other size first).
-            found = None
+            # Not timed at this batch size: another size's time (the nearest first), rescaled
+            # by the two sizes' ratio of verification times on a k timed at both.
             for other in sorted(self._costs, key=lambda b: abs(b - batch_size)):
-                theirs = self._costs[other][phase]
-                if other == batch_size or theirs[k] is None:
-                    continue
-                scale = 1.0
-                if here is not None:
-                    common = [j for j in range(self.max_drafts + 1) if here[j] is not None and theirs[j] is not None]
-                    if common:
-                        scale = here[common[0]] / theirs[common[0]]
-                found = theirs[k] * scale
-                break
-            if found is None:
+                theirs = self._costs[other]
+                if other != batch_size and theirs[phase][k] is not None:
+                    total += theirs[phase][k] * self._scale(here, theirs)
+                    break
+            else:
                 return None
-            parts.append(found)
-        return sum(parts)
+        return total
+
+    def _scale(self, here, theirs) -> float:
+        if here is not None:
+            for mine, their in zip(here["verify"], theirs["verify"]):
+                if mine is not None and their:
+                    return mine / their
+        return 1.0
 
     def choose(self, batch_size: int) -> int:
         """The number of drafts to propose for the next pass."""
