@@ -646,6 +646,11 @@ def test_decode_speed_bench_runs(tmp_path, capsys):
     for bs in ("1", "2"):
         entry = summary["results"]["prompts"][bs]
         assert entry["exact"] and entry["accepted_per_forward"] >= 1.0
-        for key in ("speedup_self_speculative", "speedup_tree", "pass_cost_self_speculative"):
+        for key in ("speedup_self_speculative", "speedup_tree", "speedup_auto", "pass_cost_self_speculative"):
             assert entry[key] > 0
+        assert set(entry["speedup_fixed"]) == {"1", "2", "3"} and entry["best_fixed_k"] in (1, 2, 3)
+        assert entry["speedup_self_speculative"] == entry["speedup_fixed"]["2"]
+        assert sum(entry["auto_draft_lengths"].values()) > 0
         assert len(entry["acceptance_rate_per_position"]["self_speculative"]) == 2
+        assert len(entry["acceptance_rate_per_position"]["auto"]) == 3
+    assert summary["min_speedup_auto"] == min(summary["results"]["prompts"][bs]["speedup_auto"] for bs in ("1", "2"))

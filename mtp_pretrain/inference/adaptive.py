@@ -28,7 +28,10 @@ So the decoder measures both, online and per batch, and before every drafting st
   became predictable. Exactness does not depend on any of this: verification is unchanged.
 * **Warm-up.** Until every k has a verification and a drafting time, the decoder feeds the
   largest k still missing one (the first passes feed all heads, which also measures the
-  acceptance of every position), so a run tries each k once and then settles.
+  acceptance of every position), so a run tries each k once and then settles. Costs are a
+  property of the machine and the model, so a :class:`~mtp_pretrain.inference.decode.Decoder`
+  keeps its timings across ``generate`` calls (``measured``) and only its first batch warms up;
+  acceptance is a property of the text and starts afresh with every batch.
 
 ``cost_model`` (a test hook and a way to plan for other hardware) replaces the measured costs:
 ``cost_model(k, batch_size)`` returns C(k) in any unit.
@@ -43,7 +46,7 @@ CostModel = Callable[[int, int], float]
 
 class DraftLengthController:
     def __init__(self, max_drafts: int, cost_model: Optional[CostModel] = None, acceptance_decay: float = 0.95,
-                 prior_weight: float = 0.5, cost_smoothing: float = 0.2):
+                 prior_weight: float = 0.5, cost_smoothing: float = 0.2, measured: Optional[dict] = None):
         if max_drafts < 1:
             raise ValueError(f"max_drafts must be >= 1, got {max_drafts}")
         if not 0 < acceptance_decay <= 1 or prior_weight <= 0 or not 0 < cost_smoothing <= 1:
@@ -55,8 +58,8 @@ class DraftLengthController:
         # prefix reached j-1 in a pass that fed j, and those among them that accepted j.
         self.reached = [0.0] * max_drafts
         self.accepted = [0.0] * max_drafts
-        # batch size -> phase -> [seconds per k or None]
-        self._costs: dict[int, dict[str, list[Optional[float]]]] = {}
+        # batch size -> phase -> [seconds per k or None]; shared with earlier runs when given
+        self._costs: dict[int, dict[str, list[Optional[float]]]] = {} if measured is None else measured
 
     # -- observations ---------------------------------------------------------------------------
 

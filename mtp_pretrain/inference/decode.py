@@ -175,6 +175,7 @@ class Decoder:
         ``num_drafts="auto"`` instead of the measured one (a test hook; see adaptive.py)."""
         self.model = model.eval()
         self.cost_model = cost_model
+        self._pass_times: dict[int, dict] = {}  # max drafts -> measured pass costs, kept across calls
         self.cfg = model.cfg
         self.n = model.n_future
         self.device = next(model.parameters()).device
@@ -202,7 +203,10 @@ class Decoder:
             tree = DraftTree(cfg.tree_widths[:max_drafts]).to(self.device)
             max_drafts = tree.max_depth
         self._stack_drafting_heads(max_drafts)
-        controller = DraftLengthController(max_drafts, self.cost_model) if cfg.adaptive and max_drafts else None
+        controller = None
+        if cfg.adaptive and max_drafts:
+            controller = DraftLengthController(max_drafts, self.cost_model,
+                                               measured=self._pass_times.setdefault(max_drafts, {}))
         step_tokens = tree.size if tree is not None else max_drafts + 1
         capacity = max(len(p) for p in prompts) + cfg.max_new_tokens + step_tokens + 2 * self.n + 2
         self.cache = KVCache(B, capacity, self.dtype, self.device)
