@@ -620,6 +620,10 @@ def test_cli_json(tmp_path, capsys):
         assert r["text"] == tok.decode(r["token_ids"])
         assert r["stats"]["tokens_generated"] == len(r["token_ids"])
         assert r["run"]["mode"] == "self_speculative"
+        assert len(r["run"]["draft_lengths"]) == r["run"]["forward_passes"] - 1  # auto: k fed per pass
+    with pytest.raises(SystemExit):
+        cli.parse_args([str(path), "--num-drafts", "some"])
+    assert cli.parse_args([str(path), "--num-drafts", "2"]).num_drafts == 2
 
     cli.main([str(path), "--prompt", "hi", "--max-new-tokens", "3"])
     text = capsys.readouterr().out
