@@ -658,3 +658,39 @@ def test_decode_speed_bench_runs(tmp_path, capsys):
         assert len(entry["acceptance_rate_per_position"]["self_speculative"]) == 2
         assert len(entry["acceptance_rate_per_position"]["auto"]) == 3
     assert summary["min_speedup_auto"] == min(summary["results"]["prompts"][bs]["speedup_auto"] for bs in ("1", "2"))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tp_checkpoint_decodes_on_one_process(tmp_path, capsys):
+    """A checkpoint written by pure ``tp`` on 2 ranks (DTensor shards of every projection and of
+    the unembedding) loads into the single-process decoder: its weights are those of the same
+    training on one process, and cached greedy, auto and mtp-generate decode it exactly."""
+    from pathlib import Path
+
+    from conftest import launch_worker
+    from mtp_pretrain.data.synthetic import write_random_dataset
+    from mtp_pretrain.export import load_model
+    from mtp_pretrain.inference import cli
+
+    data = tmp_path / "data"
+    write_random_dataset(data, {"train": 50_000, "val": 5_000}, seed=0)
+    base = [f"data.sources=[{{path:{data},weight:1.0}}]", "data.seq_len=32", "data.prefetch=0", "model=tiny",
+            "model.vocab_size=512", "model.dim=64", "model.n_future=3", "train.micro_batch_size=4",
+            "train.global_batch_tokens=256", "train.max_steps=3", "train.dtype=float32", "train.device=cpu",
+            "train.resume=never", "optim.lr=1e-3", "optim.warmup_steps=1", "checkpoint.interval=0"]
+    tp = launch_worker(tmp_path / "tp", 2, [{"name": "tp", "overrides": base + ["parallel=tp"]}])["tp"]
+    one = launch_worker(tmp_path / "one", 1, [{"name": "one", "overrides": base}])["one"]
+    model, _ = load_model(Path(tp["dir"]) / "checkpoints")
+    reference, _ = load_model(Path(one["dir"]) / "checkpoints")
+    params, ref_params = model.state_dict(), reference.state_dict()
+    assert params.keys() == ref_params.keys()
+    for name in params:
+        torch.testing.assert_close(params[name], ref_params[name], atol=1e-4, rtol=0, msg=name)
+    prompts = ragged_prompts(4, vocab=512, seed=3)
+    greedy = generate(model, prompts, mode="greedy", max_new_tokens=8).tokens
+    assert greedy == [full_recompute_greedy(model, p, 8) for p in prompts]
+    assert generate(model, prompts, mode="self_speculative", max_new_tokens=8).tokens == greedy
+    cli.main([str(Path(tp["dir"]) / "checkpoints"), "--prompt", ",".join(map(str, prompts[0])), "--mode",
+              "self_speculative", "--max-new-tokens", "8", "--no-eos", "--json"])
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"] == greedy[0]
