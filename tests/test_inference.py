@@ -691,6 +691,8 @@ def test_tp_checkpoint_decodes_on_one_process(tmp_path, capsys):
     greedy = generate(model, prompts, mode="greedy", max_new_tokens=8).tokens
     assert greedy == [full_recompute_greedy(model, p, 8) for p in prompts]
     assert generate(model, prompts, mode="self_speculative", max_new_tokens=8).tokens == greedy
-    cli.main([str(Path(tp["dir"]) / "checkpoints"), "--prompt", ",".join(map(str, prompts[0])), "--mode",
-              "self_speculative", "--max-new-tokens", "8", "--no-eos", "--json"])
-    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"] == greedy[0]
+    model, tokenizer = load_model(Path(tp["dir"]) / "checkpoints")  # the tokenizer of the training data
+    cli.main([str(Path(tp["dir"]) / "checkpoints"), "--prompt", "def f(x):", "--mode", "self_speculative",
+              "--max-new-tokens", "8", "--no-eos", "--json"])
+    expected = generate(model, [tokenizer.encode("def f(x):")], mode="greedy", max_new_tokens=8).tokens[0]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"] == expected
