@@ -320,6 +320,16 @@ def test_draft_length_controller_decision():
     ctl.record_verification(0, 4, 0.5, [])
     ctl.record_drafting(0, 4, 0.0)
     assert ctl.costs(4) == pytest.approx([0.5, 0.7, 0.9, 1.1])
+    # A preempted pass (10x slower) does not move the median of the last 5 samples.
+    for seconds in (1.2, 12.0, 1.2, 1.2):
+        ctl.record_verification(1, 8, seconds, [])
+    assert ctl.costs(8)[1] == pytest.approx(1.4) and ctl.choose(8) == 1
+    # A k not timed for refresh_interval passes is timed again: the largest stale one first.
+    for _ in range(ctl.refresh_interval - 4):
+        ctl.record_verification(1, 8, 1.2, [])
+    assert ctl.choose(8) == 3
+    ctl.record_verification(3, 8, 1.8, [])
+    assert ctl.choose(8) == 2
     # Free drafting heads but slow verification of 3 drafts: k = 2 (2.0/1.5 > 2.2/1.8 > 1.6/1.2)
     forced = DraftLengthController(3, cost_model=lambda k, b: [1.0, 1.2, 1.5, 1.8][k], acceptance_decay=1.0,
                                    prior_weight=1e-9)

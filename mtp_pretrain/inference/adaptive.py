@@ -13,12 +13,14 @@ So the decoder measures both, online and per batch, and before every drafting st
 * **Costs.** C(k) = verify(k) + draft(k): the wall time of the verification part of a pass
   that fed k drafts (trunk and head 1 over k+1 tokens, their unembedding, the acceptance
   decision) plus that of drafting k tokens for the next pass (k drafting heads over the accepted
-  positions, their unembedding) and the step's bookkeeping. Each is an exponential moving
-  average of the samples seen *at the current batch size* (finished sequences leave the batch
-  and make every pass cheaper); a k not yet timed at this batch size takes its time at another
-  batch size, rescaled by the two sizes' ratio on a k timed at both. A drafting step that had
-  to catch up positions of heads skipped earlier is not a sample (it is a switching cost, not
-  the steady price of k).
+  positions, their unembedding) and the step's bookkeeping. Each is the median of the last few
+  samples *at the current batch size* (finished sequences leave the batch and make every pass
+  cheaper; the median ignores the passes a shared machine preempted); a k not yet timed at this
+  batch size takes its time at another batch size, rescaled by the two sizes' ratio on a k
+  timed at both. A drafting step that had to catch up positions of heads skipped earlier is not
+  a sample (it is a switching cost, not the steady price of k). A k not timed for
+  ``refresh_interval`` passes is timed again (one pass), so that the times of the k not in use
+  follow the machine's speed.
 * **Acceptance.** Conditional acceptance c_j = P(draft j accepted | draft j-1 accepted), from
   decayed counts of the passes that fed position j (decay per pass, so acceptance is re-learned
   as the text changes: indentation vs a new identifier), shrunk towards c_{j-1} (towards 1 for
@@ -46,20 +48,28 @@ CostModel = Callable[[int, int], float]
 
 class DraftLengthController:
     def __init__(self, max_drafts: int, cost_model: Optional[CostModel] = None, acceptance_decay: float = 0.95,
-                 prior_weight: float = 0.5, cost_smoothing: float = 0.2, measured: Optional[dict] = None):
+                 prior_weight: float = 0.5, cost_samples: int = 5, refresh_interval: int = 200,
+                 measured: Optional[dict] = None):
         if max_drafts < 1:
             raise ValueError(f"max_drafts must be >= 1, got {max_drafts}")
-        if not 0 < acceptance_decay <= 1 or prior_weight <= 0 or not 0 < cost_smoothing <= 1:
-            raise ValueError("need 0 < acceptance_decay <= 1, prior_weight > 0 and 0 < cost_smoothing <= 1")
+        if not 0 < acceptance_decay <= 1 or prior_weight <= 0 or cost_samples < 1 or refresh_interval < 1:
+            raise ValueError("need 0 < acceptance_decay <= 1, prior_weight > 0, cost_samples >= 1 and "
+                             "refresh_interval >= 1")
         self.max_drafts = max_drafts
         self.cost_model = cost_model
-        self.decay, self.prior_weight, self.smoothing = acceptance_decay, prior_weight, cost_smoothing
+        self.decay, self.prior_weight = acceptance_decay, prior_weight
+        self.cost_samples, self.refresh_interval = cost_samples, refresh_interval
         # Decayed counts per draft position j = 1..K (index j-1): sequences whose accepted
         # prefix reached j-1 in a pass that fed j, and those among them that accepted j.
         self.reached = [0.0] * max_drafts
         self.accepted = [0.0] * max_drafts
-        # batch size -> phase -> [seconds per k or None]; shared with earlier runs when given
-        self._costs: dict[int, dict[str, list[Optional[float]]]] = {} if measured is None else measured
+        # Shared with earlier runs when given: "passes" (verification passes timed so far),
+        # "timed" (the pass at which each k was last timed), and per batch size, per phase, the
+        # last samples per k (seconds).
+        self._measured = {} if measured is None else measured
+        self._measured.setdefault("passes", 0)
+        self._measured.setdefault("timed", [None] * (max_drafts + 1))
+        self._costs: dict[int, dict[str, list[list[float]]]] = self._measured.setdefault("by_batch_size", {})
 
     # -- observations ---------------------------------------------------------------------------
 
@@ -72,6 +82,7 @@ class DraftLengthController:
             for j in range(min(n + 1, k)):  # positions 1..n+1 were reached (n+1 only if fed)
                 self.reached[j] += 1
                 self.accepted[j] += j < n
+        self._measured["passes"] += 1
         self._record(batch_size, "verify", k, seconds)
 
     def record_drafting(self, k: int, batch_size: int, seconds: float) -> None:
@@ -79,9 +90,17 @@ class DraftLengthController:
         self._record(batch_size, "draft", k, seconds)
 
     def _record(self, batch_size: int, phase: str, k: int, seconds: float) -> None:
-        table = self._costs.setdefault(batch_size, {p: [None] * (self.max_drafts + 1) for p in ("verify", "draft")})
-        old = table[phase][k]
-        table[phase][k] = seconds if old is None else old + self.smoothing * (seconds - old)
+        table = self._costs.setdefault(batch_size, {p: [[] for _ in range(self.max_drafts + 1)]
+                                                    for p in ("verify", "draft")})
+        samples = table[phase][k]
+        samples.append(seconds)
+        del samples[: -self.cost_samples]
+        if phase == "verify":
+            self._measured["timed"][k] = self._measured["passes"]
+
+    def _estimate(self, batch_size: int, phase: str, k: int) -> Optional[float]:
+        samples = self._costs[batch_size][phase][k] if batch_size in self._costs else []
+        return sorted(samples)[len(samples) // 2] if samples else None
 
     # -- estimates and the decision -------------------------------------------------------------
 
@@ -108,28 +127,28 @@ class DraftLengthController:
         return [self._cost(batch_size, k) for k in range(self.max_drafts + 1)]
 
     def _cost(self, batch_size: int, k: int) -> Optional[float]:
-        here = self._costs.get(batch_size)
         total = 0.0
         for phase in ("verify", "draft"):
-            if here is not None and here[phase][k] is not None:
-                total += here[phase][k]
+            mine = self._estimate(batch_size, phase, k)
+            if mine is not None:
+                total += mine
                 continue
             # Not timed at this batch size: another size's time (the nearest first), rescaled
             # by the two sizes' ratio of verification times on a k timed at both.
             for other in sorted(self._costs, key=lambda b: abs(b - batch_size)):
-                theirs = self._costs[other]
-                if other != batch_size and theirs[phase][k] is not None:
-                    total += theirs[phase][k] * self._scale(here, theirs)
+                theirs = self._estimate(other, phase, k) if other != batch_size else None
+                if theirs is not None:
+                    total += theirs * self._scale(batch_size, other)
                     break
             else:
                 return None
         return total
 
-    def _scale(self, here, theirs) -> float:
-        if here is not None:
-            for mine, their in zip(here["verify"], theirs["verify"]):
-                if mine is not None and their:
-                    return mine / their
+    def _scale(self, batch_size: int, other: int) -> float:
+        for j in range(self.max_drafts + 1):
+            mine, theirs = self._estimate(batch_size, "verify", j), self._estimate(other, "verify", j)
+            if mine is not None and theirs:
+                return mine / theirs
         return 1.0
 
     def choose(self, batch_size: int) -> int:
@@ -138,6 +157,11 @@ class DraftLengthController:
         missing = [k for k, c in enumerate(costs) if c is None]
         if missing:
             return missing[-1]
+        if self.cost_model is None:
+            passes, timed = self._measured["passes"], self._measured["timed"]
+            stale = [k for k in range(self.max_drafts + 1) if timed[k] is None or passes - timed[k] >= self.refresh_interval]
+            if stale:
+                return stale[-1]
         gains = self.expected_tokens()
         rates = [gains[k] / max(costs[k], 1e-12) for k in range(self.max_drafts + 1)]
         return max(range(self.max_drafts + 1), key=lambda k: (rates[k], -k))  # ties: the shorter draft
