@@ -320,7 +320,7 @@ def test_draft_length_controller_decision():
     ctl.record_verification(0, 4, 0.5, [])
     ctl.record_drafting(0, 4, 0.0)
     assert ctl.costs(4) == pytest.approx([0.5, 0.7, 0.9, 1.1])
-    # A preempted pass (10x slower) does not move the median of the last 5 samples.
+    # A preempted pass (10x slower) does not move the lower quartile of the last samples.
     for seconds in (1.2, 12.0, 1.2, 1.2):
         ctl.record_verification(1, 8, seconds, [])
     assert ctl.costs(8)[1] == pytest.approx(1.4) and ctl.choose(8) == 1

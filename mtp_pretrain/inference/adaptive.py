@@ -13,9 +13,10 @@ So the decoder measures both, online and per batch, and before every drafting st
 * **Costs.** C(k) = verify(k) + draft(k): the wall time of the verification part of a pass
   that fed k drafts (trunk and head 1 over k+1 tokens, their unembedding, the acceptance
   decision) plus that of drafting k tokens for the next pass (k drafting heads over the accepted
-  positions, their unembedding) and the step's bookkeeping. Each is the median of the last few
-  samples *at the current batch size* (finished sequences leave the batch and make every pass
-  cheaper; the median ignores the passes a shared machine preempted); a k not yet timed at this
+  positions, their unembedding) and the step's bookkeeping. Each is the lower quartile of the
+  last few samples *at the current batch size* (finished sequences leave the batch and make
+  every pass cheaper; on a shared machine other work only ever adds time, so a low quantile
+  ignores the passes it preempted); a k not yet timed at this
   batch size takes its time at another batch size, rescaled by the two sizes' ratio on a k
   timed at both. A drafting step that had to catch up positions of heads skipped earlier is not
   a sample (it is a switching cost, not the steady price of k). A k not timed for
@@ -48,7 +49,7 @@ CostModel = Callable[[int, int], float]
 
 class DraftLengthController:
     def __init__(self, max_drafts: int, cost_model: Optional[CostModel] = None, acceptance_decay: float = 0.95,
-                 prior_weight: float = 0.5, cost_samples: int = 5, refresh_interval: int = 200,
+                 prior_weight: float = 0.5, cost_samples: int = 9, refresh_interval: int = 200,
                  measured: Optional[dict] = None):
         if max_drafts < 1:
             raise ValueError(f"max_drafts must be >= 1, got {max_drafts}")
@@ -100,7 +101,7 @@ class DraftLengthController:
 
     def _estimate(self, batch_size: int, phase: str, k: int) -> Optional[float]:
         samples = self._costs[batch_size][phase][k] if batch_size in self._costs else []
-        return sorted(samples)[len(samples) // 2] if samples else None
+        return sorted(samples)[len(samples) // 4] if samples else None
 
     # -- estimates and the decision -------------------------------------------------------------
 
