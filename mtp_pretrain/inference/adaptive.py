@@ -79,10 +79,14 @@ class DraftLengthController:
         decision and accepted ``n_accepted`` drafts per sequence."""
         self.reached = [r * self.decay for r in self.reached]
         self.accepted = [a * self.decay for a in self.accepted]
+        at_least = [0] * (k + 2)  # at_least[j]: sequences that accepted j drafts or more
         for n in n_accepted:
-            for j in range(min(n + 1, k)):  # positions 1..n+1 were reached (n+1 only if fed)
-                self.reached[j] += 1
-                self.accepted[j] += j < n
+            at_least[n] += 1
+        for j in range(k - 1, -1, -1):
+            at_least[j] += at_least[j + 1]
+        for j in range(k):  # position j+1 was reached by those that accepted j, accepted by those past it
+            self.reached[j] += at_least[j]
+            self.accepted[j] += at_least[j + 1]
         self._measured["passes"] += 1
         self._record(batch_size, "verify", k, seconds)
 
