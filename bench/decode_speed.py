@@ -47,13 +47,14 @@ import torch.nn.functional as F
 
 from mtp_pretrain.inference import Decoder, GenerationConfig, RunStats
 
-def decoder_configs(n_future: int, max_new_tokens: int, widths) -> dict[str, GenerationConfig]:
+def decoder_configs(n_future: int, max_new_tokens: int, widths, tree: bool = True) -> dict[str, GenerationConfig]:
     """greedy, fixed_1..fixed_{n-1}, auto, tree: the decoders every data set and batch size runs."""
     configs = {"greedy": GenerationConfig(mode="greedy", max_new_tokens=max_new_tokens)}
     for k in range(1, n_future):
         configs[f"fixed_{k}"] = GenerationConfig(mode="self_speculative", max_new_tokens=max_new_tokens, num_drafts=k)
     if n_future > 1:
         configs["auto"] = GenerationConfig(mode="self_speculative", max_new_tokens=max_new_tokens, num_drafts="auto")
+    if n_future > 1 and tree:
         configs["tree"] = GenerationConfig(mode="tree", max_new_tokens=max_new_tokens, tree_widths=widths,
                                            num_drafts=None)
     return configs
@@ -222,6 +223,7 @@ def main(argv=None) -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=2, help="timing rounds (modes take turns batch by batch)")
+    ap.add_argument("--no-tree", action="store_true", help="leave tree mode out (the slowest mode on a CPU)")
     ap.add_argument("--breakdown-only", action="store_true",
                     help="only time the pieces of a greedy and a speculative pass (any model, even random)")
     args = ap.parse_args(argv)
@@ -269,7 +271,7 @@ def main(argv=None) -> None:
         return
     print(f"model: {source}; n_future={model.n_future} head_type={model.cfg.head_type}; "
           f"threads={torch.get_num_threads()}", flush=True)
-    configs = decoder_configs(model.n_future, args.max_new_tokens, widths)
+    configs = decoder_configs(model.n_future, args.max_new_tokens, widths, tree=not args.no_tree)
     fixed = f"fixed_{k}"
     # Warm-up: first calls pay for allocator and kernel selection (auto also times its passes).
     for config in configs.values():
@@ -296,10 +298,8 @@ def main(argv=None) -> None:
             entry = {
                 "exact": exact,
                 "accepted_per_forward": rows[fixed]["accepted_per_forward"],
-                "accepted_per_forward_tree": rows["tree"]["accepted_per_forward"],
                 "accepted_per_forward_auto": rows["auto"]["accepted_per_forward"],
                 "speedup_self_speculative": speedup[fixed],
-                "speedup_tree": speedup["tree"],
                 "speedup_auto": speedup["auto"],
                 "speedup_fixed": fixed_speedups,
                 "best_fixed_k": int(best_k),
@@ -308,20 +308,23 @@ def main(argv=None) -> None:
                 "tokens_per_s": {m: rows[m]["tokens_per_s"] for m in configs},
                 "ms_per_forward": {m: round(ms_per_pass[m], 3) for m in configs},
                 "pass_cost_self_speculative": round(ms_per_pass[fixed] / ms_per_pass["greedy"], 3),
-                "pass_cost_tree": round(ms_per_pass["tree"] / ms_per_pass["greedy"], 3),
                 "pass_cost_fixed": {m.split("_")[1]: round(ms_per_pass[m] / ms_per_pass["greedy"], 3)
                                     for m in configs if m.startswith("fixed_")},
                 "acceptance_rate_per_position": {"self_speculative": rows[fixed]["acceptance_rate_per_position"],
-                                                 "tree": rows["tree"]["acceptance_rate_per_position"],
                                                  "auto": rows["auto"]["acceptance_rate_per_position"]},
             }
+            if "tree" in configs:
+                entry.update(accepted_per_forward_tree=rows["tree"]["accepted_per_forward"],
+                             speedup_tree=speedup["tree"],
+                             pass_cost_tree=round(ms_per_pass["tree"] / ms_per_pass["greedy"], 3))
+                entry["acceptance_rate_per_position"]["tree"] = rows["tree"]["acceptance_rate_per_position"]
             summary["results"][name][str(bs)] = entry
             summary["exact"] &= exact
             summary["min_speedup_auto"] = min(summary.get("min_speedup_auto", float("inf")), entry["speedup_auto"])
             summary["min_auto_minus_best_fixed"] = min(summary.get("min_auto_minus_best_fixed", float("inf")),
                                                        entry["auto_minus_best_fixed"])
             print(f"{name} bs={bs}: exact={exact} speedup auto={entry['speedup_auto']} fixed k="
-                  f"{fixed_speedups} tree={entry['speedup_tree']}; auto fed k per pass "
+                  f"{fixed_speedups} tree={entry.get('speedup_tree')}; auto fed k per pass "
                   f"{entry['auto_draft_lengths']}; accepted/forward {entry['accepted_per_forward']} "
                   f"(k={k}), pass cost {entry['pass_cost_fixed']} greedy passes", flush=True)
         summary["exact_across_batch_sizes"] &= all(g == greedy_by_bs[0] for g in greedy_by_bs)
