@@ -8,7 +8,14 @@ every fed token and unembedding row costs nearly its full share; on a GPU at sma
 costs about the same whatever k) and on the text (repetitive code accepts far more than prose).
 So the decoder measures both, online and per batch, and before every drafting step picks
 
-    k* = argmax_k  E(k) / C(k)
+    k* = argmax_k  E(k) / C(k)                      (one sequence)
+    k* = argmin_k  C(k) * max_b R_b / E_b(k)        (a batch)
+
+A batch runs until its last sequence is done, and on a CPU (as on a GPU) a pass over fewer rows
+is not proportionally cheaper, so what counts is the estimated time to finish the batch at k:
+the pass cost times the passes its slowest sequence still needs (R_b tokens left at E_b(k) per
+pass). Maximising the batch's mean tokens per pass instead feeds long drafts for the sake of the
+sequences that accept them while the one that does not pays for them in every pass.
 
 * **Costs.** C(k) = verify(k) + draft(k): the wall time of the verification part of a pass
   that fed k drafts (trunk and head 1 over k+1 tokens, their unembedding, the acceptance
@@ -25,7 +32,9 @@ So the decoder measures both, online and per batch, and before every drafting st
 * **Acceptance.** Conditional acceptance c_j = P(draft j accepted | draft j-1 accepted), from
   decayed counts of the passes that fed position j (decay per pass, so acceptance is re-learned
   as the text changes: indentation vs a new identifier), shrunk towards c_{j-1} (towards 1 for
-  j = 1) with a small pseudo-count; a_j = c_1 ... c_j. Positions not fed recently therefore
+  j = 1) with a small pseudo-count; a_j = c_1 ... c_j. Per sequence the same counts are kept
+  and shrunk towards the batch's estimate (a sequence just started, or rarely fed, behaves like
+  the batch). Positions not fed recently therefore
   drift back to an optimistic guess, which is what makes the decoder probe a longer draft now
   and then (one pass, which refreshes the estimate) instead of never learning that the text
   became predictable. Exactness does not depend on any of this: verification is unchanged.
@@ -64,6 +73,8 @@ class DraftLengthController:
         # prefix reached j-1 in a pass that fed j, and those among them that accepted j.
         self.reached = [0.0] * max_drafts
         self.accepted = [0.0] * max_drafts
+        self._per_row: dict[int, tuple[list[float], list[float]]] = {}  # row -> (reached, accepted)
+        self.row_prior_weight = 2.0  # pseudo-passes of the batch estimate in a row's estimate
         # Shared with earlier runs when given: "passes" (verification passes timed so far),
         # "timed" (the pass at which each k was last timed), and per batch size, per phase, the
         # last samples per k (seconds).
@@ -74,9 +85,15 @@ class DraftLengthController:
 
     # -- observations ---------------------------------------------------------------------------
 
-    def record_verification(self, k: int, batch_size: int, seconds: float, n_accepted: Sequence[int]) -> None:
-        """A pass fed k drafts to ``batch_size`` sequences, took ``seconds`` up to the acceptance
-        decision and accepted ``n_accepted`` drafts per sequence."""
+    def record_verification(self, k: int, batch_size: int, seconds: float, n_accepted: Sequence[int],
+                            rows: Optional[Sequence[int]] = None) -> None:
+        """A pass fed k drafts to ``batch_size`` sequences (ids ``rows``), took ``seconds`` up to
+        the acceptance decision and accepted ``n_accepted`` drafts per sequence."""
+        for row, n in zip(rows or (), n_accepted):
+            reached, accepted = self._per_row.setdefault(row, ([0.0] * self.max_drafts, [0.0] * self.max_drafts))
+            for j in range(self.max_drafts):
+                reached[j] = reached[j] * self.decay + (j < k and j <= n)
+                accepted[j] = accepted[j] * self.decay + (j < k and j < n)
         self.reached = [r * self.decay for r in self.reached]
         self.accepted = [a * self.decay for a in self.accepted]
         at_least = [0] * (k + 2)  # at_least[j]: sequences that accepted j drafts or more
@@ -117,10 +134,15 @@ class DraftLengthController:
             out.append(prev)
         return out
 
-    def expected_tokens(self) -> list[float]:
-        """E(k) for k = 0..K: tokens a sequence gets from a pass that feeds k drafts."""
+    def expected_tokens(self, row: Optional[int] = None) -> list[float]:
+        """E(k) for k = 0..K: tokens a sequence (the batch's typical one, or ``row``) gets from a
+        pass that feeds k drafts."""
+        cond = self.conditional_acceptance()
+        if row is not None and row in self._per_row:
+            w = self.row_prior_weight
+            cond = [(a + w * c) / (r + w) for r, a, c in zip(*self._per_row[row], cond)]
         out, reach = [1.0], 1.0
-        for c in self.conditional_acceptance():
+        for c in cond:
             reach *= c
             out.append(out[-1] + reach)
         return out
@@ -156,8 +178,11 @@ class DraftLengthController:
                 return mine / theirs
         return 1.0
 
-    def choose(self, batch_size: int) -> int:
-        """The number of drafts to propose for the next pass."""
+    def choose(self, batch_size: int, rows: Optional[Sequence[int]] = None,
+               remaining: Optional[Sequence[int]] = None) -> int:
+        """The number of drafts to propose for the next pass; ``rows`` (ids of the active
+        sequences) with ``remaining`` (tokens each may still generate) minimise the batch's
+        estimated time to finish, else the tokens per second of a typical sequence."""
         costs = self.costs(batch_size)
         missing = [k for k, c in enumerate(costs) if c is None]
         if missing:
@@ -167,6 +192,13 @@ class DraftLengthController:
             stale = [k for k in range(self.max_drafts + 1) if timed[k] is None or passes - timed[k] >= self.refresh_interval]
             if stale:
                 return stale[-1]
-        gains = self.expected_tokens()
-        rates = [gains[k] / max(costs[k], 1e-12) for k in range(self.max_drafts + 1)]
-        return max(range(self.max_drafts + 1), key=lambda k: (rates[k], -k))  # ties: the shorter draft
+        ks = range(self.max_drafts + 1)
+        if rows is None:
+            gains = self.expected_tokens()
+            rates = [gains[k] / max(costs[k], 1e-12) for k in ks]
+            return max(ks, key=lambda k: (rates[k], -k))  # ties: the shorter draft
+        passes = [0.0] * (self.max_drafts + 1)  # passes the slowest sequence needs at each k
+        for row, left in zip(rows, remaining if remaining is not None else [1] * len(rows)):
+            gains = self.expected_tokens(row)
+            passes = [max(p, left / g) for p, g in zip(passes, gains)]
+        return min(ks, key=lambda k: (costs[k] * passes[k], k))

@@ -226,7 +226,7 @@ class Decoder:
         first = st.next_token.tolist()
         self._emit(st, [[t] for t in first], [1] * B, None, 0, outputs, stats, cfg)
         while st.rows.numel() > 0:
-            batch = st.rows.numel()
+            batch, rows = st.rows.numel(), st.rows.tolist()
             t_pass = time.perf_counter()
             if tree is not None:
                 emitted, n_acc = self._tree_step(st, tree, cfg)
@@ -237,21 +237,23 @@ class Decoder:
             # The acceptance decision: the step's one host synchronisation.
             decided = torch.cat([n_acc[:, None], emitted], dim=1).tolist()
             acc = [row[0] for row in decided]
-            t_decided = time.perf_counter()
             stats.forward_passes += 1
             stats.draft_lengths.append(fed)
-            catch_up = False
-            if tree is None:
-                if controller is not None:
-                    controller.record_verification(fed, batch, t_decided - t_pass, acc)
-                    drafted = controller.choose(batch)
-                # Heads skipped by earlier passes first catch up on the positions they missed.
-                catch_up = drafted > fed
-                width = None if catch_up or self.model.heads_chain else max(acc) + 1
-                stats.head_passes += self._draft(st, drafted, width, cfg, gen)
             self._emit(st, [row[1:] for row in decided], [a + 1 for a in acc], acc, fed, outputs, stats, cfg)
+            if tree is not None or st.rows.numel() == 0:
+                continue
+            t_decided = time.perf_counter()
+            active = st.rows.tolist()
+            if controller is not None:
+                controller.record_verification(fed, batch, t_decided - t_pass, acc, rows)
+                drafted = controller.choose(len(active), active,
+                                            [cfg.max_new_tokens - len(outputs[r]) for r in active])
+            # Heads skipped by earlier passes first catch up on the positions they missed.
+            catch_up = drafted > fed
+            width = None if catch_up or self.model.heads_chain else max(acc) + 1
+            stats.head_passes += self._draft(st, drafted, width, cfg, gen)
             if controller is not None and not catch_up:
-                controller.record_drafting(drafted, batch, time.perf_counter() - t_decided)
+                controller.record_drafting(drafted, len(active), time.perf_counter() - t_decided)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         stats.wall_time_s = time.perf_counter() - t0
