@@ -337,6 +337,26 @@ def test_draft_length_controller_decision():
     assert forced.choose(1) == 2
 
 
+def test_batch_draft_length_minimises_time_to_finish():
+    """In a batch, k minimises pass cost x passes the slowest sequence still needs: long drafts
+    while the sequence that rejects them has little left, none while it has much left."""
+    from mtp_pretrain.inference.adaptive import DraftLengthController
+
+    ctl = DraftLengthController(2, cost_model=lambda k, b: [1.0, 1.4, 1.9][k], acceptance_decay=1.0,
+                                prior_weight=1e-9)
+    for _ in range(10):  # sequence 0 accepts both drafts, sequence 1 none
+        ctl.record_verification(2, 2, 0.0, [2, 0], rows=[0, 1])
+    assert ctl.conditional_acceptance() == pytest.approx([0.5, 1.0])
+    # per sequence, shrunk to the batch by 2 pseudo-passes: c = (10 + 2 * 0.5) / 12, 1 and 1 / 12, 1
+    assert ctl.expected_tokens(0) == pytest.approx([1.0, 1 + 11 / 12, 1 + 22 / 12])
+    assert ctl.expected_tokens(1) == pytest.approx([1.0, 1 + 1 / 12, 1 + 2 / 12])
+    assert ctl.choose(2) == 1  # the typical sequence: 1.5 / 1.4 > 2.0 / 1.9 > 1 / 1
+    # time to finish: k=0: 10; k=1: 1.4 * 10 / (13 / 12) = 12.9; k=2: 1.9 * 10 / (14 / 12) = 16.3
+    assert ctl.choose(2, [0, 1], [10, 10]) == 0
+    # sequence 1 needs 1 more token: k=0: 10; k=1: 1.4 * 10 / (23 / 12) = 7.3; k=2: 1.9 * 10 / (34 / 12) = 6.7
+    assert ctl.choose(2, [0, 1], [10, 1]) == 2
+
+
 # -- the heads' caches: drafts are exactly what a full forward would propose ------------------------
 
 
