@@ -303,7 +303,7 @@ def test_draft_length_controller_decision():
     rescaled fallback), decayed acceptance, warm-up order."""
     from mtp_pretrain.inference.adaptive import DraftLengthController
 
-    ctl = DraftLengthController(3, acceptance_decay=1.0, prior_weight=1e-9)
+    ctl = DraftLengthController(3, acceptance_decay=1.0, prior_weight=1e-9, min_samples=1)
     assert ctl.choose(8) == 3  # warm-up: the largest k not timed yet
     # 10 sequences fed 3 drafts: accepted 0, 1, 2, 3 drafts by 4, 2, 2, 2 of them
     ctl.record_verification(3, 10, 0.0, [0] * 4 + [1] * 2 + [2] * 2 + [3] * 2)
@@ -324,12 +324,19 @@ def test_draft_length_controller_decision():
     for seconds in (1.2, 12.0, 1.2, 1.2):
         ctl.record_verification(1, 8, seconds, [])
     assert ctl.costs(8)[1] == pytest.approx(1.4) and ctl.choose(8) == 1
-    # A k not timed for refresh_interval passes is timed again: the largest stale one first.
+    # A k next to the one in use (1) not timed for refresh_interval passes is timed again (the
+    # largest first), the others after 4x as long.
     for _ in range(ctl.refresh_interval - 4):
         ctl.record_verification(1, 8, 1.2, [])
-    assert ctl.choose(8) == 3
-    ctl.record_verification(3, 8, 1.8, [])
+        ctl.record_drafting(1, 8, 0.2)
     assert ctl.choose(8) == 2
+    ctl.record_verification(2, 8, 1.5, [])
+    assert ctl.choose(8) == 2  # its drafting not timed again yet (a switch to a longer draft catches up)
+    ctl.record_drafting(2, 8, 0.3)
+    assert ctl.choose(8) == 3  # now next to 2, and stale
+    ctl.record_verification(3, 8, 1.8, [])
+    ctl.record_drafting(3, 8, 0.4)
+    assert ctl.choose(8) == 1  # 0 is not next to 3: not stale for 4x longer
     # Free drafting heads but slow verification of 3 drafts: k = 2 (2.0/1.5 > 2.2/1.8 > 1.6/1.2)
     forced = DraftLengthController(3, cost_model=lambda k, b: [1.0, 1.2, 1.5, 1.8][k], acceptance_decay=1.0,
                                    prior_weight=1e-9)

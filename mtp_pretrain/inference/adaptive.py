@@ -26,9 +26,9 @@ sequences that accept them while the one that does not pays for them in every pa
   ignores the passes it preempted); a k not yet timed at this
   batch size takes its time at another batch size, rescaled by the two sizes' ratio on a k
   timed at both. A drafting step that had to catch up positions of heads skipped earlier is not
-  a sample (it is a switching cost, not the steady price of k). A k not timed for
-  ``refresh_interval`` passes is timed again (one pass), so that the times of the k not in use
-  follow the machine's speed.
+  a sample (it is a switching cost, not the steady price of k). A k next to the one in use that
+  was not timed for ``refresh_interval`` passes (4x that for the others) is timed again, so that
+  the times of the k not in use follow the machine's speed instead of keeping one unlucky sample.
 * **Acceptance.** Conditional acceptance c_j = P(draft j accepted | draft j-1 accepted), from
   decayed counts of the passes that fed position j (decay per pass, so acceptance is re-learned
   as the text changes: indentation vs a new identifier), shrunk towards c_{j-1} (towards 1 for
@@ -38,8 +38,8 @@ sequences that accept them while the one that does not pays for them in every pa
   drift back to an optimistic guess, which is what makes the decoder probe a longer draft now
   and then (one pass, which refreshes the estimate) instead of never learning that the text
   became predictable. Exactness does not depend on any of this: verification is unchanged.
-* **Warm-up.** Until every k has a verification and a drafting time, the decoder feeds the
-  largest k still missing one (the first passes feed all heads, which also measures the
+* **Warm-up.** Until every k has ``min_samples`` verification and drafting times, the decoder
+  feeds the largest k still missing one (the first passes feed all heads, which also measures the
   acceptance of every position), so a run tries each k once and then settles. Costs are a
   property of the machine and the model, so a :class:`~mtp_pretrain.inference.decode.Decoder`
   keeps its timings across ``generate`` calls (``measured``) and only its first batch warms up;
@@ -58,29 +58,32 @@ CostModel = Callable[[int, int], float]
 
 class DraftLengthController:
     def __init__(self, max_drafts: int, cost_model: Optional[CostModel] = None, acceptance_decay: float = 0.95,
-                 prior_weight: float = 0.5, cost_samples: int = 9, refresh_interval: int = 200,
+                 prior_weight: float = 0.5, cost_samples: int = 9, min_samples: int = 2, refresh_interval: int = 50,
                  measured: Optional[dict] = None):
         if max_drafts < 1:
             raise ValueError(f"max_drafts must be >= 1, got {max_drafts}")
-        if not 0 < acceptance_decay <= 1 or prior_weight <= 0 or cost_samples < 1 or refresh_interval < 1:
-            raise ValueError("need 0 < acceptance_decay <= 1, prior_weight > 0, cost_samples >= 1 and "
-                             "refresh_interval >= 1")
+        if (not 0 < acceptance_decay <= 1 or prior_weight <= 0 or not 1 <= min_samples <= cost_samples
+                or refresh_interval < 1):
+            raise ValueError("need 0 < acceptance_decay <= 1, prior_weight > 0, 1 <= min_samples <= cost_samples "
+                             "and refresh_interval >= 1")
         self.max_drafts = max_drafts
         self.cost_model = cost_model
         self.decay, self.prior_weight = acceptance_decay, prior_weight
-        self.cost_samples, self.refresh_interval = cost_samples, refresh_interval
+        self.cost_samples, self.min_samples, self.refresh_interval = cost_samples, min_samples, refresh_interval
+        self._last_choice: Optional[int] = None
         # Decayed counts per draft position j = 1..K (index j-1): sequences whose accepted
         # prefix reached j-1 in a pass that fed j, and those among them that accepted j.
         self.reached = [0.0] * max_drafts
         self.accepted = [0.0] * max_drafts
         self._per_row: dict[int, tuple[list[float], list[float]]] = {}  # row -> (reached, accepted)
         self.row_prior_weight = 2.0  # pseudo-passes of the batch estimate in a row's estimate
-        # Shared with earlier runs when given: "passes" (verification passes timed so far),
-        # "timed" (the pass at which each k was last timed), and per batch size, per phase, the
-        # last samples per k (seconds).
+        # Shared with earlier runs when given: "passes" (verification passes timed so far), per
+        # phase "timed" (the pass at which each k was last timed) and "count" (samples taken),
+        # and per batch size, per phase, the last samples per k (seconds).
         self._measured = {} if measured is None else measured
         self._measured.setdefault("passes", 0)
-        self._measured.setdefault("timed", [None] * (max_drafts + 1))
+        self._measured.setdefault("timed", {p: [None] * (max_drafts + 1) for p in ("verify", "draft")})
+        self._measured.setdefault("count", {p: [0] * (max_drafts + 1) for p in ("verify", "draft")})
         self._costs: dict[int, dict[str, list[list[float]]]] = self._measured.setdefault("by_batch_size", {})
 
     # -- observations ---------------------------------------------------------------------------
@@ -117,8 +120,8 @@ class DraftLengthController:
         samples = table[phase][k]
         samples.append(seconds)
         del samples[: -self.cost_samples]
-        if phase == "verify":
-            self._measured["timed"][k] = self._measured["passes"]
+        self._measured["timed"][phase][k] = self._measured["passes"]
+        self._measured["count"][phase][k] += 1
 
     def _estimate(self, batch_size: int, phase: str, k: int) -> Optional[float]:
         samples = self._costs[batch_size][phase][k] if batch_size in self._costs else []
@@ -183,15 +186,29 @@ class DraftLengthController:
         """The number of drafts to propose for the next pass; ``rows`` (ids of the active
         sequences) with ``remaining`` (tokens each may still generate) minimise the batch's
         estimated time to finish, else the tokens per second of a typical sequence."""
+        self._last_choice = k = self._choose(batch_size, rows, remaining)
+        return k
+
+    def _choose(self, batch_size: int, rows, remaining) -> int:
         costs = self.costs(batch_size)
-        missing = [k for k, c in enumerate(costs) if c is None]
-        if missing:
-            return missing[-1]
         if self.cost_model is None:
-            passes, timed = self._measured["passes"], self._measured["timed"]
-            stale = [k for k in range(self.max_drafts + 1) if timed[k] is None or passes - timed[k] >= self.refresh_interval]
-            if stale:
-                return stale[-1]
+            count, timed, passes = self._measured["count"], self._measured["timed"], self._measured["passes"]
+            missing = [k for k in range(self.max_drafts + 1)
+                       if costs[k] is None or min(count["verify"][k], count["draft"][k]) < self.min_samples]
+            if missing:
+                return missing[-1]
+            last = self._last_choice
+
+            def stale(k: int) -> bool:
+                age = passes - min(timed["verify"][k], timed["draft"][k])
+                near = last is None or abs(k - last) <= 1
+                return age >= self.refresh_interval * (1 if near else 4)
+
+            if last is not None and stale(last):  # switched to it to time it, but its drafting was a catch-up
+                return last
+            refresh = [k for k in range(self.max_drafts + 1) if stale(k)]
+            if refresh:
+                return refresh[-1]
         ks = range(self.max_drafts + 1)
         if rows is None:
             gains = self.expected_tokens()
