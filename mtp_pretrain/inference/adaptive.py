@@ -31,8 +31,9 @@ sequences that accept them while the one that does not pays for them in every pa
   the times of the k not in use follow the machine's speed instead of keeping one unlucky sample.
 * **Acceptance.** Conditional acceptance c_j = P(draft j accepted | draft j-1 accepted), from
   decayed counts of the passes that fed position j (decay per pass, so acceptance is re-learned
-  as the text changes: indentation vs a new identifier), shrunk towards c_{j-1} (towards 1 for
-  j = 1) with a small pseudo-count; a_j = c_1 ... c_j. Per sequence the same counts are kept
+  as the text changes: indentation vs a new identifier), shrunk with a small pseudo-count
+  towards a prior: the acceptance the decoder's previous batch ended with (texts of one job
+  resemble each other), else c_{j-1} (1 for j = 1); a_j = c_1 ... c_j. Per sequence the same counts are kept
   and shrunk towards the batch's estimate (a sequence just started, or rarely fed, behaves like
   the batch). Positions not fed recently therefore
   drift back to an optimistic guess, which is what makes the decoder probe a longer draft now
@@ -58,8 +59,8 @@ CostModel = Callable[[int, int], float]
 
 class DraftLengthController:
     def __init__(self, max_drafts: int, cost_model: Optional[CostModel] = None, acceptance_decay: float = 0.95,
-                 prior_weight: float = 0.5, cost_samples: int = 9, min_samples: int = 2, refresh_interval: int = 50,
-                 measured: Optional[dict] = None):
+                 prior_weight: float = 0.5, cost_samples: int = 9, min_samples: int = 2, refresh_interval: int = 100,
+                 measured: Optional[dict] = None, acceptance_prior: Optional[Sequence[float]] = None):
         if max_drafts < 1:
             raise ValueError(f"max_drafts must be >= 1, got {max_drafts}")
         if (not 0 < acceptance_decay <= 1 or prior_weight <= 0 or not 1 <= min_samples <= cost_samples
@@ -68,6 +69,7 @@ class DraftLengthController:
                              "and refresh_interval >= 1")
         self.max_drafts = max_drafts
         self.cost_model = cost_model
+        self.acceptance_prior = list(acceptance_prior) if acceptance_prior is not None else None
         self.decay, self.prior_weight = acceptance_decay, prior_weight
         self.cost_samples, self.min_samples, self.refresh_interval = cost_samples, min_samples, refresh_interval
         self._last_choice: Optional[int] = None
@@ -132,8 +134,9 @@ class DraftLengthController:
     def conditional_acceptance(self) -> list[float]:
         """c_j for j = 1..K, shrunk towards c_{j-1} (1 for j = 1) by ``prior_weight`` pseudo-passes."""
         out, prev = [], 1.0
-        for r, a in zip(self.reached, self.accepted):
-            prev = (a + self.prior_weight * prev) / (r + self.prior_weight)
+        for j, (r, a) in enumerate(zip(self.reached, self.accepted)):
+            prior = self.acceptance_prior[j] if self.acceptance_prior is not None else prev
+            prev = (a + self.prior_weight * prior) / (r + self.prior_weight)
             out.append(prev)
         return out
 

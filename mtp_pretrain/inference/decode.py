@@ -176,6 +176,7 @@ class Decoder:
         self.model = model.eval()
         self.cost_model = cost_model
         self._pass_times: dict[int, dict] = {}  # max drafts -> measured pass costs, kept across calls
+        self._acceptance: dict[int, list[float]] = {}  # max drafts -> the last batch's acceptance
         self.cfg = model.cfg
         self.n = model.n_future
         self.device = next(model.parameters()).device
@@ -206,7 +207,8 @@ class Decoder:
         controller = None
         if cfg.adaptive and max_drafts:
             controller = DraftLengthController(max_drafts, self.cost_model,
-                                               measured=self._pass_times.setdefault(max_drafts, {}))
+                                               measured=self._pass_times.setdefault(max_drafts, {}),
+                                               acceptance_prior=self._acceptance.get(max_drafts))
         step_tokens = tree.size if tree is not None else max_drafts + 1
         capacity = max(len(p) for p in prompts) + cfg.max_new_tokens + step_tokens + 2 * self.n + 2
         self.cache = KVCache(B, capacity, self.dtype, self.device)
@@ -254,6 +256,8 @@ class Decoder:
             stats.head_passes += self._draft(st, drafted, width, cfg, gen)
             if controller is not None and not catch_up:
                 controller.record_drafting(drafted, len(active), time.perf_counter() - t_decided)
+        if controller is not None:
+            self._acceptance[max_drafts] = controller.conditional_acceptance()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         stats.wall_time_s = time.perf_counter() - t0
