@@ -33,7 +33,8 @@ sequences that accept them while the one that does not pays for them in every pa
   decayed counts of the passes that fed position j (decay per pass, so acceptance is re-learned
   as the text changes: indentation vs a new identifier), shrunk with a small pseudo-count
   towards a prior: the acceptance the decoder's previous batch ended with (texts of one job
-  resemble each other) but at least c_{j-1}, else c_{j-1} (1 for j = 1); a_j = c_1 ... c_j. Per sequence the same counts are kept
+  resemble each other), raised by as much as this batch's c_{j-1} exceeds the previous one's,
+  else c_{j-1} (1 for j = 1); a_j = c_1 ... c_j. Per sequence the same counts are kept
   and shrunk towards the batch's estimate (a sequence just started, or rarely fed, behaves like
   the batch). Positions not fed recently therefore
   drift back to an optimistic guess, which is what makes the decoder probe a longer draft now
@@ -133,12 +134,16 @@ class DraftLengthController:
 
     def conditional_acceptance(self) -> list[float]:
         """c_j for j = 1..K, shrunk towards c_{j-1} (1 for j = 1) by ``prior_weight`` pseudo-passes."""
-        out, prev = [], 1.0
+        out, prev, shift = [], 1.0, 0.0
         for j, (r, a) in enumerate(zip(self.reached, self.accepted)):
-            # The previous batch's acceptance, but never below this batch's at the position
-            # before: a text that turned predictable gets its longer drafts tried.
-            prior = max(self.acceptance_prior[j], prev) if self.acceptance_prior is not None else prev
+            prior = prev
+            if self.acceptance_prior is not None:
+                # The previous batch's acceptance, raised by as much as this batch accepts more
+                # at the position before: a text that turned predictable gets longer drafts tried.
+                prior = min(1.0, self.acceptance_prior[j] + max(shift, 0.0))
             prev = (a + self.prior_weight * prior) / (r + self.prior_weight)
+            if self.acceptance_prior is not None:
+                shift = prev - self.acceptance_prior[j]
             out.append(prev)
         return out
 
