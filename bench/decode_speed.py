@@ -1,4 +1,4 @@
-"""Decoding speed: greedy vs self-speculative vs tree decoding, on held-out code and text.
+"""Decoding speed: greedy vs self-speculative (fixed and adaptive draft length) vs tree decoding.
 
     .venv/bin/python bench/decode_speed.py                       # newest runs/*/checkpoints
     .venv/bin/python bench/decode_speed.py --checkpoint runs/X/checkpoints --batch-sizes 1 8
@@ -8,13 +8,17 @@
 
 Prompts are the first ``--num-prompts`` windows of ``--prompt-len`` tokens of the *val* split of
 each data set (``data/default/code``, ``data/default/text``), or the lines of ``--prompts``. For
-every data set and batch size the three modes decode the same prompts (``--max-new-tokens``,
-EOS ignored so every mode generates the same number of tokens); reported: tokens/s, mean
-accepted tokens per forward pass, acceptance rate per draft position, speedup over greedy, and
-``exact``: self-speculative and tree outputs are identical to greedy's, token for token, and
-``pass_cost``: what one speculative pass costs in greedy passes (at batch 1, speedup =
-accepted_per_forward / pass_cost, so it says how many accepted tokens a pass must bring to pay
-for itself). The last line of output is one JSON object with all of it.
+every data set and batch size the decoders -- greedy, self-speculative with a fixed number of
+drafts k = 1..n-1 (``fixed_k``), self-speculative with ``num_drafts="auto"`` (``auto``: k chosen
+per pass from measured cost and acceptance) and tree -- decode the same prompts
+(``--max-new-tokens``, EOS ignored so every mode generates the same number of tokens); reported:
+tokens/s, mean accepted tokens per forward pass, acceptance rate per draft position, speedup over
+greedy (``speedup_auto``, ``speedup_fixed``; ``speedup_self_speculative`` is fixed k =
+``--num-drafts``, default n-1), the drafts ``auto`` fed per pass (a histogram), and ``exact``:
+every speculative output is identical to greedy's, token for token, and ``pass_cost``: what one
+speculative pass costs in greedy passes (at batch 1, speedup = accepted_per_forward / pass_cost,
+so it says how many accepted tokens a pass must bring to pay for itself). The last line of
+output is one JSON object with all of it.
 
 A random-init model's heads do not agree, so it accepts ~1 token per pass and speculative modes
 are *slower* than greedy (they run the extra heads for nothing): use it only to check that the
@@ -30,6 +34,7 @@ speculative pass changes with model size on this machine.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import glob
 import json
 import os
@@ -42,7 +47,17 @@ import torch.nn.functional as F
 
 from mtp_pretrain.inference import Decoder, GenerationConfig, RunStats
 
-MODES = ("greedy", "self_speculative", "tree")
+def decoder_configs(n_future: int, max_new_tokens: int, widths, tree: bool = True) -> dict[str, GenerationConfig]:
+    """greedy, fixed_1..fixed_{n-1}, auto, tree: the decoders every data set and batch size runs."""
+    configs = {"greedy": GenerationConfig(mode="greedy", max_new_tokens=max_new_tokens)}
+    for k in range(1, n_future):
+        configs[f"fixed_{k}"] = GenerationConfig(mode="self_speculative", max_new_tokens=max_new_tokens, num_drafts=k)
+    if n_future > 1:
+        configs["auto"] = GenerationConfig(mode="self_speculative", max_new_tokens=max_new_tokens, num_drafts="auto")
+    if n_future > 1 and tree:
+        configs["tree"] = GenerationConfig(mode="tree", max_new_tokens=max_new_tokens, tree_widths=widths,
+                                           num_drafts=None)
+    return configs
 
 
 def newest_checkpoint_dir() -> str | None:
@@ -114,6 +129,7 @@ def run_modes(decoder, prompts, batch_size, configs: dict[str, GenerationConfig]
                     total.sequences += res.stats.sequences
                     total.forward_passes += res.stats.forward_passes
                     total.head_passes += res.stats.head_passes
+                    total.draft_lengths += res.stats.draft_lengths
                 total.wall_time_s += res.stats.wall_time_s / repeats
     return tokens, {m: t.to_dict() for m, t in totals.items()}
 
@@ -201,11 +217,13 @@ def main(argv=None) -> None:
     ap.add_argument("--max-new-tokens", type=int, default=256)
     ap.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     ap.add_argument("--tree-widths", default="3,2,1")
-    ap.add_argument("--num-drafts", type=int, default=None, help="draft with heads 2..K+1 only (default: all)")
+    ap.add_argument("--num-drafts", type=int, default=None,
+                    help="the fixed k reported as speedup_self_speculative and timed piece by piece (default: n-1)")
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--repeats", type=int, default=2, help="timing rounds (modes take turns batch by batch)")
+    ap.add_argument("--no-tree", action="store_true", help="leave tree mode out (the slowest mode on a CPU)")
     ap.add_argument("--breakdown-only", action="store_true",
                     help="only time the pieces of a greedy and a speculative pass (any model, even random)")
     args = ap.parse_args(argv)
@@ -253,10 +271,11 @@ def main(argv=None) -> None:
         return
     print(f"model: {source}; n_future={model.n_future} head_type={model.cfg.head_type}; "
           f"threads={torch.get_num_threads()}", flush=True)
-    # Warm-up: first calls pay for allocator and kernel selection.
-    for mode in MODES:
-        decoder.generate(next(iter(datasets.values()))[:1], GenerationConfig(
-            mode=mode, max_new_tokens=8, tree_widths=widths, num_drafts=None if mode == "greedy" else args.num_drafts))
+    configs = decoder_configs(model.n_future, args.max_new_tokens, widths, tree=not args.no_tree)
+    fixed = f"fixed_{k}"
+    # Warm-up: first calls pay for allocator and kernel selection (auto also times its passes).
+    for config in configs.values():
+        decoder.generate(next(iter(datasets.values()))[:1], dataclasses.replace(config, max_new_tokens=8))
 
     summary = {"exact": True, "exact_across_batch_sizes": True, "model": source, "threads": torch.get_num_threads(),
                "num_drafts": k, "max_new_tokens": args.max_new_tokens, "pass_breakdown_us": breakdown, "results": {}}
@@ -264,35 +283,50 @@ def main(argv=None) -> None:
         summary["results"][name] = {}
         greedy_by_bs = []
         for bs in args.batch_sizes:
-            configs = {mode: GenerationConfig(mode=mode, max_new_tokens=args.max_new_tokens, tree_widths=widths,
-                                              num_drafts=None if mode == "greedy" else args.num_drafts)
-                       for mode in MODES}
             outputs, rows = run_modes(decoder, prompts, bs, configs, args.repeats)
-            for mode in MODES:
-                print(f"{name} bs={bs} {mode:17s} {json.dumps(rows[mode])}", flush=True)
-            exact = all(outputs[m] == outputs["greedy"] for m in MODES)
+            for mode in configs:  # the per-pass draft lengths go into the summary as a histogram
+                shown = {key: v for key, v in rows[mode].items() if key != "draft_lengths"}
+                print(f"{name} bs={bs} {mode:8s} {json.dumps(shown)}", flush=True)
+            exact = all(outputs[m] == outputs["greedy"] for m in configs)
             greedy_by_bs.append(outputs["greedy"])
             base = rows["greedy"]["tokens_per_s"] or float("nan")
+            speedup = {m: round(rows[m]["tokens_per_s"] / base, 3) for m in configs}
             # speedup = accepted_per_forward / pass_cost: what a speculative pass costs in greedy passes.
-            ms_per_pass = {m: 1e3 * rows[m]["wall_time_s"] / max(rows[m]["forward_passes"], 1) for m in MODES}
+            ms_per_pass = {m: 1e3 * rows[m]["wall_time_s"] / max(rows[m]["forward_passes"], 1) for m in configs}
+            fixed_speedups = {m.split("_")[1]: speedup[m] for m in configs if m.startswith("fixed_")}
+            best_k = max(fixed_speedups, key=fixed_speedups.get)
             entry = {
                 "exact": exact,
-                "accepted_per_forward": rows["self_speculative"]["accepted_per_forward"],
-                "accepted_per_forward_tree": rows["tree"]["accepted_per_forward"],
-                "speedup_self_speculative": round(rows["self_speculative"]["tokens_per_s"] / base, 3),
-                "speedup_tree": round(rows["tree"]["tokens_per_s"] / base, 3),
-                "tokens_per_s": {m: rows[m]["tokens_per_s"] for m in MODES},
-                "ms_per_forward": {m: round(ms_per_pass[m], 3) for m in MODES},
-                "pass_cost_self_speculative": round(ms_per_pass["self_speculative"] / ms_per_pass["greedy"], 3),
-                "pass_cost_tree": round(ms_per_pass["tree"] / ms_per_pass["greedy"], 3),
-                "acceptance_rate_per_position": {m: rows[m]["acceptance_rate_per_position"] for m in MODES[1:]},
+                "accepted_per_forward": rows[fixed]["accepted_per_forward"],
+                "accepted_per_forward_auto": rows["auto"]["accepted_per_forward"],
+                "speedup_self_speculative": speedup[fixed],
+                "speedup_auto": speedup["auto"],
+                "speedup_fixed": fixed_speedups,
+                "best_fixed_k": int(best_k),
+                "auto_minus_best_fixed": round(speedup["auto"] - fixed_speedups[best_k], 3),
+                "auto_draft_lengths": {str(j): rows["auto"]["draft_lengths"].count(j) for j in range(model.n_future)},
+                "tokens_per_s": {m: rows[m]["tokens_per_s"] for m in configs},
+                "ms_per_forward": {m: round(ms_per_pass[m], 3) for m in configs},
+                "pass_cost_self_speculative": round(ms_per_pass[fixed] / ms_per_pass["greedy"], 3),
+                "pass_cost_fixed": {m.split("_")[1]: round(ms_per_pass[m] / ms_per_pass["greedy"], 3)
+                                    for m in configs if m.startswith("fixed_")},
+                "acceptance_rate_per_position": {"self_speculative": rows[fixed]["acceptance_rate_per_position"],
+                                                 "auto": rows["auto"]["acceptance_rate_per_position"]},
             }
+            if "tree" in configs:
+                entry.update(accepted_per_forward_tree=rows["tree"]["accepted_per_forward"],
+                             speedup_tree=speedup["tree"],
+                             pass_cost_tree=round(ms_per_pass["tree"] / ms_per_pass["greedy"], 3))
+                entry["acceptance_rate_per_position"]["tree"] = rows["tree"]["acceptance_rate_per_position"]
             summary["results"][name][str(bs)] = entry
             summary["exact"] &= exact
-            print(f"{name} bs={bs}: exact={exact} accepted/forward={entry['accepted_per_forward']} "
-                  f"(tree {entry['accepted_per_forward_tree']}) speedup self_speculative="
-                  f"{entry['speedup_self_speculative']} tree={entry['speedup_tree']}; a pass costs "
-                  f"{entry['pass_cost_self_speculative']} / {entry['pass_cost_tree']} greedy passes", flush=True)
+            summary["min_speedup_auto"] = min(summary.get("min_speedup_auto", float("inf")), entry["speedup_auto"])
+            summary["min_auto_minus_best_fixed"] = min(summary.get("min_auto_minus_best_fixed", float("inf")),
+                                                       entry["auto_minus_best_fixed"])
+            print(f"{name} bs={bs}: exact={exact} speedup auto={entry['speedup_auto']} fixed k="
+                  f"{fixed_speedups} tree={entry.get('speedup_tree')}; auto fed k per pass "
+                  f"{entry['auto_draft_lengths']}; accepted/forward {entry['accepted_per_forward']} "
+                  f"(k={k}), pass cost {entry['pass_cost_fixed']} greedy passes", flush=True)
         summary["exact_across_batch_sizes"] &= all(g == greedy_by_bs[0] for g in greedy_by_bs)
         if tokenizer is not None:
             sample = tokenizer.decode(greedy_by_bs[0][0][:48])

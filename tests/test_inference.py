@@ -153,7 +153,8 @@ def test_trained_model_accepts_drafts_and_stays_exact(trained):
     greedy = run_batched(model, prompts, 8, mode="greedy", max_new_tokens=40)
     assert greedy == [full_recompute_greedy(model, p, 40) for p in prompts]
     for mode in SPEC_MODES:
-        results = {bs: [generate(model, prompts[i: i + bs], mode=mode, max_new_tokens=40)
+        # All drafting heads every pass (auto's choice would depend on this machine's timings).
+        results = {bs: [generate(model, prompts[i: i + bs], mode=mode, max_new_tokens=40, num_drafts=None)
                         for i in range(0, len(prompts), bs)] for bs in (1, 8)}
         for bs, runs in results.items():
             assert [t for r in runs for t in r.tokens] == greedy, (mode, bs)
@@ -179,7 +180,8 @@ def test_fewer_drafting_heads_stay_exact(trained, head_type):
             assert len(res.stats.acceptance_rate_per_position()) == k
             assert res.stats.accepted_per_forward <= k + 1
             if head_type == "causal":
-                assert res.stats.head_passes == k * res.stats.forward_passes
+                # drafting after the prompt pass and every pass but the last (nothing left to draft for)
+                assert res.stats.head_passes == k * (res.stats.forward_passes - 1)
     with pytest.raises(ValueError, match="num_drafts=4.*3 drafting heads"):
         generate(model, prompts, mode="self_speculative", max_new_tokens=4, num_drafts=4)
     with pytest.raises(ValueError, match="num_drafts must be >= 1"):
@@ -204,11 +206,164 @@ def test_causal_heads_speculative_trained():
     model, cycle = train_repetitive("causal", n=3, steps=80, seed=1)
     prompts = cycle_prompts(cycle)
     greedy = generate(model, prompts, mode="greedy", max_new_tokens=24)
-    spec = generate(model, prompts, mode="self_speculative", max_new_tokens=24)
+    spec = generate(model, prompts, mode="self_speculative", max_new_tokens=24, num_drafts=None)
     assert spec.tokens == greedy.tokens
     assert run_batched(model, prompts, 1, mode="self_speculative", max_new_tokens=24) == greedy.tokens
     assert spec.stats.accepted_per_forward > 1.5, spec.stats.to_dict()
-    assert spec.stats.head_passes == 2 * spec.stats.forward_passes  # heads 2, 3 draft in sequence
+    assert spec.stats.head_passes == 2 * (spec.stats.forward_passes - 1)  # heads 2, 3 draft in sequence
+
+
+# -- adaptive draft length (num_drafts="auto") --------------------------------------------------------
+
+
+class ShuffledCosts:
+    """A cost model that makes every pass's choice a pseudo-random k (it only ranks k; the
+    acceptance estimate cannot overrule a 100x cost gap): exercises every switch of draft
+    length, heads that catch up after being skipped included."""
+
+    def __init__(self, max_drafts: int, seed: int = 0):
+        self.max_drafts, self.g = max_drafts, torch.Generator().manual_seed(seed)
+        self.calls = 0
+
+    def __call__(self, k: int, batch_size: int) -> float:
+        if k == 0:
+            self.calls += 1
+            self.pick = int(torch.randint(0, self.max_drafts + 1, (1,), generator=self.g))
+        return 1.0 if k == self.pick else 100.0
+
+
+def assert_switches_both_ways(draft_lengths: list[int]) -> None:
+    ups = sum(b > a for a, b in zip(draft_lengths, draft_lengths[1:]))
+    downs = sum(b < a for a, b in zip(draft_lengths, draft_lengths[1:]))
+    assert ups >= 2 and downs >= 2 and 0 in draft_lengths, draft_lengths
+
+
+@pytest.mark.parametrize("head_type", HEAD_TYPES)
+def test_auto_draft_length_equals_greedy(head_type):
+    """num_drafts='auto' (measured costs, and a schedule that switches k at random) is greedy
+    token for token: batch 1 and 8, ragged prompts, EOS mid-batch."""
+    model = random_model(head_type)
+    prompts = ragged_prompts()
+    greedy = run_batched(model, prompts, 8, mode="greedy", max_new_tokens=20)
+    eos = eos_hit_mid_batch(greedy)
+    greedy_eos = run_batched(model, prompts, 8, mode="greedy", max_new_tokens=20, eos_id=eos)
+    assert any(len(o) < 20 for o in greedy_eos) and any(len(o) == 20 for o in greedy_eos)
+    for costs in (None, ShuffledCosts(3)):
+        decoder = Decoder(model, cost_model=costs)
+        for bs in (1, 8):
+            for eos_id, reference in ((None, greedy), (eos, greedy_eos)):
+                config = GenerationConfig(mode="self_speculative", max_new_tokens=20, eos_id=eos_id)
+                runs = [decoder.generate(prompts[i: i + bs], config) for i in range(0, len(prompts), bs)]
+                assert [t for r in runs for t in r.tokens] == reference, (costs, bs, eos_id)
+                lengths = [k for r in runs for k in r.stats.draft_lengths]
+                assert len(lengths) == sum(r.stats.forward_passes - 1 for r in runs)
+                assert set(lengths) <= {0, 1, 2, 3}
+        if costs is not None:
+            assert_switches_both_ways(runs[0].stats.draft_lengths)
+
+
+def test_auto_trained_model_stays_exact(trained):
+    model, cycle = trained
+    prompts = cycle_prompts(cycle)
+    greedy = generate(model, prompts, mode="greedy", max_new_tokens=40).tokens
+    for costs in (None, ShuffledCosts(3, seed=1)):
+        for bs in (1, 8):
+            decoder = Decoder(model, cost_model=costs)
+            config = GenerationConfig(mode="self_speculative", max_new_tokens=40)
+            runs = [decoder.generate(prompts[i: i + bs], config) for i in range(0, len(prompts), bs)]
+            assert [t for r in runs for t in r.tokens] == greedy, (costs, bs)
+    assert runs[0].stats.accepted_per_forward > 1.5  # drafts are accepted across the switches
+    assert_switches_both_ways(runs[0].stats.draft_lengths)
+
+
+def test_forced_cost_model_gives_expected_draft_length(trained):
+    """With pass costs forced by the hook, the decoder feeds the k that maximises expected
+    tokens per cost: all heads when drafts are free, none when they cost 10 passes each, and
+    one draft when head 3 is useless (its drafts are never accepted) and drafts cost 0.3 pass."""
+    import copy
+
+    model, cycle = trained
+    prompts = cycle_prompts(cycle)
+    config = GenerationConfig(mode="self_speculative", max_new_tokens=40)
+    free = Decoder(model, cost_model=lambda k, b: 1.0).generate(prompts, config)
+    assert set(free.stats.draft_lengths) == {3}
+    dear = Decoder(model, cost_model=lambda k, b: 1.0 + 10 * k).generate(prompts, config)
+    assert set(dear.stats.draft_lengths) == {0} and dear.stats.accepted_per_forward == 1.0
+    model = copy.deepcopy(model)
+    with torch.no_grad():
+        model.heads[2].norm.weight.zero_()  # head 3's logits all 0: it always drafts token 0
+    assert 0 not in cycle
+    res = Decoder(model, cost_model=lambda k, b: 1.0 + 0.3 * k).generate(prompts, config)
+    # The first pass feeds all heads (nothing measured: acceptance 1 assumed); once head 3's
+    # drafts are seen rejected, one draft per pass is best: (1 + c1) / 1.3 with c1 > 0.5.
+    assert res.stats.draft_lengths[0] == 3 and set(res.stats.draft_lengths[1:]) == {1}, res.stats.draft_lengths
+    assert res.tokens == generate(model, prompts, mode="greedy", max_new_tokens=40).tokens
+
+
+def test_draft_length_controller_decision():
+    """The decision rule on hand-computed numbers: measured costs per batch size (with the
+    rescaled fallback), decayed acceptance, warm-up order."""
+    from mtp_pretrain.inference.adaptive import DraftLengthController
+
+    ctl = DraftLengthController(3, acceptance_decay=1.0, prior_weight=1e-9, min_samples=1)
+    assert ctl.choose(8) == 3  # warm-up: the largest k not timed yet
+    # 10 sequences fed 3 drafts: accepted 0, 1, 2, 3 drafts by 4, 2, 2, 2 of them
+    ctl.record_verification(3, 10, 0.0, [0] * 4 + [1] * 2 + [2] * 2 + [3] * 2)
+    c = ctl.conditional_acceptance()
+    assert c == pytest.approx([6 / 10, 4 / 6, 2 / 4])
+    assert ctl.expected_tokens() == pytest.approx([1.0, 1.6, 2.0, 2.2])
+    for k, (verify, draft) in enumerate([(1.0, 0.0), (1.2, 0.2), (1.5, 0.3), (1.8, 0.4)]):
+        ctl.record_verification(k, 8, verify, [])
+        ctl.record_drafting(k, 8, draft)
+    # tokens per second: 1/1, 1.6/1.4, 2.0/1.8, 2.2/2.2 -> k = 1
+    assert ctl.costs(8) == pytest.approx([1.0, 1.4, 1.8, 2.2])
+    assert ctl.choose(8) == 1
+    # Batch 4 has only k = 0 timed, at half the batch-8 time: the others are rescaled by 1/2.
+    ctl.record_verification(0, 4, 0.5, [])
+    ctl.record_drafting(0, 4, 0.0)
+    assert ctl.costs(4) == pytest.approx([0.5, 0.7, 0.9, 1.1])
+    # A preempted pass (10x slower) does not move the lower quartile of the last samples.
+    for seconds in (1.2, 12.0, 1.2, 1.2):
+        ctl.record_verification(1, 8, seconds, [])
+    assert ctl.costs(8)[1] == pytest.approx(1.4) and ctl.choose(8) == 1
+    # A k next to the one in use (1) not timed for refresh_interval passes is timed again (the
+    # largest first), the others after 4x as long.
+    for _ in range(ctl.refresh_interval - 4):
+        ctl.record_verification(1, 8, 1.2, [])
+        ctl.record_drafting(1, 8, 0.2)
+    assert ctl.choose(8) == 2
+    ctl.record_verification(2, 8, 1.5, [])
+    assert ctl.choose(8) == 2  # its drafting not timed again yet (a switch to a longer draft catches up)
+    ctl.record_drafting(2, 8, 0.3)
+    assert ctl.choose(8) == 3  # now next to 2, and stale
+    ctl.record_verification(3, 8, 1.8, [])
+    ctl.record_drafting(3, 8, 0.4)
+    assert ctl.choose(8) == 1  # 0 is not next to 3: not stale for 4x longer
+    # Free drafting heads but slow verification of 3 drafts: k = 2 (2.0/1.5 > 2.2/1.8 > 1.6/1.2)
+    forced = DraftLengthController(3, cost_model=lambda k, b: [1.0, 1.2, 1.5, 1.8][k], acceptance_decay=1.0,
+                                   prior_weight=1e-9)
+    forced.record_verification(3, 10, 0.0, [0] * 4 + [1] * 2 + [2] * 2 + [3] * 2)
+    assert forced.choose(1) == 2
+
+
+def test_batch_draft_length_minimises_time_to_finish():
+    """In a batch, k minimises pass cost x passes the slowest sequence still needs: long drafts
+    while the sequence that rejects them has little left, none while it has much left."""
+    from mtp_pretrain.inference.adaptive import DraftLengthController
+
+    ctl = DraftLengthController(2, cost_model=lambda k, b: [1.0, 1.4, 1.9][k], acceptance_decay=1.0,
+                                prior_weight=1e-9)
+    for _ in range(10):  # sequence 0 accepts both drafts, sequence 1 none
+        ctl.record_verification(2, 2, 0.0, [2, 0], rows=[0, 1])
+    assert ctl.conditional_acceptance() == pytest.approx([0.5, 1.0])
+    # per sequence, shrunk to the batch by 2 pseudo-passes: c = (10 + 2 * 0.5) / 12, 1 and 1 / 12, 1
+    assert ctl.expected_tokens(0) == pytest.approx([1.0, 1 + 11 / 12, 1 + 22 / 12])
+    assert ctl.expected_tokens(1) == pytest.approx([1.0, 1 + 1 / 12, 1 + 2 / 12])
+    assert ctl.choose(2) == 1  # the typical sequence: 1.5 / 1.4 > 2.0 / 1.9 > 1 / 1
+    # time to finish: k=0: 10; k=1: 1.4 * 10 / (13 / 12) = 12.9; k=2: 1.9 * 10 / (14 / 12) = 16.3
+    assert ctl.choose(2, [0, 1], [10, 10]) == 0
+    # sequence 1 needs 1 more token: k=0: 10; k=1: 1.4 * 10 / (23 / 12) = 7.3; k=2: 1.9 * 10 / (34 / 12) = 6.7
+    assert ctl.choose(2, [0, 1], [10, 1]) == 2
 
 
 # -- the heads' caches: drafts are exactly what a full forward would propose ------------------------
@@ -216,36 +371,44 @@ def test_causal_heads_speculative_trained():
 
 @pytest.mark.parametrize("head_type", HEAD_TYPES)
 def test_drafts_equal_full_forward_drafts(head_type):
-    """After every step, heads 2..n's drafts at the last accepted position equal those of an
-    uncached forward of the accepted sequence: the heads' own caches hold exactly the accepted
-    positions (for causal heads: computed with the accepted tokens, not stale drafts)."""
+    """After every step, the drafts of heads 2..k+1 at the last accepted position equal those of
+    an uncached forward of the accepted sequence: the heads' own caches hold exactly the accepted
+    positions (for causal heads: computed with the accepted tokens, not stale drafts). Fixed
+    k = n-1, and an auto schedule switching k at random (heads skipped by short drafts catch up)."""
     model = random_model(head_type, n=4, logit_scale=40.0)
     checked = []
 
     class CheckingDecoder(Decoder):
-        def _causal_drafting(self, st, n_drafts, cfg, gen):
-            passes = super()._causal_drafting(st, n_drafts, cfg, gen)
-            for b in range(st.rows.numel()):
+        def _draft(self, st, k, width, cfg, gen):
+            passes = super()._draft(st, k, width, cfg, gen)
+            assert st.drafts.shape == (st.rows.numel(), k)
+            for b in range(st.rows.numel() if k else 0):
                 L = int(st.length[b])
                 seq = st.tokens[b, :L].tolist() + [int(st.next_token[b])] + st.drafts[b, :-1].tolist()
                 logits = model(torch.tensor([seq]), seq_len=L)
-                expected = [int(logits[i][0, L - 1].argmax()) for i in range(1, model.n_future)]
+                expected = [int(logits[i][0, L - 1].argmax()) for i in range(1, k + 1)]
                 assert st.drafts[b].tolist() == expected
-                checked.append(b)
+                checked.append(k)
             return passes
 
     prompts = ragged_prompts(4)
-    out = CheckingDecoder(model).generate(prompts, GenerationConfig(mode="self_speculative", max_new_tokens=12))
-    assert out.tokens == [full_recompute_greedy(model, p, 12) for p in prompts]
-    assert len(checked) >= 4 * 3
-    # Sequences stopping at EOS leave the batch (and the caches, stacked heads' copies included):
-    # the remaining ones still draft from exactly their own positions.
-    eos = eos_hit_mid_batch(out.tokens)
-    checked.clear()
-    out = CheckingDecoder(model).generate(prompts, GenerationConfig(mode="self_speculative", max_new_tokens=12,
-                                                                    eos_id=eos))
-    assert out.tokens == [full_recompute_greedy(model, p, 12, eos) for p in prompts]
-    assert min(map(len, out.tokens)) < 12 and max(map(len, out.tokens)) == 12
+    for costs, num_drafts in ((None, None), (ShuffledCosts(3, seed=2), "auto")):
+        config = GenerationConfig(mode="self_speculative", max_new_tokens=12, num_drafts=num_drafts)
+        checked.clear()
+        out = CheckingDecoder(model, cost_model=costs).generate(prompts, config)
+        assert out.tokens == [full_recompute_greedy(model, p, 12) for p in prompts]
+        assert len(checked) >= 4 * 3
+        if costs is not None:
+            assert_switches_both_ways(out.stats.draft_lengths)
+        # Sequences stopping at EOS leave the batch (and the caches, stacked heads' copies
+        # included): the remaining ones still draft from exactly their own positions.
+        eos = eos_hit_mid_batch(out.tokens)
+        checked.clear()
+        config = GenerationConfig(mode="self_speculative", max_new_tokens=12, eos_id=eos, num_drafts=num_drafts)
+        out = CheckingDecoder(model, cost_model=costs).generate(prompts, config)
+        assert out.tokens == [full_recompute_greedy(model, p, 12, eos) for p in prompts]
+        assert min(map(len, out.tokens)) < 12 and max(map(len, out.tokens)) == 12
+        assert len(checked) >= 4 * 3
 
 
 @pytest.mark.parametrize("head_type", ("transformer", "linear"))
@@ -270,7 +433,7 @@ def test_decoder_restacks_heads_after_weight_update(trained):
     model = copy.deepcopy(model)
     decoder = Decoder(model)
     prompts = cycle_prompts(cycle)
-    config = GenerationConfig(mode="self_speculative", max_new_tokens=20)
+    config = GenerationConfig(mode="self_speculative", max_new_tokens=20, num_drafts=None)
     before = decoder.generate(prompts, config).stats.acceptance_rate_per_position()
     with torch.no_grad():
         model.heads[1].norm.weight.zero_()  # head 2's logits all 0: it always drafts token 0
@@ -422,7 +585,8 @@ def test_speculative_sampling_is_exact_in_distribution(head_type):
     assert 0.5 * float((p2[x1] - draft2).abs().sum()) > 0.1
 
     for mode in ("sample", "self_speculative"):
-        res = generate(model, [prompt] * N, mode=mode, max_new_tokens=3, temperature=temp, top_p=top_p, seed=7)
+        res = generate(model, [prompt] * N, mode=mode, max_new_tokens=3, temperature=temp, top_p=top_p, seed=7,
+                       **({} if mode == "sample" else {"num_drafts": None}))  # drafts every pass
         toks = torch.tensor(res.tokens)
         assert toks.shape == (N, 3)
         c12 = torch.bincount(toks[:, 0] * V + toks[:, 1], minlength=V * V).float()
@@ -496,6 +660,10 @@ def test_cli_json(tmp_path, capsys):
         assert r["text"] == tok.decode(r["token_ids"])
         assert r["stats"]["tokens_generated"] == len(r["token_ids"])
         assert r["run"]["mode"] == "self_speculative"
+        assert len(r["run"]["draft_lengths"]) == r["run"]["forward_passes"] - 1  # auto: k fed per pass
+    with pytest.raises(SystemExit):
+        cli.parse_args([str(path), "--num-drafts", "some"])
+    assert cli.parse_args([str(path), "--num-drafts", "2"]).num_drafts == 2
 
     cli.main([str(path), "--prompt", "hi", "--max-new-tokens", "3"])
     text = capsys.readouterr().out
@@ -522,6 +690,49 @@ def test_decode_speed_bench_runs(tmp_path, capsys):
     for bs in ("1", "2"):
         entry = summary["results"]["prompts"][bs]
         assert entry["exact"] and entry["accepted_per_forward"] >= 1.0
-        for key in ("speedup_self_speculative", "speedup_tree", "pass_cost_self_speculative"):
+        for key in ("speedup_self_speculative", "speedup_tree", "speedup_auto", "pass_cost_self_speculative"):
             assert entry[key] > 0
+        assert set(entry["speedup_fixed"]) == {"1", "2", "3"} and entry["best_fixed_k"] in (1, 2, 3)
+        assert entry["speedup_self_speculative"] == entry["speedup_fixed"]["2"]
+        assert sum(entry["auto_draft_lengths"].values()) > 0
         assert len(entry["acceptance_rate_per_position"]["self_speculative"]) == 2
+        assert len(entry["acceptance_rate_per_position"]["auto"]) == 3
+    assert summary["min_speedup_auto"] == min(summary["results"]["prompts"][bs]["speedup_auto"] for bs in ("1", "2"))
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_tp_checkpoint_decodes_on_one_process(tmp_path, capsys):
+    """A checkpoint written by pure ``tp`` on 2 ranks (DTensor shards of every projection and of
+    the unembedding) loads into the single-process decoder: its weights are those of the same
+    training on one process, and cached greedy, auto and mtp-generate decode it exactly."""
+    from pathlib import Path
+
+    from conftest import launch_worker
+    from mtp_pretrain.data.synthetic import write_random_dataset
+    from mtp_pretrain.export import load_model
+    from mtp_pretrain.inference import cli
+
+    data = tmp_path / "data"
+    write_random_dataset(data, {"train": 50_000, "val": 5_000}, seed=0)
+    base = [f"data.sources=[{{path:{data},weight:1.0}}]", "data.seq_len=32", "data.prefetch=0", "model=tiny",
+            "model.vocab_size=512", "model.dim=64", "model.n_future=3", "train.micro_batch_size=4",
+            "train.global_batch_tokens=256", "train.max_steps=3", "train.dtype=float32", "train.device=cpu",
+            "train.resume=never", "optim.lr=1e-3", "optim.warmup_steps=1", "checkpoint.interval=0"]
+    tp = launch_worker(tmp_path / "tp", 2, [{"name": "tp", "overrides": base + ["parallel=tp"]}])["tp"]
+    one = launch_worker(tmp_path / "one", 1, [{"name": "one", "overrides": base}])["one"]
+    model, _ = load_model(Path(tp["dir"]) / "checkpoints")
+    reference, _ = load_model(Path(one["dir"]) / "checkpoints")
+    params, ref_params = model.state_dict(), reference.state_dict()
+    assert params.keys() == ref_params.keys()
+    for name in params:
+        torch.testing.assert_close(params[name], ref_params[name], atol=1e-4, rtol=0, msg=name)
+    prompts = ragged_prompts(4, vocab=512, seed=3)
+    greedy = generate(model, prompts, mode="greedy", max_new_tokens=8).tokens
+    assert greedy == [full_recompute_greedy(model, p, 8) for p in prompts]
+    assert generate(model, prompts, mode="self_speculative", max_new_tokens=8).tokens == greedy
+    model, tokenizer = load_model(Path(tp["dir"]) / "checkpoints")  # the tokenizer of the training data
+    cli.main([str(Path(tp["dir"]) / "checkpoints"), "--prompt", "def f(x):", "--mode", "self_speculative",
+              "--max-new-tokens", "8", "--no-eos", "--json"])
+    expected = generate(model, [tokenizer.encode("def f(x):")], mode="greedy", max_new_tokens=8).tokens[0]
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["token_ids"] == expected

@@ -70,6 +70,18 @@ def encode(prompt: str, tokenizer, prepend: str) -> list[int]:
     return ids
 
 
+def num_drafts_arg(value: str):
+    if value == "auto":
+        return value
+    try:
+        k = int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of drafts >= 1, got {value!r}")
+    if k < 1:
+        raise argparse.ArgumentTypeError(f"expected 'auto' or a number of drafts >= 1, got {k}")
+    return k
+
+
 def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(prog="mtp-generate", description=__doc__.split("\n\n")[0],
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -83,8 +95,9 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
                     help="sampling temperature (mode sample: default 1.0; self_speculative: >0 = speculative sampling)")
     ap.add_argument("--top-p", type=float, default=1.0)
     ap.add_argument("--tree-widths", default="3,2,1", help="tree mode: candidates per draft depth")
-    ap.add_argument("--num-drafts", type=int, default=None,
-                    help="speculative modes: draft with heads 2..K+1 only (default: all extra heads)")
+    ap.add_argument("--num-drafts", type=num_drafts_arg, default="auto",
+                    help="self_speculative: 'auto' (default) chooses the drafts per pass from measured pass cost "
+                         "and acceptance; K drafts with heads 2..K+1 every pass. tree: K limits the depth")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--eos-id", type=int, default=None, help="default: the tokenizer's EOS")
     ap.add_argument("--no-eos", action="store_true", help="ignore EOS; always generate max tokens")

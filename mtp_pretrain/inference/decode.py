@@ -31,10 +31,11 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, fields
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import torch
 
+from mtp_pretrain.inference.adaptive import CostModel, DraftLengthController
 from mtp_pretrain.inference.kv_cache import KVCache
 from mtp_pretrain.inference.sampling import filtered_probs, leading_true, sample, speculative_accept
 from mtp_pretrain.inference.stacked_heads import StackedHeads
@@ -56,9 +57,11 @@ class GenerationConfig:
     top_p: float = 1.0
     eos_id: Optional[int] = None
     tree_widths: tuple[int, ...] = (3, 2, 1)  # candidates per tree depth (head 2, 3, ...)
-    # Drafting heads used: heads 2..num_drafts+1 (None: all n-1). A late head whose drafts are
-    # rarely accepted costs a head pass, an unembedding row and a fed token every step.
-    num_drafts: Optional[int] = None
+    # Drafts per pass. "auto": self_speculative chooses k = 0..n-1 before every pass from the
+    # measured pass cost and acceptance (see adaptive.py); tree mode uses the whole tree. An int
+    # K: always heads 2..K+1; None: always all n-1. A late head whose drafts are rarely accepted
+    # costs a head pass, an unembedding row and a fed token every step.
+    num_drafts: Union[int, str, None] = "auto"
     seed: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -75,14 +78,22 @@ class GenerationConfig:
         if self.mode == "tree" and self.temperature > 0:
             raise ValueError("tree mode verifies greedily only (multi-candidate rejection sampling is not "
                              "implemented); use self_speculative for exact speculative sampling")
-        if self.num_drafts is not None and self.num_drafts < 1:
-            raise ValueError(f"num_drafts must be >= 1 (or None for all heads), got {self.num_drafts}")
+        if isinstance(self.num_drafts, str):
+            if self.num_drafts != "auto":
+                raise ValueError(f"num_drafts must be 'auto', an int >= 1 or None (all heads), got {self.num_drafts!r}")
+        elif self.num_drafts is not None and (isinstance(self.num_drafts, bool) or self.num_drafts < 1):
+            raise ValueError(f"num_drafts must be >= 1 (or None for all heads, 'auto'), got {self.num_drafts}")
         if any(w < 1 for w in self.tree_widths) or not self.tree_widths:
             raise ValueError(f"tree_widths must be positive, got {self.tree_widths}")
 
     @property
     def sampling(self) -> bool:
         return self.temperature > 0
+
+    @property
+    def adaptive(self) -> bool:
+        """The number of drafts is chosen per pass (self_speculative with num_drafts='auto')."""
+        return self.mode == "self_speculative" and self.num_drafts == "auto"
 
 
 @dataclass
@@ -138,28 +149,34 @@ class DraftTree:
 class _BatchState:
     """Decoder state of the still-active sequences; every tensor has the batch first."""
 
-    rows: torch.Tensor  # [B] index of each sequence in the caller's prompt list
+    rows: torch.Tensor  # [B] index of each sequence in the caller's prompt list (host tensor)
     length: torch.Tensor  # [B] committed positions (trunk and trunk-reading heads)
     next_token: torch.Tensor  # [B] decided, not yet fed
     tokens: torch.Tensor  # [B, capacity] prompt + accepted tokens, then provisional ones
     drafts: Optional[torch.Tensor] = None  # [B, K] chain drafts
     draft_probs: Optional[torch.Tensor] = None  # [B, K, V] what the drafts were sampled from
     candidates: Optional[torch.Tensor] = None  # [B, D, W] tree: top-W tokens of heads 2..D+1
-    head_length: Optional[torch.Tensor] = None  # [B, n+1] causal heads: committed positions of head i
+    head_length: Optional[torch.Tensor] = None  # [B, n+1] chain drafting: committed positions of head i
     head_states: Optional[torch.Tensor] = None  # [B, n-1, capacity, dim] causal: states of heads 1..n-1
+    trunk_states: Optional[torch.Tensor] = None  # [B, capacity, dim] independent heads: trunk output z
 
     def select(self, keep: torch.Tensor) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
             if isinstance(value, torch.Tensor):
-                setattr(self, f.name, value.index_select(0, keep))
+                setattr(self, f.name, value.index_select(0, keep.to(value.device)))
 
 
 class Decoder:
     """Generates from a (single-process) MTPTransformer. Not thread-safe; one call at a time."""
 
-    def __init__(self, model: MTPTransformer):
+    def __init__(self, model: MTPTransformer, cost_model: Optional[CostModel] = None):
+        """``cost_model(k, batch_size)``: the cost of a pass feeding k drafts, used by
+        ``num_drafts="auto"`` instead of the measured one (a test hook; see adaptive.py)."""
         self.model = model.eval()
+        self.cost_model = cost_model
+        self._pass_times: dict[int, dict] = {}  # max drafts -> measured pass costs, kept across calls
+        self._acceptance: dict[int, list[float]] = {}  # max drafts -> the last batch's acceptance
         self.cfg = model.cfg
         self.n = model.n_future
         self.device = next(model.parameters()).device
@@ -181,35 +198,66 @@ class Decoder:
         else:
             gen.seed()
         B = len(prompts)
-        n_drafts = 0 if cfg.mode in ("greedy", "sample") else min(self.n - 1, cfg.num_drafts or self.n)
+        max_drafts = self._max_drafts(cfg)
         tree = None
-        if cfg.mode == "tree" and n_drafts > 0:
-            tree = DraftTree(cfg.tree_widths[:n_drafts]).to(self.device)
-            n_drafts = tree.max_depth
-        self._stack_drafting_heads(n_drafts)
-        step_tokens = tree.size if tree is not None else n_drafts + 1
+        if cfg.mode == "tree" and max_drafts > 0:
+            tree = DraftTree(cfg.tree_widths[:max_drafts]).to(self.device)
+            max_drafts = tree.max_depth
+        self._stack_drafting_heads(max_drafts)
+        controller = None
+        if cfg.adaptive and max_drafts:
+            controller = DraftLengthController(max_drafts, self.cost_model,
+                                               measured=self._pass_times.setdefault(max_drafts, {}),
+                                               acceptance_prior=self._acceptance.get(max_drafts))
+        step_tokens = tree.size if tree is not None else max_drafts + 1
         capacity = max(len(p) for p in prompts) + cfg.max_new_tokens + step_tokens + 2 * self.n + 2
         self.cache = KVCache(B, capacity, self.dtype, self.device)
 
         stats = RunStats(mode=cfg.mode, batch_size=B)
-        stats.sequences = [SequenceStats(drafts_proposed=[0] * n_drafts, drafts_accepted=[0] * n_drafts)
+        stats.sequences = [SequenceStats(drafts_proposed=[0] * max_drafts, drafts_accepted=[0] * max_drafts)
                            for _ in range(B)]
         outputs: list[list[int]] = [[] for _ in range(B)]
         t0 = time.perf_counter()
 
-        st = self._prefill(prompts, capacity, n_drafts, tree, cfg, gen)
+        st = self._prefill(prompts, capacity, max_drafts, tree, cfg, gen)
         stats.forward_passes += 1
-        stats.head_passes += self._causal_drafting(st, n_drafts, cfg, gen)
-        first = st.next_token[:, None]
-        self._emit(st, first, torch.ones(B, dtype=torch.long), None, n_drafts, outputs, stats, cfg)
+        drafted = 0  # drafts proposed for the next pass
+        if tree is None:
+            drafted = controller.choose(B) if controller is not None else max_drafts
+            stats.head_passes += self._draft(st, drafted, None, cfg, gen)
+        first = st.next_token.tolist()
+        self._emit(st, [[t] for t in first], [1] * B, None, 0, outputs, stats, cfg)
         while st.rows.numel() > 0:
+            batch, rows = st.rows.numel(), st.rows.tolist()
+            t_pass = time.perf_counter()
             if tree is not None:
                 emitted, n_acc = self._tree_step(st, tree, cfg)
+                fed = tree.max_depth
             else:
-                emitted, n_acc = self._chain_step(st, n_drafts, cfg, gen)
+                emitted, n_acc = self._chain_step(st, cfg, gen)
+                fed = drafted
+            # The acceptance decision: the step's one host synchronisation.
+            decided = torch.cat([n_acc[:, None], emitted], dim=1).tolist()
+            acc = [row[0] for row in decided]
             stats.forward_passes += 1
-            stats.head_passes += self._causal_drafting(st, n_drafts, cfg, gen)
-            self._emit(st, emitted, n_acc + 1, n_acc, n_drafts, outputs, stats, cfg)
+            stats.draft_lengths.append(fed)
+            self._emit(st, [row[1:] for row in decided], [a + 1 for a in acc], acc, fed, outputs, stats, cfg)
+            if tree is not None or st.rows.numel() == 0:
+                continue
+            t_decided = time.perf_counter()
+            active = st.rows.tolist()
+            if controller is not None:
+                controller.record_verification(fed, batch, t_decided - t_pass, acc, rows)
+                drafted = controller.choose(len(active), active,
+                                            [cfg.max_new_tokens - len(outputs[r]) for r in active])
+            # Heads skipped by earlier passes first catch up on the positions they missed.
+            catch_up = drafted > fed
+            width = None if catch_up or self.model.heads_chain else max(acc) + 1
+            stats.head_passes += self._draft(st, drafted, width, cfg, gen)
+            if controller is not None and not catch_up:
+                controller.record_drafting(drafted, len(active), time.perf_counter() - t_decided)
+        if controller is not None:
+            self._acceptance[max_drafts] = controller.conditional_acceptance()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         stats.wall_time_s = time.perf_counter() - t0
@@ -235,10 +283,10 @@ class Decoder:
             if self.model.heads_chain or drafting != list(range(2, len(drafting) + 2)):
                 raise ValueError(f"heads {drafting}: only independent drafting heads 2..K+1 run in the "
                                  "trunk's pass (causal heads draft one after the other)")
-            if self._stacked is None or self._stacked.num_heads != len(drafting):
+            if self._stacked is None or self._stacked.num_heads < len(drafting):
                 self._stack_drafting_heads(len(drafting))
             cos, sin = self.model.rope(positions)
-            states, normed = self._stacked(z, cos, sin, cache)
+            states, normed = self._stacked(z, cos, sin, cache, num_heads=len(drafting))
             out.update({i: (states[k], normed[k]) for k, i in enumerate(drafting)})
         return out
 
@@ -265,38 +313,51 @@ class Decoder:
 
     # -- steps ----------------------------------------------------------------------------------
 
-    def _prefill(self, prompts, capacity, n_drafts, tree, cfg, gen) -> _BatchState:
+    def _prefill(self, prompts, capacity, max_drafts, tree, cfg, gen) -> _BatchState:
         B, P = len(prompts), max(len(p) for p in prompts)
         lengths = torch.tensor([len(p) for p in prompts], device=self.device)
         tokens = torch.zeros(B, capacity, dtype=torch.long, device=self.device)
         for b, p in enumerate(prompts):
             tokens[b, : len(p)] = torch.tensor(p, dtype=torch.long)
         rows = torch.arange(B, device=self.device)
-        st = _BatchState(rows=rows, length=lengths, next_token=lengths.new_zeros(B), tokens=tokens)
-        if self.model.heads_chain and n_drafts > 0:
+        st = _BatchState(rows=torch.arange(B), length=lengths, next_token=lengths.new_zeros(B), tokens=tokens)
+        if tree is None and max_drafts > 0:
             st.head_length = torch.zeros(B, self.n + 1, dtype=torch.long, device=self.device)
-            st.head_states = torch.zeros(B, self.n - 1, capacity, self.cfg.dim, dtype=self.dtype, device=self.device)
+            if self.model.heads_chain:
+                st.head_states = torch.zeros(B, self.n - 1, capacity, self.cfg.dim, dtype=self.dtype,
+                                             device=self.device)
+            else:
+                st.trunk_states = torch.zeros(B, capacity, self.cfg.dim, dtype=self.dtype, device=self.device)
         z, positions = self._trunk_pass(tokens[:, :P], torch.zeros_like(lengths))
-        out = self.heads_forward(z, positions, self._heads(n_drafts), self.cache)
+        # A tree pass runs every drafting head over every node; chain drafting runs afterwards.
+        out = self.heads_forward(z, positions, self._heads(max_drafts) if tree is not None else [1], self.cache)
         last = lengths - 1
         st.next_token = self._choose(self.model.unembed(out[1][1][rows, last]), cfg, gen)
         st.tokens[rows, lengths] = st.next_token
+        if st.trunk_states is not None:
+            st.trunk_states[:, :P] = z
         self._store_head1_states(st, out, torch.zeros_like(lengths), P)
-        self._propose_independent(st, out, last, n_drafts, tree, cfg, gen)
+        if tree is not None:
+            self._propose_tree(st, out, last, tree)
         return st
 
-    def _chain_step(self, st: _BatchState, n_drafts: int, cfg, gen) -> tuple[torch.Tensor, torch.Tensor]:
+    def _chain_step(self, st: _BatchState, cfg, gen) -> tuple[torch.Tensor, torch.Tensor]:
+        """Feed the next token and the k drafts proposed for this pass (k = 0: a greedy pass);
+        returns (emitted [B, k+1], accepted drafts [B]). Drafting for the next pass is separate
+        (:meth:`_draft`), so that its length can be chosen after this pass's verdict."""
         B = st.rows.numel()
         rows = torch.arange(B, device=self.device)
-        drafts = st.drafts if n_drafts else st.next_token.new_zeros(B, 0)
-        inputs = torch.cat([st.next_token[:, None], drafts], dim=1)  # [B, K+1]
+        drafts = st.drafts
+        k = drafts.shape[1]
+        inputs = torch.cat([st.next_token[:, None], drafts], dim=1)  # [B, k+1]
         start = st.length
-        slots = start[:, None] + torch.arange(n_drafts + 1, device=self.device)
+        slots = start[:, None] + torch.arange(k + 1, device=self.device)
         st.tokens.scatter_(1, slots, inputs)  # provisional: rejected ones get overwritten
-        # Trunk and head 1 on every fed position; the drafting heads wait for the verdict.
         z, positions = self._trunk_pass(inputs, start)
+        if st.trunk_states is not None:  # the drafting heads read z at the accepted positions
+            st.trunk_states[rows[:, None], slots] = z
         out = self.heads_forward(z, positions, [1], self.cache)
-        h1 = out[1][1]  # [B, K+1, dim]: head 1 verifies every input
+        h1 = out[1][1]  # [B, k+1, dim]: head 1 verifies every input
         if cfg.sampling:
             p = filtered_probs(self.model.unembed(h1), cfg.temperature, cfg.top_p)
             n_acc, nxt = speculative_accept(p, st.draft_probs, drafts, gen)
@@ -304,17 +365,10 @@ class Decoder:
             n_acc, nxt = self._verify_greedy(h1, drafts)
         emitted = torch.cat([drafts, nxt[:, None]], dim=1)
         emitted[rows, n_acc] = nxt  # accepted drafts, then head 1's token after them
-        self._store_head1_states(st, out, start, n_drafts + 1)
+        self._store_head1_states(st, out, start, k + 1)
         st.length = start + n_acc + 1
         st.next_token = nxt
         st.tokens[rows, st.length] = nxt
-        if n_drafts and not self.model.heads_chain:
-            # Independent heads only need positions up to the last accepted one: their cache
-            # slots after it would be rolled back anyway, and they draft at n_acc.
-            T = int(n_acc.max()) + 1
-            self.cache.prepare(start, T)
-            out.update(self.heads_forward(z[:, :T], positions[:, :T], range(2, n_drafts + 2), self.cache))
-        self._propose_independent(st, out, n_acc, n_drafts, None, cfg, gen)
         return emitted, n_acc
 
     def _verify_greedy(self, h1: torch.Tensor, drafts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -360,7 +414,7 @@ class Decoder:
                            torch.cat([st.next_token[:, None], emitted], dim=1))
         st.length = start + n_acc + 1
         st.next_token = nxt
-        self._propose_independent(st, out, deepest, tree.max_depth, tree, cfg, None)
+        self._propose_tree(st, out, deepest, tree)
         return emitted, n_acc
 
     # -- drafting -------------------------------------------------------------------------------
@@ -372,51 +426,81 @@ class Decoder:
             return list(range(1, n_drafts + 2))
         return [1]
 
-    def _propose_independent(self, st, out, idx, n_drafts, tree, cfg, gen) -> None:
-        """Drafts of independent heads 2..K+1 at input index idx [B] of this pass."""
-        if n_drafts == 0 or self.model.heads_chain:
-            return
+    def _propose_tree(self, st, out, idx, tree) -> None:
+        """Tree candidates: the top tokens of heads 2..D+1 at input index idx [B] of this pass."""
         rows = torch.arange(st.rows.numel(), device=self.device)
         # One unembedding for all drafting heads: the shared matrix is read once per step.
-        states = torch.stack([out[i][1][rows, idx] for i in range(2, n_drafts + 2)], dim=1)  # [B, K, dim]
-        logits = self.model.unembed(states)
-        if tree is not None:
-            st.candidates = logits.topk(tree.max_width, dim=-1).indices
-        elif cfg.sampling:
-            st.draft_probs = filtered_probs(logits, cfg.temperature, cfg.top_p)
-            st.drafts = sample(st.draft_probs, gen)
-        else:
-            st.drafts = logits.argmax(-1)
+        states = torch.stack([out[i][1][rows, idx] for i in range(2, tree.max_depth + 2)], dim=1)  # [B, D, dim]
+        st.candidates = self.model.unembed(states).topk(tree.max_width, dim=-1).indices
 
     def _store_head1_states(self, st, out, start, T) -> None:
         if st.head_states is not None:
             rows = torch.arange(st.rows.numel(), device=self.device)[:, None]
             st.head_states[rows, 0, start[:, None] + torch.arange(T, device=self.device)] = out[1][0]
 
-    def _causal_drafting(self, st: _BatchState, n_drafts: int, cfg, gen) -> int:
-        """Causal heads: bring heads 2..n up to the last committed position and draft, one head
-        after the other. Returns the number of head passes run."""
-        if n_drafts == 0 or not self.model.heads_chain:
+    def _draft(self, st: _BatchState, k: int, width: Optional[int], cfg, gen) -> int:
+        """Drafts of heads 2..k+1 at the last committed position, for the next pass (k = 0:
+        none). ``width``: positions the independent heads run over, when the caller knows it
+        (no head lags: the accepted inputs of the pass); None computes it. Returns the number
+        of sequential (causal) head passes run."""
+        if k == 0:
+            st.drafts = st.next_token.new_zeros(st.rows.numel(), 0)
+            st.draft_probs = None
             return 0
+        if self.model.heads_chain:
+            return self._causal_drafting(st, k, cfg, gen)
+        self._independent_drafting(st, k, width, cfg, gen)
+        return 0
+
+    def _catch_up_window(self, st: _BatchState, heads: slice, width: Optional[int]):
+        """Positions [start, start + width) per sequence that bring the given heads up to the
+        last committed position: width covers every sequence's first not-final slot; each
+        window ends at that sequence's last position (it starts earlier where needed, which only
+        recomputes final slots, so padding never runs past the cache). Returns (last, start,
+        positions [B, width], inputs' positions clamped to <= last)."""
         last = st.length - 1
+        if width is None:
+            width = int((last - st.head_length[:, heads].min(dim=1).values + 1).max())
+        start = (last - width + 1).clamp(min=0)
+        pos = start[:, None] + torch.arange(width, device=self.device)
+        return last, start, pos, torch.minimum(pos, last[:, None])
+
+    def _independent_drafting(self, st: _BatchState, k: int, width: Optional[int], cfg, gen) -> None:
+        """Heads 2..k+1 (stacked) over the trunk outputs since their first not-final slot, then
+        their drafts at the last committed position in one unembedding. Heads skipped by earlier
+        passes (a shorter draft was chosen) catch up here; otherwise the window is the accepted
+        inputs of the last pass."""
+        rows = torch.arange(st.rows.numel(), device=self.device)
+        last, start, pos, inside = self._catch_up_window(st, slice(2, k + 2), width)
+        z = st.trunk_states[rows[:, None], inside]
+        self.cache.prepare(start, pos.shape[1])
+        cos, sin = self.model.rope(self._rope_positions(pos))
+        _, normed = self._stacked(z, cos, sin, self.cache, num_heads=k)  # [k, B, W, dim]
+        logits = self.model.unembed(normed[:, rows, last - start].transpose(0, 1))  # [B, k, V]
+        if cfg.sampling:
+            st.draft_probs = filtered_probs(logits, cfg.temperature, cfg.top_p)
+            st.drafts = sample(st.draft_probs, gen)
+        else:
+            st.drafts, st.draft_probs = logits.argmax(-1), None
+        st.head_length[:, 2: k + 2] = st.length[:, None]
+
+    def _causal_drafting(self, st: _BatchState, k: int, cfg, gen) -> int:
+        """Causal heads: bring heads 2..k+1 up to the last committed position and draft, one
+        head after the other. Returns the number of head passes run."""
         B = st.rows.numel()
         rows = torch.arange(B, device=self.device)
         drafts, probs = [], []
-        for i in range(2, n_drafts + 2):
-            # Positions [head_length[i], last]: from head i's first not-final slot to the last
-            # committed position. Slots before it were computed with known tokens only.
-            start = st.head_length[:, i]
-            count = last - start + 1
-            W = int(count.max())
-            pos = start[:, None] + torch.arange(W, device=self.device)
-            inside = torch.minimum(pos, last[:, None])  # padding reads a valid position
+        for i in range(2, k + 2):
+            # From head i's first not-final slot (slots before it were computed with known
+            # tokens only) to the last committed position.
+            last, start, pos, inside = self._catch_up_window(st, slice(i, i + 1), None)
             x_in = st.head_states[rows[:, None], i - 2, inside]  # head i-1's states
             shifted = st.tokens.gather(1, inside + i - 1)  # token t+i-1 (next_token or a draft at the end)
-            self.cache.prepare(start, W)
+            self.cache.prepare(start, pos.shape[1])
             state, normed = self.model.head_forward(i, x_in, shifted, self._rope_positions(pos), self.cache)
-            if i <= n_drafts:  # the next drafting head reads this one's states
+            if i < self.n:  # head i+1 reads this one's states (now, or when it catches up later)
                 st.head_states[rows[:, None], i - 1, pos] = state  # padding lands beyond `last`
-            logits = self.model.unembed(normed[rows, count - 1])
+            logits = self.model.unembed(normed[rows, last - start])
             if cfg.sampling:
                 q = filtered_probs(logits, cfg.temperature, cfg.top_p)
                 d = sample(q, gen)
@@ -429,24 +513,24 @@ class Decoder:
             st.head_length[:, i] = (last + 3 - i).clamp(min=0)
         st.drafts = torch.stack(drafts, dim=1)
         st.draft_probs = torch.stack(probs, dim=1) if probs else None
-        return n_drafts
+        return k
 
     # -- bookkeeping ----------------------------------------------------------------------------
 
-    def _emit(self, st, emitted, counts, n_acc, n_drafts, outputs, stats, cfg) -> None:
-        """Append each sequence's new tokens, stop at EOS / max tokens, drop finished rows."""
+    def _emit(self, st, emitted, counts, n_acc, fed, outputs, stats, cfg) -> None:
+        """Append each sequence's new tokens, stop at EOS / max tokens, drop finished rows.
+        emitted [B][...], counts [B] and n_acc [B] (None for the prompt pass) are host lists;
+        ``fed``: drafts fed in this pass."""
         finished = []
-        em, cnt = emitted.tolist(), counts.tolist()
-        acc = n_acc.tolist() if n_acc is not None else None
         for b, r in enumerate(st.rows.tolist()):
             s, out = stats.sequences[r], outputs[r]
             s.forward_passes += 1
-            if acc is not None:
-                for j in range(n_drafts):
+            if n_acc is not None:
+                for j in range(fed):
                     s.drafts_proposed[j] += 1
-                    s.drafts_accepted[j] += int(acc[b] > j)
+                    s.drafts_accepted[j] += int(n_acc[b] > j)
             done = False
-            for t in em[b][: cnt[b]]:
+            for t in emitted[b][: counts[b]]:
                 out.append(t)
                 if cfg.eos_id is not None and t == cfg.eos_id:
                     s.finish_reason, done = "eos", True
@@ -457,14 +541,20 @@ class Decoder:
             s.tokens_generated = len(out)
             finished.append(done)
         if any(finished):
-            keep = torch.tensor([not f for f in finished], device=self.device).nonzero().flatten()
+            keep = torch.tensor([b for b, f in enumerate(finished) if not f], dtype=torch.long)
             st.select(keep)
-            self.cache.select_rows(keep)
+            self.cache.select_rows(keep.to(self.device))
 
     def _rope_positions(self, pos: torch.Tensor) -> torch.Tensor:
         # Only padding and drafts past the last token that can be emitted go beyond the RoPE
         # table (generate() checks prompt + max_new_tokens); their outputs are never used.
         return pos.clamp(max=self.cfg.max_seq_len - 1)
+
+    def _max_drafts(self, cfg: GenerationConfig) -> int:
+        """Most drafts a pass of this run feeds: the model's n-1 drafting heads, or num_drafts."""
+        if cfg.mode in ("greedy", "sample"):
+            return 0
+        return min(self.n - 1, cfg.num_drafts) if isinstance(cfg.num_drafts, int) else self.n - 1
 
     def _choose(self, logits, cfg, gen) -> torch.Tensor:
         if cfg.sampling:
@@ -482,7 +572,7 @@ class Decoder:
             if len(p) + cfg.max_new_tokens > self.cfg.max_seq_len:
                 raise ValueError(f"prompt of {len(p)} tokens + max_new_tokens {cfg.max_new_tokens} exceeds "
                                  f"model.max_seq_len={self.cfg.max_seq_len}")
-        if cfg.num_drafts is not None and cfg.num_drafts > self.n - 1:
+        if isinstance(cfg.num_drafts, int) and cfg.num_drafts > self.n - 1:
             raise ValueError(f"num_drafts={cfg.num_drafts}, but a model with n_future={self.n} has "
                              f"{self.n - 1} drafting heads")
         if cfg.mode == "tree" and self.model.heads_chain and self.n > 1:

@@ -22,7 +22,9 @@ which drops finished sequences from the batch.
 Head-stacked layers (``stacked_heads.py``: K drafting heads run as one batched computation, the
 heads folded into the batch) write ``K * B`` rows: copy ``c`` of sequence ``b`` is row
 ``c * B + b``. Such a layer's buffer holds K copies of the batch, and every per-sequence
-operation (slots, mask, move, select) applies to each copy.
+operation (slots, mask, move, select) applies to each copy. A pass may run only the first k
+heads of a stack (an adaptive draft length): it writes and reads the first k copies; the buffer
+grows when a pass needs more copies than it holds.
 """
 
 from __future__ import annotations
@@ -91,13 +93,14 @@ class KVCache:
         if T != self._slots.shape[1] or B % self.batch_size:
             raise ValueError(f"k has batch {B} and {T} new tokens; prepare() announced "
                              f"{self.batch_size} (or a multiple, for stacked heads) and {self._slots.shape[1]}")
-        if layer_id not in self.keys:
-            shape = (B, H, self.capacity, hd)
-            self.keys[layer_id] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-            self.values[layer_id] = torch.zeros(shape, dtype=self.dtype, device=self.device)
-        kb, vb = self.keys[layer_id], self.values[layer_id]
-        if kb.shape[0] != B:
-            raise ValueError(f"layer {layer_id} holds {kb.shape[0]} rows; this update writes {B}")
+        held = self.keys[layer_id].shape[0] if layer_id in self.keys else 0
+        if held < B:  # first write, or more head copies than before: the new copies start empty
+            shape = (B - held, H, self.capacity, hd)
+            new_k = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            new_v = torch.zeros(shape, dtype=self.dtype, device=self.device)
+            self.keys[layer_id] = torch.cat([self.keys[layer_id], new_k]) if held else new_k
+            self.values[layer_id] = torch.cat([self.values[layer_id], new_v]) if held else new_v
+        kb, vb = self.keys[layer_id][:B], self.values[layer_id][:B]
         slots, mask = self._for_copies(B // self.batch_size)
         rows = torch.arange(B, device=self.device)[:, None]
         # Advanced indices around a slice: the indexed view is [B, T, H, hd].

@@ -11,7 +11,9 @@ by (kernel launches on a GPU, op dispatch on a CPU).
 The stacked module is a copy of head 2's module with its ``nn.Linear`` and ``RMSNorm`` leaves
 swapped for stacked ones, so the block code that runs is the model's own. Its attention layers
 get their own cache ids; the KV cache keeps K copies of the batch for them (see kv_cache.py).
-The weights are a snapshot: :class:`~mtp_pretrain.inference.decode.Decoder` rebuilds it when the
+``forward(..., num_heads=k)`` runs only the first k stacked heads (heads 2..k+1, the first k
+copies of the batch in the cache): an adaptive draft length changes k from pass to pass without
+restacking. The weights are a snapshot: :class:`~mtp_pretrain.inference.decode.Decoder` rebuilds it when the
 heads' parameters change (their version counters move on every in-place update).
 
 Head 1 never runs stacked: it verifies, so it computes exactly as in greedy decoding.
@@ -20,7 +22,7 @@ Head 1 never runs stacked: it verifies, so it computes exactly as in greedy deco
 from __future__ import annotations
 
 import copy
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import nn
@@ -34,10 +36,11 @@ class StackedLinear(nn.Module):
     def __init__(self, layers: Sequence[nn.Linear]):
         super().__init__()
         self.register_buffer("weight_t", torch.stack([m.weight.detach().t() for m in layers]).contiguous())
+        self.active = len(layers)  # heads run (the first ones), set by StackedHeads.forward
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        K = self.weight_t.shape[0]
-        y = torch.bmm(x.reshape(K, -1, x.shape[-1]), self.weight_t)
+        K = self.active
+        y = torch.bmm(x.reshape(K, -1, x.shape[-1]), self.weight_t[:K])
         return y.view(*x.shape[:-1], y.shape[-1])
 
 
@@ -46,10 +49,11 @@ class StackedRMSNorm(nn.Module):
         super().__init__()
         self.eps = norms[0].eps
         self.register_buffer("weight", torch.stack([m.weight.detach() for m in norms])[:, None, :])
+        self.active = len(norms)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        K = self.weight.shape[0]
-        return rms_norm(x.reshape(K, -1, x.shape[-1]), self.weight, self.eps).view_as(x)
+        K = self.active
+        return rms_norm(x.reshape(K, -1, x.shape[-1]), self.weight[:K], self.eps).view_as(x)
 
 
 class StackedHeads(nn.Module):
@@ -64,6 +68,7 @@ class StackedHeads(nn.Module):
             raise ValueError(f"stacked heads must share one type, got {sorted(k.__name__ for k in kinds)}")
         self.num_heads = len(heads)
         self.template = copy.deepcopy(heads[0])
+        self._stacked_leaves: list[nn.Module] = []
         next_id = first_layer_id
         for name, module in list(self.template.named_modules()):
             if isinstance(module, Attention):
@@ -76,15 +81,20 @@ class StackedHeads(nn.Module):
                     stacked = StackedLinear(parts)
                 else:
                     stacked = StackedRMSNorm(parts)
+                self._stacked_leaves.append(stacked)
                 parent, _, leaf = name.rpartition(".")
                 setattr(self.template.get_submodule(parent) if parent else self.template, leaf, stacked)
         leftover = [n for n, _ in self.template.named_parameters()]
         if leftover:  # a weight the stacking does not know would silently be head 2's for all heads
             raise ValueError(f"cannot stack head parameters {leftover}")
 
-    def forward(self, z: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None
-                ) -> tuple[torch.Tensor, torch.Tensor]:
-        K, (B, T, D) = self.num_heads, z.shape
+    def forward(self, z: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, cache=None,
+                num_heads: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        K, (B, T, D) = self.num_heads if num_heads is None else num_heads, z.shape
+        if not 1 <= K <= self.num_heads:
+            raise ValueError(f"num_heads={K}: this stack holds {self.num_heads} heads")
+        for leaf in self._stacked_leaves:
+            leaf.active = K
         rep = (K,) + (1,) * (z.dim() - 1)
         state, normed = self.template(z.repeat(rep), cos.repeat(rep), sin.repeat(rep), cache)
         return state.view(K, B, T, D), normed.view(K, B, T, D)

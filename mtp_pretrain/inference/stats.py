@@ -10,7 +10,9 @@ Counting conventions (the same for every mode, so that the numbers compare):
 * draft position j (j = 1 .. n-1: the token j+1 steps after the last accepted one, proposed by
   head j+1, or by the depth-j level of a tree) is *accepted* in a step when the accepted prefix
   reaches it. ``acceptance_rate`` per position = accepted / proposed (unconditional: a draft
-  behind a rejected one counts as not accepted).
+  behind a rejected one counts as not accepted), counted over the passes that fed position j;
+* ``draft_lengths``: the drafts fed in each verification pass of the run (fixed, or chosen per
+  pass by ``num_drafts="auto"``; 0 = a greedy pass).
 """
 
 from __future__ import annotations
@@ -48,6 +50,7 @@ class RunStats:
     head_passes: int = 0  # extra sequential drafting passes (causal heads only)
     wall_time_s: float = 0.0
     sequences: list[SequenceStats] = field(default_factory=list)
+    draft_lengths: list[int] = field(default_factory=list)  # drafts fed per verification pass
 
     @property
     def tokens_generated(self) -> int:
@@ -85,6 +88,7 @@ class RunStats:
             "acceptance_rate_per_position": self.acceptance_rate_per_position(),
             "wall_time_s": round(self.wall_time_s, 4),
             "tokens_per_s": round(self.tokens_per_s, 2),
+            "draft_lengths": list(self.draft_lengths),
         }
 
 
