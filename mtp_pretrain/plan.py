@@ -1,0 +1,552 @@
+"""``mtp-plan``: will this job fit, per rank, on N GPUs? Answered on this machine before queueing.
+
+    mtp-plan model=7b parallel=fsdp parallel.activation_checkpointing=full loss.chunk_size=4096 \\
+        data.seq_len=4096 train.micro_batch_size=1 --world-size 16 --device h100-80gb --compare
+
+How. The job's own code runs one training step -- the model of ``cfg.model``, the strategy's
+``parallelize``, ``Trainer.train_step`` (the loss, gradient-sync hooks, clipping, the AdamW
+step) -- under ``FakeTensorMode`` (tensors with shapes, dtypes and storages but no data) with a
+fake process group of ``--world-size`` ranks (``init_process_group("fake")``: collectives
+return at once). The run is rank 0's; every data-parallel rank holds the same shapes. A
+dispatch mode (``LiveStorageBytes``) counts the bytes of every live tensor storage, op by op,
+the way CUDA's caching allocator counts ``memory_allocated``; its maximum is the prediction of
+``torch.cuda.max_memory_allocated``. At the peak the live storages are split into parameters
+(sharded and all-gathered), gradients, optimizer state, logits (tensors whose last dimension is
+the vocabulary: logits, probabilities and their gradients) and activations (everything else
+the step allocates: saved activations, their gradients, communication buffers, the batch).
+
+On a GPU the job runs in bf16 autocast (``train.dtype=auto``) with FSDP's bf16 parameter
+all-gather and torch's default multi-tensor (foreach) AdamW; the fake step does the same.
+
+What the fake run cannot see, added as a stated margin (``RESERVED_GIB`` + ``FRAGMENTATION``):
+the CUDA context and kernels (~0.5-1 GiB), NCCL's communicator buffers (~0.5-1 GiB for a few
+communicators), and the caching allocator's rounding and fragmentation (``memory_reserved`` is
+typically 5-15 % above ``max_memory_allocated``). Also outside the count: kernels' private
+workspaces (cuBLAS, ~tens of MiB) and the choice of attention kernel. Attention runs the
+fake CPU kernel, which keeps no seq x seq matrix, as flash / memory-efficient attention on a
+GPU do; with ``data.document_masking`` the GPU's memory-efficient kernel also keeps the
+[B, 1, T, T] mask as an additive bias per layer, which the plan adds analytically
+(``mask_bias_bytes``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import sys
+import time
+import weakref
+from dataclasses import asdict, dataclass, field, replace
+from typing import Callable, Iterator, Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
+
+from mtp_pretrain.config import JobConfig
+from mtp_pretrain.head_schedule import HeadWeights
+from mtp_pretrain.model import MTPTransformer
+from mtp_pretrain.optim import build_adamw, build_scheduler, init_adamw_state
+from mtp_pretrain.parallel import build_strategy
+from mtp_pretrain.train import Trainer, freeze_next_token_path
+
+GiB = 2 ** 30
+MiB = 2 ** 20
+RESERVED_GIB = 2.0  # CUDA context + NCCL buffers + cuBLAS workspaces, per rank
+FRAGMENTATION = 0.10  # the caching allocator's reserved memory above what tensors hold
+
+
+@dataclass(frozen=True)
+class GPUType:
+    memory_gib: float  # total device memory as nvidia-smi reports it
+    peak_bf16_flops: float  # dense, no sparsity
+
+
+GPU_TYPES = {
+    "h100-80gb": GPUType(81559 / 1024, 989e12),
+    "h100-94gb": GPUType(95830 / 1024, 989e12),
+    "h200": GPUType(143771 / 1024, 989e12),
+    "a100-80gb": GPUType(81920 / 1024, 312e12),
+    "a100-40gb": GPUType(40960 / 1024, 312e12),
+    "l40s": GPUType(46068 / 1024, 362e12),
+}
+
+# Strategies whose step runs under fake tensors. DeepSpeed's and megatron's engines allocate
+# and communicate through their own runtimes, which the fake process group cannot stand in for.
+PLANNABLE = ("none", "ddp", "fsdp", "tp", "fsdp_tp")
+CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "logits")
+
+
+# --- counting live storage bytes --------------------------------------------------------------
+class LiveStorageBytes(TorchDispatchMode):
+    """Sums the bytes of live tensor storages as ops create and free them; keeps the peak and,
+    at the peak, what the live bytes were (via ``classify``).
+
+    A storage is counted from the op that first returns it until it is freed (a weak reference
+    fires), at its current size: FSDP2 frees and re-allocates its all-gathered parameters by
+    ``UntypedStorage.resize_``, which no dispatch mode sees, so that method is wrapped while
+    the mode is active. ``counted`` selects tensors (fake ones when planning).
+    """
+
+    def __init__(self, vocab_sizes: tuple[int, ...] = (), counted: Callable[[torch.Tensor], bool] = lambda t: True,
+                 classify: Optional[Callable[[dict], dict]] = None, resolution: float = 1e-3):
+        super().__init__()
+        self.vocab_sizes, self.counted, self.classify = set(vocab_sizes), counted, classify
+        self.resolution = resolution
+        self.live: dict[int, list] = {}  # id(storage) -> [nbytes, tag, weakref]
+        self.by_tag: dict[str, int] = {}
+        self.total = self.peak = 0
+        self.peak_breakdown: dict[str, int] = {}
+        self._classified_at = 0
+        self.tag = "other"  # what allocations are now: set by the caller around phases
+        self._orig_resize = None
+
+    # storages
+    def _add(self, st: torch.UntypedStorage, tag: str) -> None:
+        key = id(st)
+        if key in self.live:
+            return
+        nbytes = st.nbytes()
+        self.live[key] = [nbytes, tag, weakref.ref(st, lambda _, k=key: self._free(k))]
+        self._change(tag, nbytes)
+
+    def _free(self, key: int) -> None:
+        entry = self.live.pop(key, None)
+        if entry is not None:
+            self._change(entry[1], -entry[0])
+
+    def _change(self, tag: str, delta: int) -> None:
+        self.total += delta
+        self.by_tag[tag] = self.by_tag.get(tag, 0) + delta
+        if self.total > self.peak:
+            self.peak = self.total
+            if self.classify is not None and self.total > self._classified_at * (1 + self.resolution):
+                self._classified_at = self.total
+                self.peak_breakdown = self.classify(self.live)
+
+    def watch(self, t: torch.Tensor, tag: Optional[str] = None) -> None:
+        """Count ``t``'s storage(s) now (tensors that exist before the mode is entered)."""
+        for leaf in _plain_tensors(t):
+            if self.counted(leaf):
+                self._add(leaf.untyped_storage(), tag or self._tag_of(leaf))
+
+    def _tag_of(self, t: torch.Tensor) -> str:
+        if t.dim() >= 2 and t.shape[-1] in self.vocab_sizes:
+            return "logits"
+        return self.tag
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.watch(t)
+        return out
+
+    # resize_ of a storage: FSDP2's free / re-allocate of unsharded parameters
+    def __enter__(self):
+        self._orig_resize = orig = torch.UntypedStorage.resize_
+        mode = self
+
+        def resize_(st, size):
+            entry = mode.live.get(id(st))
+            out = orig(st, size)
+            if entry is not None:
+                new = st.nbytes()
+                delta, entry[0] = new - entry[0], new
+                mode._change(entry[1], delta)
+            return out
+
+        torch.UntypedStorage.resize_ = resize_
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        torch.UntypedStorage.resize_ = self._orig_resize
+        return super().__exit__(*exc)
+
+
+def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
+    """The plain tensors inside ``t`` (a DTensor's local shard, say)."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    out, todo = [], [t]
+    while todo:
+        x = todo.pop()
+        if is_traceable_wrapper_subclass(x):
+            attrs, _ = x.__tensor_flatten__()
+            todo.extend(getattr(x, a) for a in attrs if isinstance(getattr(x, a), torch.Tensor))
+        else:
+            out.append(x)
+    return out
+
+
+def _storage_ids(tensors) -> set[int]:
+    return {id(leaf.untyped_storage()) for t in tensors if t is not None for leaf in _plain_tensors(t)}
+
+
+class FakeScalars(TorchDispatchMode):
+    """Above FakeTensorMode: lets the job's Python code run on tensors without data.
+
+    * A Python number read from a fake tensor (``float(loss)``, ``int(count)``, a norm) gets a
+      placeholder (1): only memory is planned, and no shape in a step depends on such a value.
+    * An op whose tensor inputs are all real (device-mesh bookkeeping, constants) runs for real.
+    """
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
+
+        kwargs = kwargs or {}
+        tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
+        if func is torch.ops.aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
+            return 1.0 if args[0].dtype.is_floating_point else 1
+        if tensors and not any(isinstance(t, FakeTensor) or t.is_meta for t in tensors):
+            with unset_fake_temporarily():
+                return func(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+# --- one step of the job ----------------------------------------------------------------------
+@dataclass
+class StepMemory:
+    """Per-rank memory of one training step (bytes)."""
+
+    peak: int
+    breakdown: dict  # category -> bytes at the peak
+    before_step: int  # live after set-up: parameters + optimizer state (+ anything kept)
+    mask_bias_bytes: int = 0  # analytic: see the module docstring
+    micro_batch_size: int = 0
+    micro_batches: int = 1
+    seconds: float = 0.0
+
+    @property
+    def predicted(self) -> int:
+        """What max_memory_allocated should report."""
+        return self.peak + self.mask_bias_bytes
+
+
+@dataclass(frozen=True)
+class Emulation:
+    """How the planned device runs the job."""
+
+    amp_dtype: Optional[torch.dtype]  # autocast dtype; None = float32
+    foreach: bool  # multi-tensor AdamW (torch's default on CUDA)
+    cuda: bool  # GPU kernels (see mask_bias_bytes)
+
+    @classmethod
+    def for_device(cls, cfg: JobConfig, device: str) -> "Emulation":
+        if device == "cpu":
+            return cls(torch.bfloat16 if cfg.train.dtype == "bfloat16" else None, foreach=False, cuda=False)
+        return cls(None if cfg.train.dtype == "float32" else torch.bfloat16, foreach=True, cuda=True)
+
+
+def _random_batches(cfg: JobConfig, device: torch.device) -> Iterator[torch.Tensor]:
+    shape = (cfg.train.micro_batch_size, cfg.data.seq_len + cfg.model.n_future)
+    while True:
+        yield torch.randint(0, cfg.model.vocab_size, shape, device=device)
+
+
+class StepOnlyTrainer(Trainer):
+    """A Trainer whose set-up builds only what ``train_step`` (inherited: the job's own step)
+    touches -- strategy, model, optimizer, schedule -- and feeds it random token batches: no
+    data files, checkpoints or logging. ``fake``: the model is built on the meta device and
+    materialised by the strategy's ``parallelize`` under the caller's FakeTensorMode."""
+
+    def __init__(self, cfg: JobConfig, env, emulation: Emulation, micro_batches: Optional[int] = None,
+                 fake: bool = True):
+        self.cfg, self.env, self.amp_dtype, self.emulation, self.fake = cfg, env, emulation.amp_dtype, emulation, fake
+        self.strategy = build_strategy(cfg.parallel, env, self.amp_dtype)
+        self.strategy.validate(cfg.model, seq_len=cfg.data.seq_len)
+        self.seq_len = cfg.data.seq_len
+        per_micro = cfg.train.micro_batch_size * self.seq_len * self.strategy.dp_size
+        accum = max(1, (cfg.train.global_batch_tokens or per_micro) // per_micro)
+        self.grad_accum = micro_batches or min(2, accum)
+        self.pad_id = None
+        # Document masking: the same code path (masks, per-document positions) on random ids.
+        self.document_end_id = 0 if cfg.data.document_masking else None
+        self.head_weights = HeadWeights(cfg.loss, cfg.model.n_future, cfg.train.max_steps)
+        self.step, self.tokens_seen, self.nonfinite_in_a_row, self.nonfinite_total = 0, 0, 0, 0
+        if fake:
+            _build_meshes_now(self.strategy)
+
+    def build_model(self) -> MTPTransformer:
+        """The plain model: on the meta device when fake (outside FakeTensorMode: its ``.to``
+        in ``parallelize`` then makes fake tensors of it), else initialised on the host."""
+        torch.manual_seed(self.cfg.train.seed)
+        with torch.device("meta") if self.fake else contextlib.nullcontext():
+            model = MTPTransformer(self.cfg.model)
+        if self.cfg.train.freeze == "trunk":
+            freeze_next_token_path(model)
+        return model
+
+    def set_up(self, model: MTPTransformer, on_optimizer_step: Optional[Callable[[bool], None]] = None) -> None:
+        """Parallelisation, optimizer, schedule, batches. ``on_optimizer_step(True / False)`` is
+        called before and after each optimizer step."""
+        cfg = self.cfg
+        self.model = self.strategy.parallelize(model)
+        self.optimizer = self.strategy.build_optimizer(self.model, lambda m: build_adamw(m, cfg.optim))
+        if self.emulation.foreach:  # torch's default for CUDA tensors
+            for group in self.optimizer.param_groups:
+                group["foreach"] = True
+        if on_optimizer_step is not None:
+            self.optimizer.register_step_pre_hook(lambda *_: on_optimizer_step(True))
+            self.optimizer.register_step_post_hook(lambda *_: on_optimizer_step(False))
+        self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
+        init_adamw_state(self.optimizer)
+        self.train_iter = _random_batches(cfg, self.env.device)
+
+    def log(self, msg: str) -> None:
+        pass
+
+
+def _build_meshes_now(strategy) -> None:
+    """Device meshes compute their coordinates from real tensors: build them before fake mode."""
+    dims = getattr(strategy, "dims", None)
+    if dims is not None:
+        dims.mesh
+        return
+    attr = getattr(type(strategy), "mesh", None)
+    if isinstance(attr, property):
+        strategy.mesh  # noqa: B018 - cached by the strategy
+    elif callable(attr):
+        mesh = strategy.mesh()
+        strategy.mesh = lambda: mesh
+
+
+def _classifier(trainer: StepOnlyTrainer) -> Callable[[dict], dict]:
+    """What the live storages are, by category (called at each new peak): parameters (sharded,
+    and unsharded while FSDP holds them gathered; buffers), gradients, optimizer (AdamW state and
+    its step's temporaries), logits, activations (the rest of what the step allocates)."""
+    cache: dict = {}
+
+    def classify(live: dict) -> dict:
+        if not hasattr(trainer, "optimizer"):  # still building
+            return {"parameters": sum(e[0] for e in live.values())}
+        if not cache:
+            cache["modules"] = list(trainer.model.modules())
+            cache["sharded"] = list(trainer.model.parameters())
+            cache["state"] = _storage_ids(t for s in trainer.optimizer.state.values() for t in s.values()
+                                          if isinstance(t, torch.Tensor))
+        params = [p for m in cache["modules"] for p in m._parameters.values() if p is not None] + cache["sharded"]
+        param_ids = _storage_ids(params)
+        grad_ids = _storage_ids(p.grad for p in params)
+        out = dict.fromkeys(CATEGORIES, 0)
+        for key, (nbytes, tag, _) in live.items():
+            if key in param_ids or tag == "parameters":
+                out["parameters"] += nbytes
+            elif key in grad_ids:
+                out["gradients"] += nbytes
+            elif key in cache["state"] or tag == "optimizer":
+                out["optimizer"] += nbytes
+            elif tag == "logits":
+                out["logits"] += nbytes
+            else:
+                out["activations"] += nbytes
+        return out
+
+    return classify
+
+
+def mask_bias_bytes(cfg: JobConfig, emulation: Emulation) -> int:
+    """GPU only, with document masking: the memory-efficient attention kernel takes the boolean
+    [B, 1, T, T] mask as an additive bias in the activation dtype, converted per call and kept
+    for the backward, once per attention layer whose activations are alive (the fake CPU kernel
+    takes the boolean mask itself). Transformer heads run one at a time under the
+    head-sequential loss, all at once under the naive loss; under full activation
+    checkpointing only the block being recomputed holds one."""
+    if not (cfg.data.document_masking and emulation.cuda):
+        return 0
+    m = cfg.model
+    per_layer = cfg.train.micro_batch_size * cfg.data.seq_len ** 2 * (2 if emulation.amp_dtype is not None else 4)
+    if cfg.parallel.activation_checkpointing == "full":
+        return per_layer
+    head_blocks = 0 if m.head_type == "linear" else m.head_layers
+    heads_alive = m.n_future if cfg.loss.impl == "naive" else 1
+    return per_layer * (m.trunk_layers + heads_alive * head_blocks)
+
+
+def plan_step(cfg: JobConfig, world_size: int, device: str = "h100-80gb", micro_batches: Optional[int] = None,
+              rank: int = 0) -> StepMemory:
+    """Run one training step of ``cfg`` under fake tensors as rank ``rank`` of ``world_size`` and
+    return its per-rank memory. ``device``: a GPU type (bf16 autocast, foreach AdamW) or
+    ``cpu`` (what the job does on CPU; for validation against measurement).
+    ``micro_batches``: micro-batches run (default: the job's gradient accumulation, at most 2:
+    a third one repeats the second's memory)."""
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from mtp_pretrain.parallel.setup import DistEnv
+
+    if cfg.parallel.strategy not in PLANNABLE:
+        raise ValueError(f"mtp-plan runs parallel.strategy in {PLANNABLE}; {cfg.parallel.strategy} steps inside "
+                         f"its own engine, which cannot run under fake tensors")
+    if cfg.parallel.strategy == "none" and world_size > 1:
+        raise ValueError(f"parallel.strategy=none is one process; --world-size {world_size} needs ddp, fsdp, tp "
+                         f"or fsdp_tp")
+    if device != "cpu" and device not in GPU_TYPES:
+        raise ValueError(f"device {device!r} is not a known GPU type; choose one of {', '.join(GPU_TYPES)}")
+    emulation = Emulation.for_device(cfg, device)
+    t0 = time.perf_counter()
+    if dist.is_initialized():
+        raise RuntimeError("mtp-plan needs a process without a process group: it starts a fake one")
+    dist.init_process_group("fake", store=FakeStore(), rank=rank, world_size=world_size)
+    try:
+        env = DistEnv(rank, world_size, 0, torch.device("cpu"), "fake")
+        trainer = StepOnlyTrainer(cfg, env, emulation, micro_batches)
+        vocab = cfg.model.vocab_size
+        tracker = LiveStorageBytes(vocab_sizes=(vocab, vocab // getattr(trainer.strategy, "tp", 1)),
+                                   counted=lambda t: isinstance(t, FakeTensor), classify=_classifier(trainer))
+
+        def optimizer_step(starting: bool) -> None:
+            tracker.tag = "optimizer" if starting else "activations"
+
+        model = trainer.build_model()
+        with FakeTensorMode(allow_non_fake_inputs=True), tracker, FakeScalars():
+            tracker.tag = "parameters"
+            trainer.set_up(model, optimizer_step)
+            before = tracker.total
+            tracker.tag = "activations"
+            trainer.train_step()
+    finally:
+        dist.destroy_process_group()
+    return StepMemory(peak=tracker.peak, breakdown=tracker.peak_breakdown, before_step=before,
+                      mask_bias_bytes=mask_bias_bytes(cfg, emulation), micro_batch_size=cfg.train.micro_batch_size,
+                      micro_batches=trainer.grad_accum, seconds=time.perf_counter() - t0)
+
+
+def usable_bytes(memory_gib: float) -> float:
+    """What tensors may hold on a device of ``memory_gib``: minus the reserve, over the allocator's overhead."""
+    return (memory_gib - RESERVED_GIB) * GiB / (1 + FRAGMENTATION)
+
+
+def with_micro_batch(cfg: JobConfig, b: int) -> JobConfig:
+    return replace(cfg, train=replace(cfg.train, micro_batch_size=b, global_batch_tokens=None))
+
+
+def largest_micro_batch(cfg: JobConfig, world_size: int, device: str, memory_gib: float, micro_batches: int,
+                        measured: dict[int, StepMemory], limit: int = 1024) -> int:
+    """The largest micro_batch_size whose predicted peak fits ``usable_bytes(memory_gib)``
+    (0 if even 1 does not), running ``micro_batches`` per step. Peaks grow about linearly in the
+    micro-batch: a line through the predictions at 1 and 2 proposes a size, fake runs confirm
+    it and step down or up. ``measured`` caches the fake steps by micro-batch size."""
+    budget = usable_bytes(memory_gib)
+
+    def peak(b: int) -> int:
+        if b not in measured:
+            measured[b] = plan_step(with_micro_batch(cfg, b), world_size, device, micro_batches)
+        return measured[b].predicted
+
+    if peak(1) > budget:
+        return 0
+    slope = max(peak(2) - peak(1), 1)
+    b = max(1, min(limit, int(1 + (budget - peak(1)) // slope)))
+    while b > 1 and peak(b) > budget:
+        b -= max(1, b // 16)
+    while b < limit and peak(b + 1) <= budget:
+        b += 1
+    return b
+
+
+# --- the command ------------------------------------------------------------------------------
+COMPARE_VARIANTS = (  # (label, loss.impl, chunked?, activation checkpointing)
+    ("naive", "naive", False, "none"),
+    ("head_sequential", "head_sequential", False, "none"),
+    ("head_sequential + chunked CE", "head_sequential", True, "none"),
+    ("naive, AC full", "naive", False, "full"),
+    ("head_sequential, AC full", "head_sequential", False, "full"),
+    ("head_sequential + chunked CE, AC full", "head_sequential", True, "full"),
+)
+
+
+def variant(cfg: JobConfig, impl: str, chunked: bool, ac: str, chunk_size: int) -> JobConfig:
+    return replace(cfg, loss=replace(cfg.loss, impl=impl, chunk_size=chunk_size if chunked else 0),
+                   parallel=replace(cfg.parallel, activation_checkpointing=ac))
+
+
+def report_row(label: str, mem: StepMemory, memory_gib: float) -> dict:
+    need = mem.predicted * (1 + FRAGMENTATION) + RESERVED_GIB * GiB
+    return {"config": label, "peak_gib": round(mem.predicted / GiB, 3),
+            **{f"{k}_gib": round(v / GiB, 3) for k, v in mem.breakdown.items()},
+            "mask_bias_gib": round(mem.mask_bias_bytes / GiB, 3),
+            "with_margin_gib": round(need / GiB, 2), "fits": bool(need <= memory_gib * GiB)}
+
+
+def format_table(rows: list[dict]) -> str:
+    cols = ["config", "peak_gib", *[f"{c}_gib" for c in CATEGORIES], "with_margin_gib", "fits"]
+    head = ["config", "peak", "params", "grads", "optim", "activ", "logits", "+margin", "fits"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        lines.append("| " + " | ".join(str(r.get(c, "")) for c in cols) + " |")
+    return "\n".join(lines)
+
+
+def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
+    p = argparse.ArgumentParser(
+        prog="mtp-plan", description="Per-rank GPU memory of an mtp-train job, from one fake step on this machine. "
+        "Positional arguments are the job's Hydra overrides (as for mtp-train).",
+        epilog="devices: " + ", ".join(f"{k} ({v.memory_gib:.0f} GiB)" for k, v in GPU_TYPES.items()))
+    p.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. model=7b parallel=fsdp")
+    p.add_argument("--world-size", type=int, default=8, help="ranks (GPUs) of the job")
+    p.add_argument("--device", default="h100-80gb", help="GPU type: " + ", ".join(GPU_TYPES))
+    p.add_argument("--device-memory-gib", type=float, default=None, help="device memory (default: the GPU type's)")
+    p.add_argument("--compare", action="store_true",
+                   help="also naive vs head-sequential vs chunked cross-entropy, with and without activation "
+                        "checkpointing")
+    p.add_argument("--chunk-size", type=int, default=4096, help="--compare: loss.chunk_size of the chunked rows "
+                   "(the job's own if it sets one)")
+    p.add_argument("--no-search", action="store_true", help="skip the largest-micro-batch search")
+    p.add_argument("--json", action="store_true", help="print only the JSON line")
+    args = p.parse_args(argv)
+    if args.device not in GPU_TYPES:
+        p.error(f"--device {args.device!r} is not a known GPU type; choose one of {', '.join(GPU_TYPES)} "
+                f"(or give --device-memory-gib with the closest type)")
+    if args.world_size < 1:
+        p.error(f"--world-size must be >= 1, got {args.world_size}")
+    if args.device_memory_gib is not None and args.device_memory_gib <= RESERVED_GIB:
+        p.error(f"--device-memory-gib must be above the {RESERVED_GIB} GiB reserve, got {args.device_memory_gib}")
+    return args, args.overrides
+
+
+def main(argv=None) -> int:
+    from mtp_pretrain.config import compose_job_config
+
+    args, overrides = parse_args(argv)
+    cfg = compose_job_config(overrides)
+    gpu = GPU_TYPES[args.device]
+    memory_gib = args.device_memory_gib or gpu.memory_gib
+    say = (lambda *a, **k: None) if args.json else (lambda *a, **k: print(*a, **k, flush=True))
+    m = cfg.model
+    say(f"mtp-plan: model {m.name} (n_future={m.n_future}, dim {m.dim}, {m.trunk_layers} trunk blocks, vocab "
+        f"{m.vocab_size}), parallel.strategy={cfg.parallel.strategy} on {args.world_size} x {args.device} "
+        f"({memory_gib:.1f} GiB), micro-batch {cfg.train.micro_batch_size} x seq {cfg.data.seq_len}, loss "
+        f"{cfg.loss.impl} chunk {cfg.loss.chunk_size}, AC {cfg.parallel.activation_checkpointing}")
+    job = plan_step(cfg, args.world_size, args.device)
+    say(f"  one fake step in {job.seconds:.1f}s")
+    rows = [report_row("this job", job, memory_gib)]
+    result = {"world_size": args.world_size, "device": args.device, "device_memory_gib": round(memory_gib, 2),
+              "model": m.name, "n_future": m.n_future, "strategy": cfg.parallel.strategy,
+              "micro_batch_size": cfg.train.micro_batch_size, "seq_len": cfg.data.seq_len,
+              "margin": f"x{1 + FRAGMENTATION:.2f} + {RESERVED_GIB} GiB", **rows[0]}
+    if not args.no_search:
+        measured = {cfg.train.micro_batch_size: job} if cfg.train.global_batch_tokens is None else {}
+        say("  searching the largest micro-batch that fits ...")
+        best = largest_micro_batch(cfg, args.world_size, args.device, memory_gib, job.micro_batches, measured)
+        result["largest_micro_batch"] = best
+        say(f"  largest micro_batch_size that fits: {best} ({len(measured)} fake steps)")
+    if args.compare:
+        chunk = cfg.loss.chunk_size or args.chunk_size
+        for label, impl, chunked, ac in COMPARE_VARIANTS:
+            mem = plan_step(variant(cfg, impl, chunked, ac, chunk), args.world_size, args.device)
+            rows.append(report_row(label + (f" ({chunk})" if chunked else ""), mem, memory_gib))
+            say(f"  {label}: {rows[-1]['peak_gib']} GiB ({mem.seconds:.1f}s)")
+        result["compare"] = rows[1:]
+    say("\nper-rank prediction (GiB; peak = predicted torch.cuda.max_memory_allocated; +margin = peak x "
+        f"{1 + FRAGMENTATION:.2f} + {RESERVED_GIB} GiB for CUDA context, NCCL and fragmentation):")
+    say(format_table(rows))
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
