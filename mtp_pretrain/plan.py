@@ -80,6 +80,11 @@ PLANNABLE = ("none", "ddp", "fsdp", "tp", "fsdp_tp")
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "logits")
 
 
+# Kernels that allocate a temporary the fake kernel does not: ATen's logsumexp (on every device)
+# computes exp(x - max) into an input-sized tensor before summing it.
+KERNEL_SCRATCH = {torch.ops.aten.logsumexp.default: lambda x: x.numel() * x.element_size()}
+
+
 # --- counting live storage bytes --------------------------------------------------------------
 class LiveStorageBytes(TorchDispatchMode):
     """Sums the bytes of live tensor storages as ops create and free them; keeps the peak and,
@@ -102,6 +107,7 @@ class LiveStorageBytes(TorchDispatchMode):
         self.peak_breakdown: dict[str, int] = {}
         self._classified_at = 0
         self.tag = "other"  # what allocations are now: set by the caller around phases
+        self.scratch: dict[str, int] = {}  # a kernel's temporary while it runs (KERNEL_SCRATCH)
         self._orig_resize = None
 
     # storages
@@ -126,6 +132,9 @@ class LiveStorageBytes(TorchDispatchMode):
             if self.classify is not None and self.total > self._classified_at * (1 + self.resolution):
                 self._classified_at = self.total
                 self.peak_breakdown = self.classify(self.live)
+                for tag, nbytes in self.scratch.items():  # not in self.live
+                    key = tag if tag in self.peak_breakdown else "activations"
+                    self.peak_breakdown[key] = self.peak_breakdown.get(key, 0) + nbytes
 
     def watch(self, t: torch.Tensor, tag: Optional[str] = None) -> None:
         """Count ``t``'s storage(s) now (tensors that exist before the mode is entered)."""
@@ -143,6 +152,13 @@ class LiveStorageBytes(TorchDispatchMode):
         for t in tree_leaves(out):
             if isinstance(t, torch.Tensor):
                 self.watch(t)
+        if func in KERNEL_SCRATCH and self.counted(args[0]):
+            # Allocated and freed inside the kernel: counted for the moment the op runs.
+            scratch, tag = KERNEL_SCRATCH[func](args[0]), self._tag_of(args[0])
+            self.scratch = {tag: scratch}
+            self._change(tag, scratch)
+            self.scratch = {}
+            self._change(tag, -scratch)
         return out
 
     # resize_ of a storage: FSDP2's free / re-allocate of unsharded parameters
@@ -326,6 +342,8 @@ def _classifier(trainer: StepOnlyTrainer) -> Callable[[dict], dict]:
         if not cache:
             cache["modules"] = list(trainer.model.modules())
             cache["sharded"] = list(trainer.model.parameters())
+        if cache.get("states") != len(trainer.optimizer.state):  # filled by init_adamw_state
+            cache["states"] = len(trainer.optimizer.state)
             cache["state"] = _storage_ids(t for s in trainer.optimizer.state.values() for t in s.values()
                                           if isinstance(t, torch.Tensor))
         params = [p for m in cache["modules"] for p in m._parameters.values() if p is not None] + cache["sharded"]
@@ -333,12 +351,14 @@ def _classifier(trainer: StepOnlyTrainer) -> Callable[[dict], dict]:
         grad_ids = _storage_ids(p.grad for p in params)
         out = dict.fromkeys(CATEGORIES, 0)
         for key, (nbytes, tag, _) in live.items():
-            if key in param_ids or tag == "parameters":
+            if key in param_ids:
                 out["parameters"] += nbytes
             elif key in grad_ids:
                 out["gradients"] += nbytes
             elif key in cache["state"] or tag == "optimizer":
                 out["optimizer"] += nbytes
+            elif tag == "parameters":  # buffers (RoPE tables)
+                out["parameters"] += nbytes
             elif tag == "logits":
                 out["logits"] += nbytes
             else:
@@ -413,6 +433,46 @@ def plan_step(cfg: JobConfig, world_size: int, device: str = "h100-80gb", micro_
     return StepMemory(peak=tracker.peak, breakdown=tracker.peak_breakdown, before_step=before,
                       mask_bias_bytes=mask_bias_bytes(cfg, emulation), micro_batch_size=cfg.train.micro_batch_size,
                       micro_batches=trainer.grad_accum, seconds=time.perf_counter() - t0)
+
+
+def measure_step(cfg: JobConfig, env, micro_batches: Optional[int] = None) -> dict:
+    """The measured counterpart of ``plan_step`` on this CPU: the same set-up and one real step
+    (real tensors, the caller's process group), with the allocator's own count of live bytes.
+
+    The measure: torch's profiler with ``profile_memory`` reports every allocation and free of
+    the CPU allocator with its running total of bytes allocated since profiling started -- the
+    quantity CUDA's ``max_memory_allocated`` counts on a GPU (requested bytes; CUDA rounds each
+    block up to 512 B). Profiling starts before the model is built, so the total counts every
+    tensor of the job; the peak is taken over the step (from ``train_step``'s start to its end),
+    which leaves out the host-built full model that sharding frees during set-up (the plan
+    builds on the meta device). Returns {"peak", "before_step"} in bytes."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    trainer = StepOnlyTrainer(cfg, env, Emulation.for_device(cfg, "cpu"), micro_batches, fake=False)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        trainer.set_up(trainer.build_model())
+        with record_function("mtp_plan_measured_step"):
+            trainer.train_step()
+    events, todo = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while todo:
+        e = todo.pop()
+        events.append(e)
+        todo.extend(e.children)
+    step = [e for e in events if e.name == "mtp_plan_measured_step"]
+    if len(step) != 1:
+        raise RuntimeError(f"profiler: expected one measured-step marker, found {len(step)}")
+    start = step[0].start_time_ns
+    allocs = sorted((e for e in events if e.tag == _EventType.Allocation), key=lambda e: e.start_time_ns)
+    if not allocs:
+        raise RuntimeError("profiler: no allocations recorded")
+    # The running total is process-wide across profiling sessions: start from what it was.
+    base = allocs[0].extra_fields.total_allocated - allocs[0].extra_fields.alloc_size
+    before = [e.extra_fields.total_allocated - base for e in allocs if e.start_time_ns < start]
+    during = [e.extra_fields.total_allocated - base for e in allocs if e.start_time_ns >= start]
+    if not before or not during:
+        raise RuntimeError("profiler: no allocations recorded before or during the step")
+    return {"peak": max(during), "before_step": before[-1]}
 
 
 def usable_bytes(memory_gib: float) -> float:

@@ -1,0 +1,137 @@
+"""How close is ``mtp-plan``'s prediction to the measured per-rank peak of the same job?
+
+For each setting (model, strategy, world size, n, loss, chunk, activation checkpointing) the
+prediction is ``mtp_pretrain.plan.plan_step(cfg, world_size, "cpu")``: one step under
+FakeTensorMode with a fake process group, as rank 0. The measurement runs the same step for
+real on this CPU, on ``world_size`` torchrun ranks over gloo (``plan.measure_step``): the peak
+of the CPU allocator's running total of live bytes, from torch's profiler (``profile_memory``),
+over the step -- the quantity ``torch.cuda.max_memory_allocated`` reports on a GPU.
+
+    .venv/bin/python bench/plan_accuracy.py                 # the documented table
+    .venv/bin/python bench/plan_accuracy.py --only tiny      # the tiny settings only
+
+Error = (predicted - measured) / measured on rank 0 (every rank is printed); the floor is
+|error| <= 20 % for every setting. The last line is one JSON object with ``max_abs_rel_error``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+FLOOR = 0.20
+MiB = 2 ** 20
+
+# name: (world size, Hydra overrides). Short sequences and micro-batches: real steps on 2 shared cores.
+SETTINGS = {
+    "tiny none n4 hs": (1, ["model=tiny", "parallel=none"]),
+    "tiny none n4 naive": (1, ["model=tiny", "parallel=none", "loss.impl=naive"]),
+    "tiny none n4 hs chunk64 AC": (1, ["model=tiny", "parallel=none", "loss.chunk_size=64",
+                                       "parallel.activation_checkpointing=full"]),
+    "tiny fsdp2 n4 hs": (2, ["model=tiny", "parallel=fsdp"]),
+    "tiny fsdp2 n4 naive AC": (2, ["model=tiny", "parallel=fsdp", "loss.impl=naive",
+                                   "parallel.activation_checkpointing=full"]),
+    "tiny fsdp2 n1": (2, ["model=tiny", "parallel=fsdp", "model.n_future=1"]),
+    "tiny fsdp2 n4 hs accum2": (2, ["model=tiny", "parallel=fsdp", "train.global_batch_tokens=1024"]),
+    "tiny ddp2 n4 hs chunk64": (2, ["model=tiny", "parallel=ddp", "loss.chunk_size=64"]),
+    "tiny tp2 n4 hs": (2, ["model=tiny", "parallel=tp"]),
+    "small none n4 naive": (1, ["model=small", "parallel=none", "loss.impl=naive"]),
+    "small fsdp2 n4 hs chunk128 AC": (2, ["model=small", "parallel=fsdp", "loss.chunk_size=128",
+                                          "parallel.activation_checkpointing=full"]),
+    "124m fsdp2 n4 hs": (2, ["model=124m", "parallel=fsdp"]),
+    "124m none n1 AC": (1, ["model=124m", "parallel=none", "model.n_future=1",
+                            "parallel.activation_checkpointing=full"]),
+}
+COMMON = ["data.seq_len=128", "train.micro_batch_size=2", "train.dtype=float32", "logging=quiet"]
+
+
+def worker(spec_path: str) -> None:
+    """One torchrun rank: measure every setting of the spec, write this rank's figures."""
+    import torch
+
+    from mtp_pretrain.config import compose_job_config
+    from mtp_pretrain.parallel import init_distributed
+    from mtp_pretrain.plan import measure_step
+
+    spec = json.loads(Path(spec_path).read_text())
+    env = init_distributed("cpu")
+    torch.set_num_threads(1)
+    out = {}
+    for name, overrides in spec["settings"].items():
+        out[name] = measure_step(compose_job_config(overrides), env)
+        gc.collect()  # the previous setting's model and optimizer (reference cycles) go now
+    Path(spec["out"], f"rank{env.rank}.json").write_text(json.dumps(out))
+
+
+def measure(world: int, settings: dict[str, list[str]], tmp: Path) -> dict[str, list[dict]]:
+    spec = tmp / f"spec{world}.json"
+    spec.write_text(json.dumps({"out": str(tmp), "settings": settings}))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
+           __file__, "--worker", str(spec)]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
+    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
+    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
+    ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world)]
+    return {name: [r[name] for r in ranks] for name in settings}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--only", default="", help="run the settings whose name contains this")
+    ap.add_argument("--worker", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.worker:
+        worker(args.worker)
+        return 0
+    from mtp_pretrain.config import compose_job_config
+    from mtp_pretrain.plan import plan_step
+
+    chosen = {k: (w, ov + COMMON) for k, (w, ov) in SETTINGS.items() if args.only in k}
+    if not chosen:
+        sys.exit(f"--only {args.only!r} matches none of: {', '.join(SETTINGS)}")
+    print(f"plan accuracy: {len(chosen)} settings, {' '.join(COMMON)}; prediction = fake step as rank 0, "
+          f"measurement = CPU allocator peak (profiler) over one real step on torchrun ranks", flush=True)
+    t0 = time.perf_counter()
+    predicted = {}
+    for name, (world, overrides) in chosen.items():
+        mem = plan_step(compose_job_config(overrides), world, "cpu")
+        predicted[name] = mem
+        print(f"  predicted {name}: {mem.predicted / MiB:.1f} MiB ({mem.seconds:.1f}s)", flush=True)
+    measured = {}
+    with tempfile.TemporaryDirectory(prefix="mtp_plan_acc_") as tmp:
+        for world in sorted({w for w, _ in chosen.values()}):
+            group = {k: ov for k, (w, ov) in chosen.items() if w == world}
+            t1 = time.perf_counter()
+            measured |= measure(world, group, Path(tmp))
+            print(f"  measured {len(group)} settings on {world} rank(s) in {time.perf_counter() - t1:.0f}s", flush=True)
+
+    print("\n| setting | ranks | predicted MiB | measured MiB (per rank) | error | before step pred / meas MiB |")
+    print("|---|---|---|---|---|---|")
+    errors = {}
+    for name, (world, _) in chosen.items():
+        pred, meas = predicted[name], measured[name]
+        err = (pred.predicted - meas[0]["peak"]) / meas[0]["peak"]
+        errors[name] = round(err, 4)
+        per_rank = " / ".join(f"{m['peak'] / MiB:.1f}" for m in meas)
+        print(f"| {name} | {world} | {pred.predicted / MiB:.1f} | {per_rank} | {100 * err:+.1f} % | "
+              f"{pred.before_step / MiB:.1f} / {meas[0]['before_step'] / MiB:.1f} |")
+    worst = max(abs(e) for e in errors.values())
+    result = {"bench": "plan_accuracy", "settings": len(errors), "max_abs_rel_error": round(worst, 4),
+              "floor": FLOOR, "floor_met": worst <= FLOOR, "errors": errors,
+              "seconds": round(time.perf_counter() - t0, 1)}
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
