@@ -342,10 +342,8 @@ def _classifier(trainer: StepOnlyTrainer) -> Callable[[dict], dict]:
         if not cache:
             cache["modules"] = list(trainer.model.modules())
             cache["sharded"] = list(trainer.model.parameters())
-        if cache.get("states") != len(trainer.optimizer.state):  # filled by init_adamw_state
-            cache["states"] = len(trainer.optimizer.state)
-            cache["state"] = _storage_ids(t for s in trainer.optimizer.state.values() for t in s.values()
-                                          if isinstance(t, torch.Tensor))
+        state_ids = _storage_ids(t for s in trainer.optimizer.state.values() for t in s.values()
+                                 if isinstance(t, torch.Tensor))
         params = [p for m in cache["modules"] for p in m._parameters.values() if p is not None] + cache["sharded"]
         param_ids = _storage_ids(params)
         grad_ids = _storage_ids(p.grad for p in params)
@@ -355,7 +353,7 @@ def _classifier(trainer: StepOnlyTrainer) -> Callable[[dict], dict]:
                 out["parameters"] += nbytes
             elif key in grad_ids:
                 out["gradients"] += nbytes
-            elif key in cache["state"] or tag == "optimizer":
+            elif key in state_ids or tag == "optimizer":
                 out["optimizer"] += nbytes
             elif tag == "parameters":  # buffers (RoPE tables)
                 out["parameters"] += nbytes

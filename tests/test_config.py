@@ -26,7 +26,7 @@ def job_groups() -> dict[str, list[str]]:
 def test_conf_layout_is_known():
     groups = job_groups()
     assert set(groups) == JOB_GROUPS, "a new conf/ group: add it to JOB_GROUPS and docs/training.md"
-    assert {"tiny", "small", "124m", "1b", "7b"} <= set(groups["model"])
+    assert {"tiny", "small", "124m", "1b", "7b", "70b"} <= set(groups["model"])
     assert {"none", "ddp", "fsdp"} <= set(groups["parallel"])
 
 

@@ -198,6 +198,8 @@ def test_named_size_targets():
     assert abs(c124["total"] / 124e6 - 1) <= 0.15, c124
     c7 = count_parameters(model_config("7b", n_future=1))
     assert abs(c7["total"] / 6.74e9 - 1) <= 0.02, c7  # Llama-2 7B shape
+    c70 = count_parameters(model_config("70b", n_future=1))
+    assert abs(c70["total"] / 70.55e9 - 1) <= 0.02, c70  # Llama-3 70B shape
 
 
 @pytest.mark.parametrize("tie", [False, True])

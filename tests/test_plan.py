@@ -1,0 +1,117 @@
+"""mtp-plan: the fake step's per-rank memory against the same step measured for real.
+
+The prediction (``plan_step``: FakeTensorMode, fake process group) and the measurement
+(``measure_step``: real tensors, the CPU allocator's running total from torch's profiler) are
+two independent counts of one job's step; on one CPU process they agree to the byte
+(bench/plan_accuracy.py covers FSDP, DDP and TP on 2 ranks, with a stated 20 % floor).
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from mtp_pretrain.config import compose_job_config
+from mtp_pretrain.parallel.setup import DistEnv
+from mtp_pretrain.plan import (GPU_TYPES, RESERVED_GIB, largest_micro_batch, main, measure_step, parse_args,
+                               plan_step, usable_bytes, with_micro_batch)
+
+TINY = ["model=tiny", "parallel=none", "data.seq_len=64", "train.micro_batch_size=2", "train.dtype=float32",
+        "logging=quiet"]
+STATED_ERROR = 0.05  # one process, float32: the bench measured 0.0 %
+
+
+def one_process() -> DistEnv:
+    return DistEnv(0, 1, 0, torch.device("cpu"), "gloo")
+
+
+@pytest.mark.parametrize("extra", [[], ["loss.impl=naive"],
+                                   ["loss.chunk_size=32", "parallel.activation_checkpointing=full"]],
+                         ids=["head_sequential", "naive", "chunked_ac"])
+def test_prediction_equals_measured_peak(extra):
+    cfg = compose_job_config(TINY + extra)
+    predicted = plan_step(cfg, 1, "cpu")
+    measured = measure_step(cfg, one_process())
+    print(f"\n{extra}: predicted {predicted.peak:,} B (before step {predicted.before_step:,}), "
+          f"measured {measured['peak']:,} B (before step {measured['before_step']:,}); {predicted.breakdown}")
+    assert measured["peak"] > measured["before_step"] > 0
+    assert abs(predicted.peak - measured["peak"]) <= STATED_ERROR * measured["peak"]
+    assert abs(predicted.before_step - measured["before_step"]) <= STATED_ERROR * measured["before_step"]
+
+
+def test_breakdown_names_what_is_alive():
+    cfg = compose_job_config(TINY)
+    mem = plan_step(cfg, 1, "cpu")
+    bd = mem.breakdown
+    n_params = sum(p.numel() for p in _meta_model(cfg).parameters())
+    param_bytes = 4 * n_params
+    print(f"\n{bd} params {param_bytes:,} B")
+    # float32 parameters (+ the RoPE tables), AdamW's two moments of each (+ a scalar step counter each)
+    rope = 2 * cfg.model.max_seq_len * (cfg.model.head_dim // 2) * 4
+    assert bd["parameters"] == param_bytes + rope
+    n_tensors = len(list(_meta_model(cfg).parameters()))
+    assert 2 * param_bytes <= bd["optimizer"] <= 2 * param_bytes + 8 * n_tensors
+    # one head's logits [B*T, V] in float32 at least, under the head-sequential loss
+    assert bd["logits"] >= 2 * 64 * cfg.model.vocab_size * 4
+    assert bd["activations"] > 0 and bd["gradients"] > 0
+    assert sum(bd.values()) <= mem.peak <= sum(bd.values()) * 1.001
+
+
+def test_naive_keeps_every_heads_logits_and_fsdp_shards_the_state():
+    hs = plan_step(compose_job_config(TINY), 1, "cpu").breakdown
+    naive = plan_step(compose_job_config(TINY + ["loss.impl=naive"]), 1, "cpu").breakdown
+    one_head = 2 * 64 * 8192 * 4  # [B*T, V] float32
+    # naive: every extra head keeps its log-probabilities for the one backward; head-sequential frees them
+    assert naive["logits"] >= hs["logits"] + 3 * one_head
+    fsdp = TINY[:1] + ["parallel=fsdp"] + TINY[2:]
+    one = plan_step(compose_job_config(fsdp), 1, "cpu").before_step
+    eight = plan_step(compose_job_config(fsdp), 8, "cpu").before_step
+    assert eight < one / 4  # parameters and optimizer state split over 8 ranks
+
+
+def test_largest_micro_batch_fits_and_the_next_does_not():
+    cfg = compose_job_config(TINY)
+    measured = {}
+    one = plan_step(with_micro_batch(cfg, 1), 1, "h100-80gb", 1)
+    two = plan_step(with_micro_batch(cfg, 2), 1, "h100-80gb", 1)
+    measured |= {1: one, 2: two}
+    # a device on which about 5 micro-batches fit
+    budget = one.predicted + 4.5 * (two.predicted - one.predicted)
+    memory_gib = RESERVED_GIB + budget * 1.10 / 2 ** 30
+    best = largest_micro_batch(cfg, 1, "h100-80gb", memory_gib, 1, measured)
+    assert best >= 2
+    assert measured[best].predicted <= usable_bytes(memory_gib) < measured[best + 1].predicted
+
+
+def test_cli_reports_one_json_line(capsys):
+    assert main(["model=tiny", "parallel=fsdp", "data.seq_len=64", "train.micro_batch_size=2",
+                 "--world-size", "4", "--device", "a100-40gb", "--no-search"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    assert result["world_size"] == 4 and result["device"] == "a100-40gb" and result["fits"] is True
+    assert result["peak_gib"] > 0 and result["optimizer_gib"] >= 0
+    assert "| this job |" in out
+
+
+def test_cli_unknown_device_is_a_clear_error(capsys):
+    with pytest.raises(SystemExit) as e:
+        parse_args(["model=tiny", "--device", "h100-80"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "--device 'h100-80' is not a known GPU type" in err
+    assert all(name in err for name in GPU_TYPES)
+
+
+def test_unplannable_strategy_is_refused():
+    cfg = compose_job_config(["model=tiny", "parallel=deepspeed"])
+    with pytest.raises(ValueError, match="parallel.strategy=deepspeed|deepspeed steps inside its own engine"):
+        plan_step(cfg, 2)
+
+
+def _meta_model(cfg):
+    from mtp_pretrain.model import MTPTransformer
+
+    with torch.device("meta"):
+        return MTPTransformer(cfg.model)
