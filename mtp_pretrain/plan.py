@@ -444,7 +444,6 @@ def measure_step(cfg: JobConfig, env, micro_batches: Optional[int] = None) -> di
     tensor of the job; the peak is taken over the step (from ``train_step``'s start to its end),
     which leaves out the host-built full model that sharding frees during set-up (the plan
     builds on the meta device). Returns {"peak", "before_step"} in bytes."""
-    from torch._C._profiler import _EventType
     from torch.profiler import ProfilerActivity, profile, record_function
 
     trainer = StepOnlyTrainer(cfg, env, Emulation.for_device(cfg, "cpu"), micro_batches, fake=False)
@@ -452,25 +451,38 @@ def measure_step(cfg: JobConfig, env, micro_batches: Optional[int] = None) -> di
         trainer.set_up(trainer.build_model())
         with record_function("mtp_plan_measured_step"):
             trainer.train_step()
+    events = _profiler_events(prof)
+    step = [e for e in events if e.name == "mtp_plan_measured_step"]
+    if len(step) != 1:
+        raise RuntimeError(f"profiler: expected one measured-step marker, found {len(step)}")
+    totals = allocator_totals(events)
+    before = [total for t, total in totals if t < step[0].start_time_ns]
+    during = [total for t, total in totals if t >= step[0].start_time_ns]
+    if not before or not during:
+        raise RuntimeError("profiler: no allocations recorded before or during the step")
+    return {"peak": max(during), "before_step": before[-1]}
+
+
+def _profiler_events(prof) -> list:
     events, todo = [], list(prof.profiler.kineto_results.experimental_event_tree())
     while todo:
         e = todo.pop()
         events.append(e)
         todo.extend(e.children)
-    step = [e for e in events if e.name == "mtp_plan_measured_step"]
-    if len(step) != 1:
-        raise RuntimeError(f"profiler: expected one measured-step marker, found {len(step)}")
-    start = step[0].start_time_ns
+    return events
+
+
+def allocator_totals(events) -> list[tuple[int, int]]:
+    """(time ns, live bytes allocated since profiling began) after each CPU allocation or free
+    that a ``profile(profile_memory=True)`` session recorded, in time order."""
+    from torch._C._profiler import _EventType
+
     allocs = sorted((e for e in events if e.tag == _EventType.Allocation), key=lambda e: e.start_time_ns)
     if not allocs:
         raise RuntimeError("profiler: no allocations recorded")
-    # The running total is process-wide across profiling sessions: start from what it was.
+    # The allocator's running total is process-wide across profiling sessions: start from what it was.
     base = allocs[0].extra_fields.total_allocated - allocs[0].extra_fields.alloc_size
-    before = [e.extra_fields.total_allocated - base for e in allocs if e.start_time_ns < start]
-    during = [e.extra_fields.total_allocated - base for e in allocs if e.start_time_ns >= start]
-    if not before or not during:
-        raise RuntimeError("profiler: no allocations recorded before or during the step")
-    return {"peak": max(during), "before_step": before[-1]}
+    return [(e.start_time_ns, e.extra_fields.total_allocated - base) for e in allocs]
 
 
 def usable_bytes(memory_gib: float) -> float:

@@ -41,6 +41,26 @@ def test_prediction_equals_measured_peak(extra):
     assert abs(predicted.before_step - measured["before_step"]) <= STATED_ERROR * measured["before_step"]
 
 
+def test_kernel_temporaries_are_counted():
+    # ATen's logsumexp holds an input-sized exp(x - max) that the fake kernel never allocates
+    from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode
+    from torch.profiler import ProfilerActivity, profile
+
+    from mtp_pretrain.plan import LiveStorageBytes, _profiler_events, allocator_totals
+
+    x = torch.randn(256, 4096)
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        torch.logsumexp(x, dim=-1)
+    measured = max(total for _, total in allocator_totals(_profiler_events(prof)))
+    with FakeTensorMode():
+        fake_x = torch.empty(256, 4096)
+        tracker = LiveStorageBytes(counted=lambda t: isinstance(t, FakeTensor))
+        with tracker:
+            torch.logsumexp(fake_x, dim=-1)
+    assert measured >= x.numel() * 4
+    assert abs(tracker.peak - measured) <= 4 * 256 * 4  # the kernel's [256] row maxima are not counted
+
+
 def test_breakdown_names_what_is_alive():
     cfg = compose_job_config(TINY)
     mem = plan_step(cfg, 1, "cpu")
