@@ -39,6 +39,7 @@ import sys
 import time
 import weakref
 from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Sequence
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -316,6 +317,50 @@ class StepOnlyTrainer(Trainer):
         pass
 
 
+class _ChunksOnDemand(Sequence):
+    """What ``torch.chunk`` + empty padding returns (FSDP2's ``_chunk_with_empty``), each view
+    made when asked for. FSDP slices every parameter into world-size views to keep its own
+    rank's; under fake tensors each view costs a fake-tensor construction, which made set-up
+    grow with the world size (64 ranks: a third of a 7b plan's time)."""
+
+    def __init__(self, tensor: torch.Tensor, num_chunks: int, dim: int):
+        self.tensor, self.num_chunks, self.dim = tensor, num_chunks, dim
+        n = tensor.size(dim)
+        self.size = -(-n // num_chunks)  # torch.chunk's chunk size
+        self.real = -(-n // self.size) if n else num_chunks  # how many chunks torch.chunk makes
+
+    def __len__(self) -> int:
+        return self.num_chunks
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        if not 0 <= i < self.num_chunks:
+            raise IndexError(i)
+        if i >= self.real:
+            return self[0].new_empty(0)
+        start = min(i * self.size, self.tensor.size(self.dim))
+        return self.tensor.narrow(self.dim, start, min(self.size, self.tensor.size(self.dim) - start))
+
+
+@contextlib.contextmanager
+def _fsdp_chunks_on_demand():
+    """Planning only: FSDP2's parameter slicing through ``_ChunksOnDemand`` (same views, made
+    lazily). If this torch has no such function, nothing changes (planning is just slower)."""
+    try:
+        from torch.distributed.fsdp._fully_shard import _fsdp_param
+    except ImportError:
+        yield
+        return
+    original = getattr(_fsdp_param, "_chunk_with_empty", None)
+    if original is None:
+        yield
+        return
+    _fsdp_param._chunk_with_empty = _ChunksOnDemand
+    try:
+        yield
+    finally:
+        _fsdp_param._chunk_with_empty = original
+
+
 def _build_meshes_now(strategy) -> None:
     """Device meshes compute their coordinates from real tensors: build them before fake mode."""
     dims = getattr(strategy, "dims", None)
@@ -420,7 +465,7 @@ def plan_step(cfg: JobConfig, world_size: int, device: str = "h100-80gb", micro_
             tracker.tag = "optimizer" if starting else "activations"
 
         model = trainer.build_model()
-        with FakeTensorMode(allow_non_fake_inputs=True), tracker, FakeScalars():
+        with FakeTensorMode(allow_non_fake_inputs=True), tracker, FakeScalars(), _fsdp_chunks_on_demand():
             tracker.tag = "parameters"
             trainer.set_up(model, optimizer_step)
             before = tracker.total
@@ -567,7 +612,7 @@ def parse_args(argv=None) -> tuple[argparse.Namespace, list[str]]:
                    "(the job's own if it sets one)")
     p.add_argument("--no-search", action="store_true", help="skip the largest-micro-batch search")
     p.add_argument("--json", action="store_true", help="print only the JSON line")
-    args = p.parse_args(argv)
+    args = p.parse_intermixed_args(argv)  # options may come between the overrides
     if args.device not in GPU_TYPES:
         p.error(f"--device {args.device!r} is not a known GPU type; choose one of {', '.join(GPU_TYPES)} "
                 f"(or give --device-memory-gib with the closest type)")
