@@ -47,7 +47,10 @@ def shard_units(model: nn.Module, mesh, param_dtype: torch.dtype | None = None, 
               mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
               offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
     for block in model.trunk:
-        fully_shard(block, **kw)
+        # Explicit, not FSDP's default: every unit is its own root (see _make_root_of), and a
+        # root left to the default keeps its gathered parameters from forward to backward, so
+        # the whole trunk stayed unsharded through the step (found by mtp-plan).
+        fully_shard(block, reshard_after_forward=True, **kw)
     for head in model.heads:
         fully_shard(head, **kw)
     # Used once per head: keep unsharded between heads rather than all-gather n times.
