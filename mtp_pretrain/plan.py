@@ -98,7 +98,7 @@ class LiveStorageBytes(TorchDispatchMode):
     """
 
     def __init__(self, vocab_sizes: tuple[int, ...] = (), counted: Callable[[torch.Tensor], bool] = lambda t: True,
-                 classify: Optional[Callable[[dict], dict]] = None, resolution: float = 1e-3):
+                 classify: Optional[Callable[[dict, dict], dict]] = None, resolution: float = 2e-3):
         super().__init__()
         self.vocab_sizes, self.counted, self.classify = set(vocab_sizes), counted, classify
         self.resolution = resolution
@@ -132,10 +132,15 @@ class LiveStorageBytes(TorchDispatchMode):
             self.peak = self.total
             if self.classify is not None and self.total > self._classified_at * (1 + self.resolution):
                 self._classified_at = self.total
-                self.peak_breakdown = self.classify(self.live)
+                self.peak_breakdown = self.classify(self.live, self.by_tag)
                 for tag, nbytes in self.scratch.items():  # not in self.live
                     key = tag if tag in self.peak_breakdown else "activations"
                     self.peak_breakdown[key] = self.peak_breakdown.get(key, 0) + nbytes
+
+    def reset_peak(self) -> None:
+        """Start a new peak from what is live now."""
+        self.peak = self._classified_at = self.total
+        self.peak_breakdown = self.classify(self.live, self.by_tag) if self.classify is not None else {}
 
     def watch(self, t: torch.Tensor, tag: Optional[str] = None) -> None:
         """Count ``t``'s storage(s) now (tensors that exist before the mode is entered)."""
@@ -232,6 +237,9 @@ class StepMemory:
     peak: int
     breakdown: dict  # category -> bytes at the peak
     before_step: int  # live after set-up: parameters + optimizer state (+ anything kept)
+    # Set-up: the strategy's parallelize moves the whole host-built model to the device before
+    # sharding it (what the job does today; meta-device initialisation removes this peak).
+    set_up_peak: int = 0
     mask_bias_bytes: int = 0  # analytic: see the module docstring
     micro_batch_size: int = 0
     micro_batches: int = 1
@@ -312,6 +320,7 @@ class StepOnlyTrainer(Trainer):
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
         init_adamw_state(self.optimizer)
         self.train_iter = _random_batches(cfg, self.env.device)
+        self.ready = True
 
     def log(self, msg: str) -> None:
         pass
@@ -375,37 +384,41 @@ def _build_meshes_now(strategy) -> None:
         strategy.mesh = lambda: mesh
 
 
-def _classifier(trainer: StepOnlyTrainer) -> Callable[[dict], dict]:
+def _classifier(trainer: StepOnlyTrainer) -> Callable[[dict, dict], dict]:
     """What the live storages are, by category (called at each new peak): parameters (sharded,
     and unsharded while FSDP holds them gathered; buffers), gradients, optimizer (AdamW state and
-    its step's temporaries), logits, activations (the rest of what the step allocates)."""
-    cache: dict = {}
+    its step's temporaries), logits, activations (the rest of what the step allocates).
 
-    def classify(live: dict) -> dict:
+    Only the storages of parameters, gradients and optimizer state are looked up (a few per
+    parameter); everything else goes by the tag it was allocated under (``by_tag`` totals), so a
+    call does not walk the thousands of live activations."""
+    cache: dict = {}
+    to_category = {"parameters": "parameters", "optimizer": "optimizer", "logits": "logits"}
+
+    def classify(live: dict, by_tag: dict) -> dict:
         if not hasattr(trainer, "optimizer"):  # still building
             return {"parameters": sum(e[0] for e in live.values())}
         if not cache:
             cache["modules"] = list(trainer.model.modules())
             cache["sharded"] = list(trainer.model.parameters())
-        state_ids = _storage_ids(t for s in trainer.optimizer.state.values() for t in s.values()
-                                 if isinstance(t, torch.Tensor))
+        if not cache.get("state_final"):  # the state is made during set-up, then stays
+            cache["state"] = _storage_ids(t for s in trainer.optimizer.state.values() for t in s.values()
+                                          if isinstance(t, torch.Tensor))
+            cache["state_final"] = getattr(trainer, "ready", False)
         params = [p for m in cache["modules"] for p in m._parameters.values() if p is not None] + cache["sharded"]
         param_ids = _storage_ids(params)
-        grad_ids = _storage_ids(p.grad for p in params)
+        grad_ids = _storage_ids(p.grad for p in params) - param_ids
+        state_ids = cache["state"] - param_ids - grad_ids
         out = dict.fromkeys(CATEGORIES, 0)
-        for key, (nbytes, tag, _) in live.items():
-            if key in param_ids:
-                out["parameters"] += nbytes
-            elif key in grad_ids:
-                out["gradients"] += nbytes
-            elif key in state_ids or tag == "optimizer":
-                out["optimizer"] += nbytes
-            elif tag == "parameters":  # buffers (RoPE tables)
-                out["parameters"] += nbytes
-            elif tag == "logits":
-                out["logits"] += nbytes
-            else:
-                out["activations"] += nbytes
+        rest = dict(by_tag)
+        for category, ids in (("parameters", param_ids), ("gradients", grad_ids), ("optimizer", state_ids)):
+            for key in ids:
+                entry = live.get(key)
+                if entry is not None:
+                    out[category] += entry[0]
+                    rest[entry[1]] -= entry[0]
+        for tag, nbytes in rest.items():
+            out[to_category.get(tag, "activations")] += nbytes
         return out
 
     return classify
@@ -468,12 +481,13 @@ def plan_step(cfg: JobConfig, world_size: int, device: str = "h100-80gb", micro_
         with FakeTensorMode(allow_non_fake_inputs=True), tracker, FakeScalars(), _fsdp_chunks_on_demand():
             tracker.tag = "parameters"
             trainer.set_up(model, optimizer_step)
-            before = tracker.total
+            before, set_up_peak = tracker.total, tracker.peak
+            tracker.reset_peak()
             tracker.tag = "activations"
             trainer.train_step()
     finally:
         dist.destroy_process_group()
-    return StepMemory(peak=tracker.peak, breakdown=tracker.peak_breakdown, before_step=before,
+    return StepMemory(peak=tracker.peak, breakdown=tracker.peak_breakdown, before_step=before, set_up_peak=set_up_peak,
                       mask_bias_bytes=mask_bias_bytes(cfg, emulation), micro_batch_size=cfg.train.micro_batch_size,
                       micro_batches=trainer.grad_accum, seconds=time.perf_counter() - t0)
 
