@@ -492,20 +492,35 @@ def plan_step(cfg: JobConfig, world_size: int, device: str = "h100-80gb", micro_
                       micro_batches=trainer.grad_accum, seconds=time.perf_counter() - t0)
 
 
-def measure_step(cfg: JobConfig, env, micro_batches: Optional[int] = None) -> dict:
-    """The measured counterpart of ``plan_step`` on this CPU: the same set-up and one real step
-    (real tensors, the caller's process group), with the allocator's own count of live bytes.
+def measure_step(cfg: JobConfig, env, micro_batches: Optional[int] = None, device: str = "cpu") -> dict:
+    """The measured counterpart of ``plan_step``: the same set-up and one real step (real tensors,
+    the caller's process group, ``env.device``), with the allocator's own count of live bytes.
+    ``device`` names what the step emulates, as for ``plan_step`` (a GPU type on CUDA).
 
-    The measure: torch's profiler with ``profile_memory`` reports every allocation and free of
-    the CPU allocator with its running total of bytes allocated since profiling started -- the
-    quantity CUDA's ``max_memory_allocated`` counts on a GPU (requested bytes; CUDA rounds each
-    block up to 512 B). Profiling starts before the model is built, so the total counts every
-    tensor of the job; the peak is taken over the step (from ``train_step``'s start to its end),
-    which leaves out the host-built full model that sharding frees during set-up (the plan
-    builds on the meta device). Returns {"peak", "before_step"} in bytes."""
+    CUDA: ``torch.cuda.max_memory_allocated`` over the step (peak statistics reset when it
+    starts), minus what was allocated before the job's set-up.
+    CPU: torch's profiler with ``profile_memory`` reports every allocation and free of the CPU
+    allocator with its running total of bytes allocated since profiling started -- the quantity
+    CUDA's ``max_memory_allocated`` counts (requested bytes; CUDA rounds each block up to
+    512 B). Profiling starts before the model is built, so the total counts every tensor of the
+    job; the peak is taken over the step (from ``train_step``'s start to its end), which leaves
+    out the host-built full model that sharding frees during set-up (the plan reports that
+    apart). Returns {"peak", "before_step"} in bytes."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    trainer = StepOnlyTrainer(cfg, env, Emulation.for_device(cfg, "cpu"), micro_batches, fake=False)
+    trainer = StepOnlyTrainer(cfg, env, Emulation.for_device(cfg, device), micro_batches, fake=False)
+    if env.device.type == "cuda":
+        torch.cuda.synchronize(env.device)
+        start = torch.cuda.memory_allocated(env.device)
+        trainer.set_up(trainer.build_model())
+        torch.cuda.synchronize(env.device)
+        before = torch.cuda.memory_allocated(env.device) - start
+        set_up_peak = torch.cuda.max_memory_allocated(env.device) - start
+        torch.cuda.reset_peak_memory_stats(env.device)
+        trainer.train_step()
+        torch.cuda.synchronize(env.device)
+        return {"peak": torch.cuda.max_memory_allocated(env.device) - start, "before_step": before,
+                "set_up_peak": set_up_peak}
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         trainer.set_up(trainer.build_model())
         with record_function("mtp_plan_measured_step"):

@@ -135,3 +135,24 @@ def _meta_model(cfg):
 
     with torch.device("meta"):
         return MTPTransformer(cfg.model)
+
+
+def test_gpu_acceptance_cpu_path_lists_what_it_skipped():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parent.parent
+    p = subprocess.run([sys.executable, "bench/gpu_acceptance.py", "--quick",
+                        "--only", "plan_vs_measured,mfu_1b,loss_memory_128k,vs_megatron"],
+                       cwd=repo, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    result = json.loads(p.stdout.strip().splitlines()[-1])
+    if result["cuda"]:
+        pytest.skip("this machine has CUDA: the GPU path ran instead")
+    assert set(result["skipped"]) == {"mfu_1b", "loss_memory_128k", "vs_megatron"}
+    assert all("needs CUDA" in why for why in result["skipped"].values())
+    assert result["errors"] == {}
+    plan = result["results"]["plan_vs_measured"]
+    assert plan["measured_gib"] > 0 and abs(plan["rel_error"]) <= STATED_ERROR
+    assert "skipped (needs CUDA" in p.stdout

@@ -1,0 +1,191 @@
+"""The GPU checks in one go: on one CUDA GPU, within about 8 minutes, every figure this framework
+can only claim with a GPU; one JSON line at the end.
+
+    .venv/bin/python bench/gpu_acceptance.py             # on a machine with a CUDA GPU
+    .venv/bin/python bench/gpu_acceptance.py --quick     # on CPU: the CPU-runnable parts, small
+
+Parts (each in its own process but the plan check, each with a time limit):
+
+* ``mfu_1b``: ``mtp-train model=1b parallel=fsdp train.dtype=bfloat16`` on one rank (torchrun)
+  over random token ids, a few steps; tokens/s, MFU (the trainer's, against the GPU's dense
+  bf16 peak) and the peak memory it logs.
+* ``loss_memory_128k``: ``bench/loss_memory.py --vocab 128256 --device cuda`` (naive vs
+  head-sequential vs chunked loss memory at a Llama-3 vocabulary).
+* ``decode_speed``: ``bench/decode_speed.py --device cuda`` on random weights of the 1b shape:
+  what a speculative pass costs in greedy passes (``pass_cost``) and its pieces; acceptance on
+  random weights means nothing.
+* ``vs_megatron``: ``bench/vs_megatron.py`` (this framework's head-sequential step vs
+  megatron-core's GPTModel with MTP: memory and time).
+* ``plan_vs_measured``: ``mtp-plan``'s prediction for a 1b fsdp step on one rank against
+  ``torch.cuda.max_memory_allocated`` of the same step (``mtp_pretrain.plan.measure_step``).
+
+Without CUDA: ``plan_vs_measured`` runs against the CPU allocator's count on a small model and
+``decode_speed`` on a random tiny model; the others are listed under ``skipped`` with the reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+REPO = Path(__file__).resolve().parent.parent
+BUDGET_S = 480  # the whole run on one GPU
+GPU_ONLY = {
+    "mfu_1b": "needs CUDA: MFU is measured against a GPU's bf16 peak (a CPU run's MFU says nothing)",
+    "loss_memory_128k": "needs CUDA: at vocab 128256 one head's logits are 4 GiB per 8k tokens; "
+                        "bench/loss_memory.py runs smaller shapes on CPU",
+    "vs_megatron": "needs CUDA: bench/vs_megatron.py compares against megatron-core on a GPU",
+}
+
+
+def last_json(text: str) -> dict:
+    for line in reversed(text.strip().splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise ValueError(f"no JSON line in the output:\n{text[-2000:]}")
+
+
+def run(cmd: list[str], timeout: float, env: dict | None = None) -> dict:
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
+    if p.returncode:
+        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-1500:]}\n{p.stderr[-3000:]}")
+    return {"seconds": round(time.perf_counter() - t0, 1), **last_json(p.stdout)}
+
+
+def mfu_1b(tmp: Path, timeout: float, steps: int) -> dict:
+    from mtp_pretrain.data.synthetic import write_random_dataset
+
+    seq, micro = 2048, 2
+    data = tmp / "data"
+    write_random_dataset(data, {"train": (steps + 2) * micro * (seq + 4) * 2, "val": 50_000}, high=128256, seed=0)
+    run_dir = tmp / "run-1b"
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
+           "-m", "mtp_pretrain.train", "model=1b", "parallel=fsdp", "train.dtype=bfloat16", "train.device=cuda",
+           f"data.sources=[{{path:{data},weight:1.0}}]", f"data.seq_len={seq}", f"train.micro_batch_size={micro}",
+           f"train.max_steps={steps}", "train.resume=never", "checkpoint.interval=0", "logging=quiet",
+           f"hydra.run.dir={run_dir}"]
+    t0 = time.perf_counter()
+    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
+                       env={**os.environ, "PYTHONPATH": str(REPO)})
+    if p.returncode:
+        raise RuntimeError(f"mtp-train 1b exited {p.returncode}:\n{p.stderr[-3000:]}")
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    steps_logged = [r for r in records if "tokens_per_s" in r][1:]  # the first step pays for warm-up
+    if not steps_logged:
+        raise RuntimeError(f"no training steps logged in {run_dir / 'metrics.jsonl'}")
+    mid = sorted(steps_logged, key=lambda r: r["tokens_per_s"])[len(steps_logged) // 2]
+    return {"seconds": round(time.perf_counter() - t0, 1), "tokens_per_s": round(mid["tokens_per_s"]),
+            "mfu": mid.get("mfu"), "peak_mem_mb": round(mid["peak_mem_mb"]), "steps": len(steps_logged) + 1,
+            "seq_len": seq, "micro_batch_size": micro}
+
+
+def decode_speed(tmp: Path, timeout: float, cuda: bool) -> dict:
+    prompts = tmp / "prompts.jsonl"
+    gen = torch.Generator().manual_seed(0)
+    prompts.write_text("".join(json.dumps({"ids": torch.randint(0, 256, (64,), generator=gen).tolist()}) + "\n"
+                               for _ in range(4)))
+    size = "1b" if cuda else "tiny"
+    return run([sys.executable, "bench/decode_speed.py", "--random-init", "--model-size", size, "--prompts",
+                str(prompts), "--max-new-tokens", "64" if cuda else "16", "--batch-sizes", "1", "--no-tree",
+                "--repeats", "1", "--device", "cuda" if cuda else "cpu"], timeout)
+
+
+def plan_vs_measured(cuda: bool, quick: bool) -> dict:
+    """mtp-plan's prediction, then the same step for real on one rank."""
+    import torch.distributed as dist
+
+    from mtp_pretrain.config import compose_job_config
+    from mtp_pretrain.parallel.setup import DistEnv
+    from mtp_pretrain.plan import GPU_TYPES, measure_step, plan_step
+
+    if cuda:
+        name = torch.cuda.get_device_name(0).lower()
+        device = next((k for k in ("h200", "h100-80gb", "a100-80gb", "a100-40gb", "l40s")
+                       if k.split("-")[0] in name), "h100-80gb")
+        overrides = ["model=1b", "parallel=fsdp", "data.seq_len=2048", "train.micro_batch_size=1"]
+    else:
+        device = "cpu"
+        overrides = ["model=tiny" if quick else "model=small", "parallel=fsdp", "data.seq_len=128",
+                     "train.micro_batch_size=2", "train.dtype=float32"]
+    cfg = compose_job_config(overrides + ["logging=quiet"])
+    t0 = time.perf_counter()
+    predicted = plan_step(cfg, 1, device)
+    plan_s = time.perf_counter() - t0
+    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{tempfile.mktemp()}", rank=0,
+                            world_size=1)
+    try:
+        env = DistEnv(0, 1, 0, torch.device("cuda", 0) if cuda else torch.device("cpu"), "nccl" if cuda else "gloo")
+        if cuda:
+            torch.cuda.set_device(0)
+        measured = measure_step(cfg, env, device=device)
+    finally:
+        dist.destroy_process_group()
+    err = (predicted.predicted - measured["peak"]) / measured["peak"]
+    return {"config": " ".join(overrides), "plan_device": device, "plan_s": round(plan_s, 1),
+            "predicted_gib": round(predicted.predicted / 2 ** 30, 3), "measured_gib": round(measured["peak"] / 2 ** 30, 3),
+            "rel_error": round(err, 4), "predicted_before_step_gib": round(predicted.before_step / 2 ** 30, 3),
+            "measured_before_step_gib": round(measured["before_step"] / 2 ** 30, 3),
+            "predicted_set_up_peak_gib": round(predicted.set_up_peak / 2 ** 30, 3),
+            "measured_set_up_peak_gib": (round(measured["set_up_peak"] / 2 ** 30, 3) if "set_up_peak" in measured
+                                         else None),
+            "measure": "torch.cuda.max_memory_allocated" if cuda else "CPU allocator total (torch profiler)"}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smallest shapes (CPU smoke test)")
+    ap.add_argument("--only", default="", help="comma-separated parts to run (default: all)")
+    args = ap.parse_args(argv)
+    cuda = torch.cuda.is_available()
+    t_start = time.perf_counter()
+    parts = ["plan_vs_measured", "decode_speed", "mfu_1b", "loss_memory_128k", "vs_megatron"]
+    chosen = [p for p in parts if not args.only or p in args.only.split(",")]
+    result = {"bench": "gpu_acceptance", "cuda": cuda,
+              "device": torch.cuda.get_device_name(0) if cuda else "cpu", "results": {}, "skipped": {}, "errors": {}}
+    print(f"gpu acceptance on {result['device']}: {', '.join(chosen)} (budget {BUDGET_S}s)", flush=True)
+    with tempfile.TemporaryDirectory(prefix="mtp_gpu_acc_") as tmp_dir:
+        tmp = Path(tmp_dir)
+        for part in chosen:
+            if not cuda and part in GPU_ONLY:
+                result["skipped"][part] = GPU_ONLY[part]
+                print(f"  {part}: skipped ({GPU_ONLY[part]})", flush=True)
+                continue
+            left = BUDGET_S - (time.perf_counter() - t_start)
+            if left < 20:
+                result["skipped"][part] = f"time budget of {BUDGET_S}s spent"
+                continue
+            t0 = time.perf_counter()
+            try:
+                if part == "plan_vs_measured":
+                    out = plan_vs_measured(cuda, args.quick)
+                elif part == "decode_speed":
+                    out = decode_speed(tmp, min(left, 120), cuda)
+                elif part == "mfu_1b":
+                    out = mfu_1b(tmp, min(left, 180), steps=8)
+                elif part == "loss_memory_128k":
+                    out = run([sys.executable, "bench/loss_memory.py", "--vocab", "128256", "--device", "cuda",
+                               "--pairs", "2"], min(left, 120))
+                else:
+                    out = run([sys.executable, "bench/vs_megatron.py", "--steps", "3", "--warmup", "1"], min(left, 150))
+                result["results"][part] = out
+                print(f"  {part}: done in {time.perf_counter() - t0:.0f}s", flush=True)
+            except Exception as e:  # noqa: BLE001 - one failing part must not hide the others' figures
+                result["errors"][part] = f"{type(e).__name__}: {str(e)[-1500:]}"
+                print(f"  {part}: FAILED ({type(e).__name__}) after {time.perf_counter() - t0:.0f}s", flush=True)
+    result["seconds"] = round(time.perf_counter() - t_start, 1)
+    print(json.dumps(result))
+    return 1 if result["errors"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
