@@ -115,8 +115,9 @@ def plan_vs_measured(cuda: bool, quick: bool) -> dict:
         overrides = ["model=1b", "parallel=fsdp", "data.seq_len=2048", "train.micro_batch_size=1"]
     else:
         device = "cpu"
-        overrides = ["model=tiny" if quick else "model=small", "parallel=fsdp", "data.seq_len=128",
-                     "train.micro_batch_size=2", "train.dtype=float32"]
+        overrides = ["model=tiny", "parallel=fsdp", "data.seq_len=32", "train.micro_batch_size=1",
+                     "train.dtype=float32"] if quick else ["model=small", "parallel=fsdp", "data.seq_len=128",
+                                                           "train.micro_batch_size=2", "train.dtype=float32"]
     cfg = compose_job_config(overrides + ["logging=quiet"])
     t0 = time.perf_counter()
     predicted = plan_step(cfg, 1, device)
