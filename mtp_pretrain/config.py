@@ -188,6 +188,7 @@ class TrainConfig:
 class ParallelConfig:
     strategy: str = "none"  # none | ddp | fsdp | tp | fsdp_tp | deepspeed | megatron
     tp_size: int = 1
+    pp_size: int = 1  # pipeline stages (parallel/layout.py: rank order pp, dp, tp)
     zero_stage: int = 0  # deepspeed: 1-3; megatron: 0-2
     activation_checkpointing: str = "none"  # none | full | every_k
     ac_every: int = 2  # every_k: checkpoint every k-th block
@@ -199,6 +200,7 @@ class ParallelConfig:
         _choice("parallel.strategy", self.strategy,
                 ("none", "ddp", "fsdp", "tp", "fsdp_tp", "deepspeed", "megatron"))
         _at_least("parallel.tp_size", self.tp_size, 1)
+        _at_least("parallel.pp_size", self.pp_size, 1)
         _choice("parallel.activation_checkpointing", self.activation_checkpointing, ("none", "full", "every_k"))
         _at_least("parallel.ac_every", self.ac_every, 1)
         _at_least("parallel.timeout_s", self.timeout_s, 1)
