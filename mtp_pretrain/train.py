@@ -109,7 +109,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = MTPTransformer(cfg.model)
         if cfg.train.init_from:
-            from mtp_pretrain.export import load_model_weights
+            from mtp_pretrain.checkpoint_reader import load_model_weights
 
             load_model_weights(model, cfg.train.init_from, log=self.log)
         if cfg.train.init_from_hf:

@@ -90,7 +90,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(tmp_path, datase
 
 
 def test_dead_rank_fails_fast_and_resubmission_resumes(tmp_path, dataset):
-    from mtp_pretrain.checkpoint import find_latest
+    from mtp_pretrain.checkpoint_reader import find_latest
 
     run_dir = tmp_path / "run"
     job = submit(*TWO_RANKS, "--job-name", "deadrank", "--run-dir", str(run_dir), *tiny_overrides(dataset, 30))
