@@ -146,7 +146,7 @@ def test_torchrun_launcher_preempts_and_resumes(tmp_path, dataset, baseline):
 
 
 def test_multirun_sweep_through_the_submitit_launcher(tmp_path, dataset):
-    """`mtp-submit --multirun`: one 2-rank job per point, through conf/hydra/launcher/slurm.yaml."""
+    """`mtp-submit --multirun`: one 2-rank job per point, through mtp_pretrain/conf/hydra/launcher/slurm.yaml."""
     sweep_dir = tmp_path / "sweep"
     overrides = [o for o in tiny_overrides(dataset, 3) if not o.startswith("checkpoint.")]
     proc = subprocess.run([sys.executable, "-m", "mtp_pretrain.launch.submit", "--multirun", *TWO_RANKS,
