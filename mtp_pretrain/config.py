@@ -350,8 +350,8 @@ def to_job_config(cfg) -> JobConfig:
     # it without a word: reject it here instead of training with a silently ignored setting.
     unknown = unknown_keys(cfg)
     if unknown:
-        raise ValueError(f"unknown config key(s): {', '.join(unknown)} (not fields of JobConfig; see conf/ "
-                         f"and mtp_pretrain/config.py)")
+        raise ValueError(f"unknown config key(s): {', '.join(unknown)} (not fields of JobConfig; see "
+                         f"mtp_pretrain/conf/ and mtp_pretrain/config.py)")
     return OmegaConf.to_object(cfg)
 
 
