@@ -152,20 +152,27 @@ def _first_undamaged(checkpoints: list[Path]) -> Optional[Path]:
 
 
 # --- train_state.json, an export's config.json, and the model config in them ----------------------
+def _read_json_object(path: Path, name: str, kind: str, absent: str) -> dict:
+    """``path/name`` parsed as a JSON object; a garbled file is a DamagedCheckpointError naming
+    ``kind path`` and the file, a missing one a CheckpointError saying ``absent``."""
+    try:
+        value = json.loads((Path(path) / name).read_bytes())
+    except FileNotFoundError:
+        raise CheckpointError(absent) from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
+        raise DamagedCheckpointError(f"{kind} {path} is damaged: {name} is not valid JSON "
+                                     f"(truncated or overwritten?): {e}") from None
+    if not isinstance(value, dict):
+        raise DamagedCheckpointError(f"{kind} {path} is damaged: {name} holds a JSON "
+                                     f"{type(value).__name__}, expected an object")
+    return value
+
+
 def read_train_state(path: Path, required: tuple[str, ...] = ()) -> dict:
     """``path/train_state.json`` as a dict. Every reader of a checkpoint's train state calls this,
     so a truncated or garbled file gives this one error, naming the file."""
-    file = Path(path) / TRAIN_STATE
-    try:
-        state = json.loads(file.read_bytes())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is not a complete checkpoint: it has no {TRAIN_STATE}") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise DamagedCheckpointError(f"checkpoint {path} is damaged: {TRAIN_STATE} is not valid JSON "
-                                     f"(truncated or overwritten?): {e}") from None
-    if not isinstance(state, dict):
-        raise DamagedCheckpointError(f"checkpoint {path} is damaged: {TRAIN_STATE} holds a JSON "
-                                     f"{type(state).__name__}, expected an object")
+    state = _read_json_object(path, TRAIN_STATE, "checkpoint",
+                              f"{path} is not a complete checkpoint: it has no {TRAIN_STATE}")
     missing = [k for k in required if k not in state]
     if missing:
         raise DamagedCheckpointError(f"checkpoint {path} is damaged: {TRAIN_STATE} lacks {', '.join(missing)}")
@@ -174,14 +181,8 @@ def read_train_state(path: Path, required: tuple[str, ...] = ()) -> dict:
 
 def read_export_config(path: Path) -> dict:
     """An export's ``config.json``: ``{"model": {...}, "step", "tokens_seen", "source"}``."""
-    file = Path(path) / CONFIG_FILE
-    try:
-        record = json.loads(file.read_bytes())
-    except FileNotFoundError:
-        raise CheckpointError(f"export {path} has {WEIGHTS_FILE} but no {CONFIG_FILE}") from None
-    except ValueError as e:
-        raise DamagedCheckpointError(f"export {path} is damaged: {CONFIG_FILE} is not valid JSON: {e}") from None
-    if not isinstance(record, dict) or not isinstance(record.get("model"), dict):
+    record = _read_json_object(path, CONFIG_FILE, "export", f"export {path} has {WEIGHTS_FILE} but no {CONFIG_FILE}")
+    if not isinstance(record.get("model"), dict):
         raise DamagedCheckpointError(f"export {path} is damaged: {CONFIG_FILE} has no \"model\" object")
     return record
 
