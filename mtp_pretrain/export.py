@@ -14,15 +14,14 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Optional
 
 from safetensors.torch import save_file
 
+from mtp_pretrain.checkpoint import publish_directory
 from mtp_pretrain.checkpoint_reader import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, read_model_config,
                                             read_state_dict, resolve_checkpoint, tokenizer_source, train_state_of)
 
@@ -35,10 +34,7 @@ def export_single_file(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if cfg.tie_embeddings:
         sd.pop("unembed.weight")
     state = train_state_of(path)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with publish_directory(out_dir) as tmp:
         save_file({k: v.contiguous() for k, v in sd.items()}, tmp / WEIGHTS_FILE)
         (tmp / CONFIG_FILE).write_text(json.dumps(
             {"model": asdict(cfg), "step": state.get("step"), "tokens_seen": state.get("tokens_seen"),
@@ -48,12 +44,7 @@ def export_single_file(checkpoint: str | Path, out_dir: str | Path) -> Path:
             from mtp_pretrain.data.tokenizer import load_tokenizer, write_role_config
 
             write_role_config(load_tokenizer(tok), tmp)  # the roles travel with the tokenizer
-        if out_dir.exists():
-            shutil.rmtree(out_dir)
-        os.replace(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 def main(argv: Optional[list[str]] = None) -> None:

@@ -48,9 +48,7 @@ Import (``train.init_from_hf=DIR`` / :func:`load_hf_weights`)
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -59,6 +57,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from mtp_pretrain.checkpoint import publish_directory
 from mtp_pretrain.checkpoint_reader import (load_partial_state_dict, read_model_config, read_state_dict,
                                             resolve_checkpoint, tokenizer_source, train_state_of)
 from mtp_pretrain.data.tokenizer import bytes_to_unicode
@@ -210,17 +209,6 @@ def write_hf_tokenizer(src: Path, out_dir: Path, model_max_length: int) -> dict[
     return {"bos_id": ours.bos_id, "eos_id": ours.eos_id, "pad_id": ours.pad_id}
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Move a finished temporary directory to out_dir, replacing an existing one."""
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-        os.replace(out_dir, old / "d")
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Export a checkpoint or single-file export to a transformers Llama directory (see the module
     docstring). Atomic: written to a temporary sibling directory and renamed into place, so a
@@ -232,10 +220,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     llama, side = split_state_dict(sd, cfg)
     dtype = sd["tok_embeddings.weight"].dtype
     state = train_state_of(path)
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    with publish_directory(out_dir) as tmp:
         ids: dict[str, Optional[int]] = {"bos_id": None, "eos_id": None, "pad_id": None}
         tok = tokenizer_source(path)
         if tok is not None:
@@ -260,10 +245,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
                        "heads_2_to_n": "mtp_heads.safetensors, names as in MTPTransformer.state_dict()"},
             "step": state.get("step"), "tokens_seen": state.get("tokens_seen"), "source": str(path)},
             indent=1) + "\n")
-        _publish(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 # --------------------------------------------------------------------------------------------
