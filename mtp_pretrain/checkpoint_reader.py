@@ -42,7 +42,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file
 from torch.distributed.checkpoint.api import CheckpointException as DCPException
 
-from mtp_pretrain.data.tokenizer import TOKENIZER_FILE
+from mtp_pretrain.data.tokenizer import TOKENIZER_FILE, load_tokenizer
 from mtp_pretrain.model import ModelConfig, MTPTransformer
 from mtp_pretrain.parallel.setup import DistEnv
 
@@ -53,7 +53,6 @@ warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavai
 STEP_DIR = re.compile(r"^step-(\d+)$")
 TRAIN_STATE = "train_state.json"
 MANIFEST = "manifest.json"
-VERIFY_MODES = ("size", "checksum")
 # A single-file export's files (TOKENIZER_FILE: the data pipeline's name, also used by exports).
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
@@ -420,12 +419,8 @@ def load_model(path: str | Path, device: str | torch.device = "cpu"):
     cfg = read_model_config(path)
     model = MTPTransformer(cfg)
     model.load_state_dict(read_state_dict(path, cfg))
-    tokenizer = None
-    if (tok := tokenizer_source(path)) is not None:
-        from mtp_pretrain.data import load_tokenizer
-
-        tokenizer = load_tokenizer(tok)
-    return model.to(device).eval(), tokenizer
+    tok = tokenizer_source(path)
+    return model.to(device).eval(), (load_tokenizer(tok) if tok is not None else None)
 
 
 def load_model_weights(model: MTPTransformer, path: str | Path, log: Log = print) -> None:

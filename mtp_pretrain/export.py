@@ -24,6 +24,7 @@ from safetensors.torch import save_file
 from mtp_pretrain.checkpoint import publish_directory
 from mtp_pretrain.checkpoint_reader import (CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, read_model_config,
                                             read_state_dict, resolve_checkpoint, tokenizer_source, train_state_of)
+from mtp_pretrain.data.tokenizer import load_tokenizer, write_role_config
 
 
 def export_single_file(checkpoint: str | Path, out_dir: str | Path) -> Path:
@@ -41,8 +42,6 @@ def export_single_file(checkpoint: str | Path, out_dir: str | Path) -> Path:
              "source": str(path)}, indent=1))
         if (tok := tokenizer_source(path)) is not None:
             shutil.copy(tok, tmp / TOKENIZER_FILE)
-            from mtp_pretrain.data.tokenizer import load_tokenizer, write_role_config
-
             write_role_config(load_tokenizer(tok), tmp)  # the roles travel with the tokenizer
     return Path(out_dir)
 
