@@ -1,6 +1,6 @@
 """The job's typed configuration: one dataclass per component, validated once at start-up.
 
-Hydra composes ``conf/`` onto these dataclasses (registered in its ConfigStore as the schema),
+Hydra composes ``mtp_pretrain/conf/`` onto these dataclasses (registered in its ConfigStore as the schema),
 so an unknown key fails at composition and a bad value fails in ``__post_init__`` with the
 field's dotted name, before anything expensive happens.
 """
@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 
 from mtp_pretrain.model.config import ModelConfig
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The shipped configs: package data, so an installed copy has them too (``pip install .``).
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -351,8 +352,8 @@ def to_job_config(cfg) -> JobConfig:
     # it without a word: reject it here instead of training with a silently ignored setting.
     unknown = unknown_keys(cfg)
     if unknown:
-        raise ValueError(f"unknown config key(s): {', '.join(unknown)} (not fields of JobConfig; see conf/ "
-                         f"and mtp_pretrain/config.py)")
+        raise ValueError(f"unknown config key(s): {', '.join(unknown)} (not fields of JobConfig; see "
+                         f"mtp_pretrain/conf/ and mtp_pretrain/config.py)")
     return OmegaConf.to_object(cfg)
 
 
@@ -379,7 +380,7 @@ def unknown_keys(node, prefix: str = "") -> list[str]:
 
 
 def compose_job_config(overrides: list[str] | tuple = ()) -> JobConfig:
-    """Compose conf/ with overrides outside a Hydra app (tests, tools)."""
+    """Compose mtp_pretrain/conf/ with overrides outside a Hydra app (tests, tools)."""
     from hydra import compose, initialize_config_dir
 
     register_configs()

@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mtp_pretrain.checkpoint import CheckpointManager
-from mtp_pretrain.config import JobConfig, register_configs, to_job_config
+from mtp_pretrain.config import CONF_DIR, JobConfig, register_configs, to_job_config
 from mtp_pretrain.data import ArrowTokenStream, DataSource
 from mtp_pretrain.eval.per_head import per_head_sums
 from mtp_pretrain.flops import device_peak_flops, training_flops_per_token
@@ -106,7 +106,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = MTPTransformer(cfg.model)
         if cfg.train.init_from:
-            from mtp_pretrain.export import load_model_weights
+            from mtp_pretrain.checkpoint_reader import load_model_weights
 
             load_model_weights(model, cfg.train.init_from, log=self.log)
         if cfg.train.init_from_hf:
@@ -405,7 +405,9 @@ def main() -> None:
     if not OmegaConf.has_resolver("run_id"):
         OmegaConf.register_new_resolver("run_id", _run_id, use_cache=True)
 
-    @hydra.main(config_path="../conf", config_name="config", version_base=None)
+    # An absolute path: the package's own conf/ wherever it is installed. Users add their own
+    # config directories with --config-dir or hydra.searchpath (README cookbook).
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def _app(dict_cfg) -> None:
         cfg = to_job_config(dict_cfg)
         try:
