@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from mtp_pretrain.loss import GradSyncHooks
@@ -107,18 +106,31 @@ class FSDPStrategy(Strategy):
     def __init__(self, cfg, env, param_dtype: torch.dtype | None = None):
         super().__init__(cfg, env)
         self.param_dtype = param_dtype
+        self._gathered = None  # the main rank's full copy for validation decoding
 
     def validate(self, model_cfg, seq_len: int | None = None) -> None:
+        super().validate(model_cfg, seq_len)
         refuse_tied_causal(model_cfg, self.name)
-
-    def mesh(self):
-        return init_device_mesh(self.env.device.type, (self.env.world_size,), mesh_dim_names=("dp",))
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         model.to(self.env.device)
         apply_block_options(model, self.cfg)
-        shard_units(model, self.mesh(), self.param_dtype, self.cfg.cpu_offload)
+        shard_units(model, self.dims.mesh["dp"], self.param_dtype, self.cfg.cpu_offload)
         return model
+
+    def full_model(self, model: nn.Module, model_cfg) -> nn.Module | None:
+        """A full copy gathered on the main rank (kept between calls; its weights refreshed)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from mtp_pretrain.model import MTPTransformer
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.env.is_main:
+            return None
+        if self._gathered is None:
+            self._gathered = MTPTransformer(model_cfg).to(self.env.device)
+        self._gathered.load_state_dict(full)
+        return self._gathered
 
     def grad_sync_hooks(self, model: nn.Module, last_micro_batch: bool) -> GradSyncHooks:
         model.set_requires_gradient_sync(last_micro_batch)
