@@ -371,17 +371,9 @@ def _fsdp_chunks_on_demand():
 
 
 def _build_meshes_now(strategy) -> None:
-    """Device meshes compute their coordinates from real tensors: build them before fake mode."""
-    dims = getattr(strategy, "dims", None)
-    if dims is not None:
-        dims.mesh
-        return
-    attr = getattr(type(strategy), "mesh", None)
-    if isinstance(attr, property):
-        strategy.mesh  # noqa: B018 - cached by the strategy
-    elif callable(attr):
-        mesh = strategy.mesh()
-        strategy.mesh = lambda: mesh
+    """Device meshes compute their coordinates from real tensors: build the layout's (cached)
+    mesh before fake mode."""
+    strategy.dims.mesh  # noqa: B018
 
 
 def _classifier(trainer: StepOnlyTrainer) -> Callable[[dict, dict], dict]:
