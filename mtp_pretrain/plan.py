@@ -560,8 +560,11 @@ def with_micro_batch(cfg: JobConfig, b: int) -> JobConfig:
     return replace(cfg, train=replace(cfg.train, micro_batch_size=b, global_batch_tokens=None))
 
 
+SEARCH_LIMIT = 1024  # micro-batches beyond this are not searched
+
+
 def largest_micro_batch(cfg: JobConfig, world_size: int, device: str, memory_gib: float, micro_batches: int,
-                        measured: dict[int, StepMemory], limit: int = 1024) -> int:
+                        measured: dict[int, StepMemory], limit: int = SEARCH_LIMIT) -> int:
     """The largest micro_batch_size whose predicted peak fits ``usable_bytes(memory_gib)``
     (0 if even 1 does not), running ``micro_batches`` per step. Peaks grow about linearly in the
     micro-batch: a line through the predictions at 1 and 2 proposes a size, fake runs confirm
@@ -668,8 +671,10 @@ def main(argv=None) -> int:
         measured = {cfg.train.micro_batch_size: job} if cfg.train.global_batch_tokens is None else {}
         say("  searching the largest micro-batch that fits ...")
         best = largest_micro_batch(cfg, args.world_size, args.device, memory_gib, job.micro_batches, measured)
+        capped = best == SEARCH_LIMIT
         result["largest_micro_batch"] = best
-        say(f"  largest micro_batch_size that fits: {best} ({len(measured)} fake steps)")
+        result["largest_micro_batch_is_search_limit"] = capped
+        say(f"  largest micro_batch_size that fits: {'>= ' if capped else ''}{best} ({len(measured)} fake steps)")
     if args.compare:
         chunk = cfg.loss.chunk_size or args.chunk_size
         for label, impl, chunked, ac in COMPARE_VARIANTS:

@@ -91,6 +91,7 @@ def test_naive_keeps_every_heads_logits_and_fsdp_shards_the_state():
     assert eight < one / 4  # parameters and optimizer state split over 8 ranks
 
 
+@pytest.mark.slow
 def test_largest_micro_batch_fits_and_the_next_does_not():
     cfg = compose_job_config(TINY)
     measured = {}
