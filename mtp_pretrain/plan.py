@@ -463,7 +463,7 @@ def plan_step(cfg: JobConfig, world_size: int, device: str = "h100-80gb", micro_
         env = DistEnv(rank, world_size, 0, torch.device("cpu"), "fake")
         trainer = StepOnlyTrainer(cfg, env, emulation, micro_batches)
         vocab = cfg.model.vocab_size
-        tracker = LiveStorageBytes(vocab_sizes=(vocab, vocab // getattr(trainer.strategy, "tp", 1)),
+        tracker = LiveStorageBytes(vocab_sizes=(vocab, vocab // trainer.strategy.dims.tp),
                                    counted=lambda t: isinstance(t, FakeTensor), classify=_classifier(trainer))
 
         def optimizer_step(starting: bool) -> None:
