@@ -106,7 +106,7 @@ def plan_vs_measured(cuda: bool, quick: bool) -> dict:
 
     from mtp_pretrain.config import compose_job_config
     from mtp_pretrain.parallel.setup import DistEnv
-    from mtp_pretrain.plan import GPU_TYPES, measure_step, plan_step
+    from mtp_pretrain.plan import measure_step, plan_step
 
     if cuda:
         name = torch.cuda.get_device_name(0).lower()

@@ -34,12 +34,11 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import math
 import sys
 import time
 import weakref
-from dataclasses import asdict, dataclass, field, replace
 from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -94,7 +93,9 @@ class LiveStorageBytes(TorchDispatchMode):
     A storage is counted from the op that first returns it until it is freed (a weak reference
     fires), at its current size: FSDP2 frees and re-allocates its all-gathered parameters by
     ``UntypedStorage.resize_``, which no dispatch mode sees, so that method is wrapped while
-    the mode is active. ``counted`` selects tensors (fake ones when planning).
+    the mode is active. ``counted`` selects tensors (fake ones when planning). The peak total
+    is exact; its split is taken whenever the peak has risen by more than ``resolution`` since
+    the last split (0.2 %: classifying at every new byte would dominate the run).
     """
 
     def __init__(self, vocab_sizes: tuple[int, ...] = (), counted: Callable[[torch.Tensor], bool] = lambda t: True,
@@ -664,6 +665,7 @@ def main(argv=None) -> int:
     say(f"  one fake step in {job.seconds:.1f}s")
     rows = [report_row("this job", job, memory_gib)]
     result = {"world_size": args.world_size, "device": args.device, "device_memory_gib": round(memory_gib, 2),
+              "device_peak_bf16_tflops": gpu.peak_bf16_flops / 1e12,
               "model": m.name, "n_future": m.n_future, "strategy": cfg.parallel.strategy,
               "micro_batch_size": cfg.train.micro_batch_size, "seq_len": cfg.data.seq_len,
               "margin": f"x{1 + FRAGMENTATION:.2f} + {RESERVED_GIB} GiB", **rows[0]}
