@@ -4,11 +4,12 @@ can only claim with a GPU; one JSON line at the end.
     .venv/bin/python bench/gpu_acceptance.py             # on a machine with a CUDA GPU
     .venv/bin/python bench/gpu_acceptance.py --quick     # on CPU: the CPU-runnable parts, small
 
-Parts (each in its own process but the plan check, each with a time limit):
+Parts (each in its own process, each with a time limit):
 
-* ``mfu_1b``: ``mtp-train model=1b parallel=fsdp train.dtype=bfloat16`` on one rank (torchrun)
-  over random token ids, a few steps; tokens/s, MFU (the trainer's, against the GPU's dense
-  bf16 peak) and the peak memory it logs.
+* ``mfu_1b``: the job's own training step (``Trainer.train_step``) of ``model=1b
+  parallel=fsdp train.dtype=bfloat16`` on one rank, random token batches, a few steps:
+  tokens/s, MFU (analytic FLOPs per token over the GPU's dense bf16 peak, as the trainer
+  logs it) and ``max_memory_allocated``.
 * ``loss_memory_128k``: ``bench/loss_memory.py --vocab 128256 --device cuda`` (naive vs
   head-sequential vs chunked loss memory at a Llama-3 vocabulary).
 * ``decode_speed``: ``bench/decode_speed.py --device cuda`` on random weights of the 1b shape:
@@ -62,30 +63,46 @@ def run(cmd: list[str], timeout: float, env: dict | None = None) -> dict:
     return {"seconds": round(time.perf_counter() - t0, 1), **last_json(p.stdout)}
 
 
-def mfu_1b(tmp: Path, timeout: float, steps: int) -> dict:
-    from mtp_pretrain.data.synthetic import write_random_dataset
+def one_rank_env(cuda: bool):
+    """A process group of one rank (FSDP needs one) and its DistEnv."""
+    import torch.distributed as dist
+
+    from mtp_pretrain.parallel.setup import DistEnv
+
+    backend = "nccl" if cuda else "gloo"
+    dist.init_process_group(backend, init_method=f"file://{tempfile.mktemp()}", rank=0, world_size=1)
+    if cuda:
+        torch.cuda.set_device(0)
+    return DistEnv(0, 1, 0, torch.device("cuda", 0) if cuda else torch.device("cpu"), backend)
+
+
+def mfu_1b(steps: int = 8) -> dict:
+    """The job's own step (``Trainer.train_step`` through ``plan.StepOnlyTrainer``: the 1b model,
+    FSDP on one rank, bf16 autocast, the head-sequential loss, AdamW) on random token batches:
+    no data files and no end-of-run checkpoint (1b's would be ~27 GB)."""
+    from mtp_pretrain.config import compose_job_config
+    from mtp_pretrain.flops import device_peak_flops, training_flops_per_token
+    from mtp_pretrain.plan import Emulation, StepOnlyTrainer
 
     seq, micro = 2048, 2
-    data = tmp / "data"
-    write_random_dataset(data, {"train": (steps + 2) * micro * (seq + 4) * 2, "val": 50_000}, high=128256, seed=0)
-    run_dir = tmp / "run-1b"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=1",
-           "-m", "mtp_pretrain.train", "model=1b", "parallel=fsdp", "train.dtype=bfloat16", "train.device=cuda",
-           f"data.sources=[{{path:{data},weight:1.0}}]", f"data.seq_len={seq}", f"train.micro_batch_size={micro}",
-           f"train.max_steps={steps}", "train.resume=never", "checkpoint.interval=0", "logging=quiet",
-           f"hydra.run.dir={run_dir}"]
-    t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "PYTHONPATH": str(REPO)})
-    if p.returncode:
-        raise RuntimeError(f"mtp-train 1b exited {p.returncode}:\n{p.stderr[-3000:]}")
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    steps_logged = [r for r in records if "tokens_per_s" in r][1:]  # the first step pays for warm-up
-    if not steps_logged:
-        raise RuntimeError(f"no training steps logged in {run_dir / 'metrics.jsonl'}")
-    mid = sorted(steps_logged, key=lambda r: r["tokens_per_s"])[len(steps_logged) // 2]
-    return {"seconds": round(time.perf_counter() - t0, 1), "tokens_per_s": round(mid["tokens_per_s"]),
-            "mfu": mid.get("mfu"), "peak_mem_mb": round(mid["peak_mem_mb"]), "steps": len(steps_logged) + 1,
+    cfg = compose_job_config(["model=1b", "parallel=fsdp", "train.dtype=bfloat16", f"data.seq_len={seq}",
+                              f"train.micro_batch_size={micro}", "logging=quiet"])
+    env = one_rank_env(cuda=True)
+    trainer = StepOnlyTrainer(cfg, env, Emulation.for_device(cfg, "h100-80gb"), fake=False)
+    trainer.set_up(trainer.build_model())
+    times = []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        trainer.train_step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    step_s = sorted(times[1:])[len(times[1:]) // 2]  # median; the first step pays for warm-up
+    tokens_per_s = micro * seq / step_s
+    peak = device_peak_flops(env.device)
+    return {"tokens_per_s": round(tokens_per_s), "step_s": round(step_s, 4), "steps": steps,
+            "mfu": round(tokens_per_s * training_flops_per_token(cfg.model, seq) / peak, 4) if peak else None,
+            "peak_flops": peak, "peak_mem_gib": round(torch.cuda.max_memory_allocated() / 2 ** 30, 2),
             "seq_len": seq, "micro_batch_size": micro}
 
 
@@ -105,7 +122,6 @@ def plan_vs_measured(cuda: bool, quick: bool) -> dict:
     import torch.distributed as dist
 
     from mtp_pretrain.config import compose_job_config
-    from mtp_pretrain.parallel.setup import DistEnv
     from mtp_pretrain.plan import measure_step, plan_step
 
     if cuda:
@@ -122,12 +138,8 @@ def plan_vs_measured(cuda: bool, quick: bool) -> dict:
     t0 = time.perf_counter()
     predicted = plan_step(cfg, 1, device)
     plan_s = time.perf_counter() - t0
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"file://{tempfile.mktemp()}", rank=0,
-                            world_size=1)
+    env = one_rank_env(cuda)
     try:
-        env = DistEnv(0, 1, 0, torch.device("cuda", 0) if cuda else torch.device("cpu"), "nccl" if cuda else "gloo")
-        if cuda:
-            torch.cuda.set_device(0)
         measured = measure_step(cfg, env, device=device)
     finally:
         dist.destroy_process_group()
@@ -146,8 +158,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="smallest shapes (CPU smoke test)")
     ap.add_argument("--only", default="", help="comma-separated parts to run (default: all)")
+    ap.add_argument("--child", choices=["mfu_1b", "plan_vs_measured"], help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
+    if args.child:  # a fresh process per part: its own process group and CUDA memory statistics
+        print(json.dumps(mfu_1b() if args.child == "mfu_1b" else plan_vs_measured(cuda, args.quick)))
+        return 0
     t_start = time.perf_counter()
     parts = ["plan_vs_measured", "decode_speed", "mfu_1b", "loss_memory_128k", "vs_megatron"]
     chosen = [p for p in parts if not args.only or p in args.only.split(",")]
@@ -167,12 +183,11 @@ def main(argv=None) -> int:
                 continue
             t0 = time.perf_counter()
             try:
-                if part == "plan_vs_measured":
-                    out = plan_vs_measured(cuda, args.quick)
+                if part in ("plan_vs_measured", "mfu_1b"):
+                    out = run([sys.executable, __file__, "--child", part] + (["--quick"] if args.quick else []),
+                              min(left, 180))
                 elif part == "decode_speed":
                     out = decode_speed(tmp, min(left, 120), cuda)
-                elif part == "mfu_1b":
-                    out = mfu_1b(tmp, min(left, 180), steps=8)
                 elif part == "loss_memory_128k":
                     out = run([sys.executable, "bench/loss_memory.py", "--vocab", "128256", "--device", "cuda",
                                "--pairs", "2"], min(left, 120))
