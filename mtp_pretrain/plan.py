@@ -44,7 +44,6 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 from mtp_pretrain.config import JobConfig
 from mtp_pretrain.head_schedule import HeadWeights
@@ -156,9 +155,8 @@ class LiveStorageBytes(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
-        for t in tree_leaves(out):
-            if isinstance(t, torch.Tensor):
-                self.watch(t)
+        for t in _tensors_in(out):
+            self.watch(t)
         if func in KERNEL_SCRATCH and self.counted(args[0]):
             # Allocated and freed inside the kernel: counted for the moment the op runs.
             scratch, tag = KERNEL_SCRATCH[func](args[0]), self._tag_of(args[0])
@@ -188,6 +186,16 @@ class LiveStorageBytes(TorchDispatchMode):
     def __exit__(self, *exc):
         torch.UntypedStorage.resize_ = self._orig_resize
         return super().__exit__(*exc)
+
+
+def _tensors_in(x) -> list[torch.Tensor]:
+    """The tensors in an op's arguments or outputs: a tensor, or (nested) lists and tuples of
+    them (what aten ops take and return; a generic pytree walk per op costs a tenth of a plan)."""
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (list, tuple)):
+        return [t for item in x for t in _tensors_in(item)]
+    return []
 
 
 def _plain_tensors(t: torch.Tensor) -> list[torch.Tensor]:
@@ -221,9 +229,9 @@ class FakeScalars(TorchDispatchMode):
         from torch._subclasses.fake_tensor import FakeTensor, unset_fake_temporarily
 
         kwargs = kwargs or {}
-        tensors = [a for a in tree_leaves((args, kwargs)) if isinstance(a, torch.Tensor)]
         if func is torch.ops.aten._local_scalar_dense.default and isinstance(args[0], FakeTensor):
             return 1.0 if args[0].dtype.is_floating_point else 1
+        tensors = _tensors_in(args) + (_tensors_in(list(kwargs.values())) if kwargs else [])
         if tensors and not any(isinstance(t, FakeTensor) or t.is_meta for t in tensors):
             with unset_fake_temporarily():
                 return func(*args, **kwargs)
