@@ -16,7 +16,8 @@ the vocabulary: logits, probabilities and their gradients) and activations (ever
 the step allocates: saved activations, their gradients, communication buffers, the batch).
 
 On a GPU the job runs in bf16 autocast (``train.dtype=auto``) with FSDP's bf16 parameter
-all-gather and torch's default multi-tensor (foreach) AdamW; the fake step does the same.
+all-gather and torch's default multi-tensor (foreach) AdamW; the fake step does the same (its
+fake tensors are CPU tensors, so under CPU autocast: bf16 matmuls as on a GPU).
 
 What the fake run cannot see, added as a stated margin (``RESERVED_GIB`` + ``FRAGMENTATION``):
 the CUDA context and kernels (~0.5-1 GiB), NCCL's communicator buffers (~0.5-1 GiB for a few
