@@ -17,22 +17,19 @@ import argparse
 import json
 from pathlib import Path
 
+from mtp_pretrain.metrics import TRAIN_KEY, VAL_KEY, last_per_step, read_metrics
+
 
 def validation_records(run_dir: Path) -> dict[int, dict]:
-    """step -> the last validation record of that step (a resumed run may repeat one)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise SystemExit(f"{path}: no metrics.jsonl (is {run_dir} a run directory?)")
-    out, tokens = {}, {}
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        if "tokens_seen" in r:
-            tokens[r["step"]] = r["tokens_seen"]
-        if "val/loss/head_1" in r:
-            out[r["step"]] = r
-    for step, r in out.items():
-        r["tokens_seen"] = tokens.get(step)
-    return out
+    """step -> the last validation record of that step (a resumed run may repeat one), with the
+    tokens seen by then (from that step's train record)."""
+    try:
+        records = read_metrics(run_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    train = last_per_step(records, TRAIN_KEY)
+    return {step: r | {"tokens_seen": train[step]["tokens_seen"] if step in train else None}
+            for step, r in last_per_step(records, VAL_KEY).items()}
 
 
 def main() -> None:

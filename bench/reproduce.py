@@ -47,6 +47,7 @@ from mtp_pretrain.eval.adapters import make_batch_logits, make_generate  # noqa:
 from mtp_pretrain.eval.per_head import evaluate_per_head  # noqa: E402
 from mtp_pretrain.export import load_model  # noqa: E402
 from mtp_pretrain.loss import head_sequential_loss  # noqa: E402
+from mtp_pretrain.metrics import read_metrics  # noqa: E402
 from mtp_pretrain.model import MTPTransformer  # noqa: E402
 from mtp_pretrain.model.config import ModelConfig, count_parameters  # noqa: E402
 
@@ -153,11 +154,6 @@ def train_one(args, task: str, n: int, data_dir: Path, vocab: int, seq_len: int,
     if code:
         raise SystemExit(f"training {task} n={n} exited with {code}")
     return run_dir
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +316,7 @@ def plot(res: dict, work: Path, docs: Path) -> None:
     for row, task in enumerate(tasks):
         ax_h1, ax_heads = axes[row]
         for n in res[task]["runs"]:
-            m = read_metrics(work / f"{task}_n{n}")
+            m = read_metrics(work / f"{task}_n{n}", missing_ok=True)
             tr = [r for r in m if "loss/head_1" in r]
             va = [r for r in m if "val/loss/head_1" in r]
             ax_h1.plot([r["step"] for r in tr], [r["loss/head_1"] for r in tr], color=colors.get(n), alpha=0.5,

@@ -43,6 +43,7 @@ from mtp_pretrain.config import compose_job_config
 from mtp_pretrain.data import ArrowTokenStream, DataSource
 from mtp_pretrain.data.synthetic import write_random_dataset
 from mtp_pretrain.loss import head_sequential_loss
+from mtp_pretrain.metrics import last_per_step, read_metrics
 from mtp_pretrain.model import MTPTransformer
 from mtp_pretrain.train import run
 
@@ -90,8 +91,7 @@ def framework_step_times(args, sources, workdir: Path, k: int) -> tuple[list[flo
         sys.stdout = stdout
         metrics.MetricsLogger.log = real_log
     tokens = args.micro * args.seq
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    wall = [tokens / r["tokens_per_s"] for r in records if "loss" in r and r["step"] > args.warmup]
+    wall = [tokens / r["tokens_per_s"] for step, r in last_per_step(read_metrics(run_dir)).items() if step > args.warmup]
     cpu = [b - a for a, b in zip(cpu_marks[args.warmup - 1:], cpu_marks[args.warmup:])]
     assert len(wall) == len(cpu) == args.steps, (len(wall), len(cpu))
     return wall, cpu

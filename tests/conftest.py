@@ -23,9 +23,10 @@ Helpers (import them: ``from conftest import run_inprocess, ...``)
                                         to ``<run_dir>.log``) for signal / kill tests.
 ``wait_for_checkpoint(ckpt_root, step, proc)`` block until ``latest`` names a step >= ``step``.
 ``worker_pids(pid)``                    the worker processes below a torchrun.
-``read_metrics(run_dir)``               every record of ``<run_dir>/metrics.jsonl``.
+``read_metrics(run_dir)``               every record of ``<run_dir>/metrics.jsonl`` (from
+                                        ``mtp_pretrain.metrics``, the one reader).
 ``train_records(records)``              step -> list of train records (a re-done step appears
-                                        once per attempt).
+                                        once per attempt; also ``mtp_pretrain.metrics``).
 ``loss_keys(n_future)``                 ``["loss", "loss/head_1", ..]``: what equality tests compare.
 ``assert_same_losses(records, reference, exact=True)`` every attempt of every step logged the
                                         reference's losses (bitwise, or within ``tol``), lr, tokens_seen.
@@ -50,11 +51,12 @@ import re
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
 import pytest
+
+from mtp_pretrain.metrics import read_metrics, train_records  # noqa: F401 (the tests import them from here)
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -117,7 +119,7 @@ def run_inprocess(overrides: Sequence[str], run_dir: Path) -> tuple[int, list[di
 
     cfg = compose_job_config(list(overrides))
     code = run(cfg, Path(run_dir))
-    return code, read_metrics(run_dir)
+    return code, read_metrics(run_dir, missing_ok=True)
 
 
 def cli_command(overrides: Sequence[str], run_dir: Path, nproc: int = 1) -> list[str]:
@@ -238,22 +240,6 @@ def worker_pids(pid: int) -> list[int]:
 
 
 # --- reading the results ---------------------------------------------------------------------------
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def train_records(records: list[dict]) -> dict[int, list[dict]]:
-    """Train-step records (those with a ``loss`` key) by step; several if a step was re-done."""
-    out: dict[int, list[dict]] = defaultdict(list)
-    for r in records:
-        if "loss" in r:
-            out[r["step"]].append(r)
-    return dict(out)
-
-
 def loss_keys(n_future: int = N_FUTURE) -> list[str]:
     return ["loss"] + [f"loss/head_{i}" for i in range(1, n_future + 1)]
 
