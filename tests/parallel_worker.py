@@ -1,4 +1,4 @@
-"""One launch of the real Trainer per strategy, for the parallel tests and bench/scaling.py.
+"""One launch of the real Trainer per strategy, for the parallel tests.
 
     torchrun --nproc-per-node N tests/parallel_worker.py SPEC.json
 
