@@ -1,10 +1,10 @@
 """Decoding speed: greedy vs self-speculative (fixed and adaptive draft length) vs tree decoding.
 
-    .venv/bin/python bench/decode_speed.py                       # newest runs/*/checkpoints
-    .venv/bin/python bench/decode_speed.py --checkpoint runs/X/checkpoints --batch-sizes 1 8
-    .venv/bin/python bench/decode_speed.py --random-init --num-prompts 2 --max-new-tokens 32  # smoke test
-    .venv/bin/python bench/decode_speed.py --train-steps 200    # quickly trained tiny n=4 model
-    .venv/bin/python bench/decode_speed.py --random-init --model-size 124m --breakdown-only  # pass pieces only
+    .venv/bin/python -m bench.decode_speed                       # newest runs/*/checkpoints
+    .venv/bin/python -m bench.decode_speed --checkpoint runs/X/checkpoints --batch-sizes 1 8
+    .venv/bin/python -m bench.decode_speed --random-init --num-prompts 2 --max-new-tokens 32  # smoke test
+    .venv/bin/python -m bench.decode_speed --train-steps 200    # quickly trained tiny n=4 model
+    .venv/bin/python -m bench.decode_speed --random-init --model-size 124m --breakdown-only  # pass pieces only
 
 Prompts are the first ``--num-prompts`` windows of ``--prompt-len`` tokens of the *val* split of
 each data set (``data/default/code``, ``data/default/text``), or the lines of ``--prompts``. For
@@ -42,6 +42,7 @@ import sys
 import time
 from pathlib import Path
 
+from bench.common import print_result
 import torch
 import torch.nn.functional as F
 
@@ -267,7 +268,7 @@ def main(argv=None) -> None:
     breakdown = pass_breakdown(decoder, args.prompt_len + args.max_new_tokens // 2, k)
     print(f"pass pieces (median us, batch 1, {k} drafts): {json.dumps(breakdown)}", flush=True)
     if args.breakdown_only:
-        print(json.dumps({"model": source, "threads": torch.get_num_threads(), "pass_breakdown_us": breakdown}))
+        print_result({"model": source, "threads": torch.get_num_threads(), "pass_breakdown_us": breakdown})
         return
     print(f"model: {source}; n_future={model.n_future} head_type={model.cfg.head_type}; "
           f"threads={torch.get_num_threads()}", flush=True)
@@ -331,7 +332,7 @@ def main(argv=None) -> None:
         if tokenizer is not None:
             sample = tokenizer.decode(greedy_by_bs[0][0][:48])
             print(f"{name} sample continuation: {sample!r}", flush=True)
-    print(json.dumps(summary))
+    print_result(summary)
     sys.stdout.flush()
 
 

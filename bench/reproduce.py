@@ -29,27 +29,24 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from data_tools.tokenize_corpus import tokenize_to_dataset  # noqa: E402
-from mtp_pretrain.checkpoint import find_latest  # noqa: E402
-from mtp_pretrain.config import compose_job_config  # noqa: E402
-from mtp_pretrain.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer  # noqa: E402
-from mtp_pretrain.eval import induction, polynomial  # noqa: E402
-from mtp_pretrain.eval.adapters import make_batch_logits, make_generate  # noqa: E402
-from mtp_pretrain.eval.per_head import evaluate_per_head  # noqa: E402
-from mtp_pretrain.export import load_model  # noqa: E402
-from mtp_pretrain.loss import head_sequential_loss  # noqa: E402
-from mtp_pretrain.metrics import read_metrics  # noqa: E402
-from mtp_pretrain.model import MTPTransformer  # noqa: E402
-from mtp_pretrain.model.config import ModelConfig, count_parameters  # noqa: E402
+from bench.common import REPO
+from data_tools.tokenize_corpus import tokenize_to_dataset
+from mtp_pretrain.checkpoint import find_latest
+from mtp_pretrain.config import compose_job_config
+from mtp_pretrain.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
+from mtp_pretrain.eval import induction, polynomial
+from mtp_pretrain.eval.adapters import make_batch_logits, make_generate
+from mtp_pretrain.eval.per_head import evaluate_per_head
+from mtp_pretrain.export import load_model
+from mtp_pretrain.loss import head_sequential_loss
+from mtp_pretrain.metrics import read_metrics
+from mtp_pretrain.model import MTPTransformer
+from mtp_pretrain.model.config import ModelConfig, count_parameters
 
 RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -359,8 +356,8 @@ def write_report(res: dict, docs: Path) -> None:
 
 def main(argv=None) -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work-dir", default=str(ROOT / "runs" / "reproduce"))
-    ap.add_argument("--docs-dir", default=str(ROOT / "docs"))
+    ap.add_argument("--work-dir", default=str(REPO / "runs" / "reproduce"))
+    ap.add_argument("--docs-dir", default=str(REPO / "docs"))
     ap.add_argument("--budget-min", type=float, default=40.0, help="target wall time when steps are calibrated")
     ap.add_argument("--steps", type=int, default=None, help="polynomial steps (default: calibrated to the budget)")
     ap.add_argument("--min-steps", type=int, default=150)

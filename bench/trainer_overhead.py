@@ -15,7 +15,7 @@ dropped. Runs alternate framework / bare (order flipped every round) to spread t
 shared machine evenly; the headline figures use the median step time over all rounds (robust
 to bursts of load from other processes), the mean-based figures are reported too.
 
-    python bench/trainer_overhead.py [--rounds 8 --steps 20 --threads 1]
+    python -m bench.trainer_overhead [--rounds 8 --steps 20 --threads 1]
 
 CPU time (process_time, all threads of the process) is measured at the same points: tokens per
 CPU-second do not depend on how much of the cores other processes take, so ``overhead_cpu`` is
@@ -28,7 +28,6 @@ The last line printed is one JSON object: framework_tokens_per_s, bare_tokens_pe
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -37,6 +36,7 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import print_result
 import torch
 
 from mtp_pretrain.config import compose_job_config
@@ -203,7 +203,7 @@ def main(argv=None) -> None:
         "shape": {"dim": args.dim, "layers": args.layers, "heads": args.heads, "n_future": args.n_future,
                   "vocab": args.vocab, "seq": args.seq, "micro_batch": args.micro, "tokens_per_step": tokens},
     }
-    print(json.dumps(result))
+    print_result(result)
 
 
 if __name__ == "__main__":
