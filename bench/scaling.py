@@ -32,6 +32,7 @@ Ends with one JSON line.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import resource
@@ -79,10 +80,7 @@ def train_and_measure(run: dict, out: Path) -> dict | None:
         trainer.strategy.defer_shared_grad_sync = False
     counter = CommCounter() if run.get("count_comm") else None
     try:
-        if counter:
-            with counter:
-                trainer.train()
-        else:
+        with counter if counter is not None else contextlib.nullcontext():
             trainer.train()
     finally:  # not trainer.close(): the next run reuses this process group
         trainer.metrics.close()
