@@ -236,9 +236,9 @@ def main() -> None:
     rounded = {k: (round(v, 3) if isinstance(v, float) else {kk: round(vv, 3) for kk, vv in v.items()} if isinstance(v, dict) else v)
                for k, v in {**ingest, **masking}.items()}
     print_result({"tokenize_mb_per_s": {k: round(v, 3) for k, v in tok_rates.items()},
-                      "tokenize_mb_per_cpu_s": {k: round(v, 3) for k, v in tok_per_cpu_s.items()}, **rounded,
-                      **{k: round(v, 3) for k, v in loader.items()}, "window": args.window, "batch": args.batch,
-                      "cpus": os.cpu_count(), "load_avg_1min_at_end": round(os.getloadavg()[0], 2)})
+                  "tokenize_mb_per_cpu_s": {k: round(v, 3) for k, v in tok_per_cpu_s.items()}, **rounded,
+                  **{k: round(v, 3) for k, v in loader.items()}, "window": args.window, "batch": args.batch,
+                  "cpus": os.cpu_count(), "load_avg_1min_at_end": round(os.getloadavg()[0], 2)})
 
 
 if __name__ == "__main__":

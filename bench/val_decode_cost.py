@@ -46,13 +46,13 @@ def main() -> None:
             trainer.close()
     ratios = [r["val/decode_cost"] for r in records]
     print_result({"bench": "val_decode_cost", "decode_cost_median": round(statistics.median(ratios), 4),
-                      "decode_cost_rounds": [round(x, 4) for x in ratios],
-                      "loss_pass_s_median": round(statistics.median(r["val/loss_s"] for r in records), 3),
-                      "decode_s_median": round(statistics.median(r["val/decode_s"] for r in records), 3),
-                      "val_batches": cfg.logging.val_batches, "micro_batch_size": cfg.train.micro_batch_size,
-                      "seq_len": cfg.data.seq_len, "decode_prompts": cfg.logging.decode_prompts,
-                      "decode_new_tokens": cfg.logging.decode_new_tokens,
-                      "sources": len(cfg.data.sources)})
+                  "decode_cost_rounds": [round(x, 4) for x in ratios],
+                  "loss_pass_s_median": round(statistics.median(r["val/loss_s"] for r in records), 3),
+                  "decode_s_median": round(statistics.median(r["val/decode_s"] for r in records), 3),
+                  "val_batches": cfg.logging.val_batches, "micro_batch_size": cfg.train.micro_batch_size,
+                  "seq_len": cfg.data.seq_len, "decode_prompts": cfg.logging.decode_prompts,
+                  "decode_new_tokens": cfg.logging.decode_new_tokens,
+                  "sources": len(cfg.data.sources)})
 
 
 if __name__ == "__main__":
