@@ -32,7 +32,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import print_result
+from bench.common import MiB, print_result, proc_status_bytes, reset_peak_rss
 from data_tools import default_corpus
 from data_tools.build_default import build_default
 from data_tools.corpus import cap_bytes, deduplicate
@@ -42,11 +42,7 @@ from mtp_pretrain.data.synthetic import write_random_dataset
 
 
 def proc_status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
+    return proc_status_bytes(field) / MiB
 
 
 def bench_tokenize(data_dir: Path, max_mb: float, tmp: Path) -> dict[str, float]:
@@ -64,12 +60,6 @@ def bench_tokenize(data_dir: Path, max_mb: float, tmp: Path) -> dict[str, float]
         print(f"tokenize  {mb:6.1f} MB of code, {workers} worker(s): {rates[str(workers)]:6.2f} MB/s wall, "
               f"{per_cpu_s[str(workers)]:.2f} MB per CPU-second", flush=True)
     return rates, per_cpu_s
-
-
-def reset_peak_rss() -> None:
-    """Reset this process's VmHWM to its current RSS (Linux: write 5 to clear_refs)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def cpu_seconds() -> float:
@@ -147,7 +137,8 @@ def bench_ingest(data_dir: Path, max_mb: float, tmp: Path, rounds: int) -> dict:
             raw.encode_batch(docs[k:k + 256], add_special_tokens=False)
         best["raw"] = max(best["raw"], mb / (cpu_seconds() - cpu0))
         for workers in (1, 2):
-            reset_peak_rss()
+            if not reset_peak_rss():
+                raise RuntimeError("cannot reset the RSS high-water mark (/proc/self/clear_refs)")
             t0, cpu0 = time.perf_counter(), cpu_seconds()
             meta = tokenize_inputs([str(inputs)], data_dir / "tokenizer.json", tmp / f"ingest{workers}-{r}", workers=workers)
             main_peak = max(main_peak, proc_status_mb("VmHWM"))
