@@ -60,7 +60,7 @@ test-multinode: setup
 	bash tests/multinode/run_multinode_test.sh
 
 reproduce: setup
-	$(PY) bench/reproduce.py
+	$(PY) -m bench.reproduce
 
 clean:
 	rm -rf $(VENV) outputs runs

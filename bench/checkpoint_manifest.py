@@ -1,6 +1,6 @@
 """What the checkpoint manifest (per-file size + crc32) and its verification cost.
 
-    .venv/bin/python bench/checkpoint_manifest.py [--dim 512] [--n-layers 8] [--repeats 3]
+    .venv/bin/python -m bench.checkpoint_manifest [--dim 512] [--n-layers 8] [--repeats 3]
 
 Saves a model + AdamW state (one process, the trainer's CheckpointManager) --repeats times and
 reports the save time and the part of it spent reading the files back for the manifest; then
@@ -14,21 +14,18 @@ Ends with one JSON line of the figures.
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.common import print_result
+import torch
 
-import torch  # noqa: E402
-
-from mtp_pretrain.checkpoint import CheckpointManager  # noqa: E402
-from mtp_pretrain.model import ModelConfig, MTPTransformer  # noqa: E402
-from mtp_pretrain.parallel.base import ModelState, OptimState  # noqa: E402
-from mtp_pretrain.parallel.setup import DistEnv  # noqa: E402
+from mtp_pretrain.checkpoint import CheckpointManager
+from mtp_pretrain.model import ModelConfig, MTPTransformer
+from mtp_pretrain.parallel.base import ModelState, OptimState
+from mtp_pretrain.parallel.setup import DistEnv
 
 
 def main() -> None:
@@ -77,7 +74,7 @@ def main() -> None:
         "load_verify_checksum_s": round(med(load_s["checksum"]), 3),
         "checksum_share_of_load": round(1 - med(load_s["size"]) / med(load_s["checksum"]), 3),
     }
-    print(json.dumps(result))
+    print_result(result)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """Data pipeline throughput: tokenization MB/s (1 and 2 worker processes) and loader tokens/s + memory;
 `tokenize --input` against the tokenizer's own speed; document-masked vs unmasked training steps.
 
-    .venv/bin/python bench/data_throughput.py [--data-dir data/default] [--loader-gb 1.0]
+    .venv/bin/python -m bench.data_throughput [--data-dir data/default] [--loader-gb 1.0]
 
 1. Tokenizes the default corpus's code documents (Python stdlib sources) with the default BPE
    tokenizer, once with 1 and once with 2 worker processes (wall time, process start-up included).
@@ -28,27 +28,21 @@ import argparse
 import json
 import os
 import resource
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from data_tools import default_corpus  # noqa: E402
-from data_tools.build_default import build_default  # noqa: E402
-from data_tools.corpus import cap_bytes, deduplicate  # noqa: E402
-from data_tools.tokenize_corpus import tokenize_to_dataset  # noqa: E402
-from mtp_pretrain.data import ArrowTokenStream, DataSource  # noqa: E402
-from mtp_pretrain.data.synthetic import write_random_dataset  # noqa: E402
+from bench.common import MiB, print_result, proc_status_bytes, reset_peak_rss
+from data_tools import default_corpus
+from data_tools.build_default import build_default
+from data_tools.corpus import cap_bytes, deduplicate
+from data_tools.tokenize_corpus import tokenize_to_dataset
+from mtp_pretrain.data import ArrowTokenStream, DataSource
+from mtp_pretrain.data.synthetic import write_random_dataset
 
 
 def proc_status_mb(field: str) -> float:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith(field + ":"):
-                return int(line.split()[1]) / 1024
-    raise KeyError(field)
+    return proc_status_bytes(field) / MiB
 
 
 def bench_tokenize(data_dir: Path, max_mb: float, tmp: Path) -> dict[str, float]:
@@ -66,12 +60,6 @@ def bench_tokenize(data_dir: Path, max_mb: float, tmp: Path) -> dict[str, float]
         print(f"tokenize  {mb:6.1f} MB of code, {workers} worker(s): {rates[str(workers)]:6.2f} MB/s wall, "
               f"{per_cpu_s[str(workers)]:.2f} MB per CPU-second", flush=True)
     return rates, per_cpu_s
-
-
-def reset_peak_rss() -> None:
-    """Reset this process's VmHWM to its current RSS (Linux: write 5 to clear_refs)."""
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
 
 
 def cpu_seconds() -> float:
@@ -149,7 +137,8 @@ def bench_ingest(data_dir: Path, max_mb: float, tmp: Path, rounds: int) -> dict:
             raw.encode_batch(docs[k:k + 256], add_special_tokens=False)
         best["raw"] = max(best["raw"], mb / (cpu_seconds() - cpu0))
         for workers in (1, 2):
-            reset_peak_rss()
+            if not reset_peak_rss():
+                raise RuntimeError("cannot reset the RSS high-water mark (/proc/self/clear_refs)")
             t0, cpu0 = time.perf_counter(), cpu_seconds()
             meta = tokenize_inputs([str(inputs)], data_dir / "tokenizer.json", tmp / f"ingest{workers}-{r}", workers=workers)
             main_peak = max(main_peak, proc_status_mb("VmHWM"))
@@ -237,10 +226,10 @@ def main() -> None:
           f"{masking['masked_over_unmasked']:.3f} (ceiling 1.5) |")
     rounded = {k: (round(v, 3) if isinstance(v, float) else {kk: round(vv, 3) for kk, vv in v.items()} if isinstance(v, dict) else v)
                for k, v in {**ingest, **masking}.items()}
-    print(json.dumps({"tokenize_mb_per_s": {k: round(v, 3) for k, v in tok_rates.items()},
-                      "tokenize_mb_per_cpu_s": {k: round(v, 3) for k, v in tok_per_cpu_s.items()}, **rounded,
-                      **{k: round(v, 3) for k, v in loader.items()}, "window": args.window, "batch": args.batch,
-                      "cpus": os.cpu_count(), "load_avg_1min_at_end": round(os.getloadavg()[0], 2)}))
+    print_result({"tokenize_mb_per_s": {k: round(v, 3) for k, v in tok_rates.items()},
+                  "tokenize_mb_per_cpu_s": {k: round(v, 3) for k, v in tok_per_cpu_s.items()}, **rounded,
+                  **{k: round(v, 3) for k, v in loader.items()}, "window": args.window, "batch": args.batch,
+                  "cpus": os.cpu_count(), "load_avg_1min_at_end": round(os.getloadavg()[0], 2)})
 
 
 if __name__ == "__main__":

@@ -1,10 +1,10 @@
 """Decoding speed: greedy vs self-speculative (fixed and adaptive draft length) vs tree decoding.
 
-    .venv/bin/python bench/decode_speed.py                       # newest runs/*/checkpoints
-    .venv/bin/python bench/decode_speed.py --checkpoint runs/X/checkpoints --batch-sizes 1 8
-    .venv/bin/python bench/decode_speed.py --random-init --num-prompts 2 --max-new-tokens 32  # smoke test
-    .venv/bin/python bench/decode_speed.py --train-steps 200    # quickly trained tiny n=4 model
-    .venv/bin/python bench/decode_speed.py --random-init --model-size 124m --breakdown-only  # pass pieces only
+    .venv/bin/python -m bench.decode_speed                       # newest runs/*/checkpoints
+    .venv/bin/python -m bench.decode_speed --checkpoint runs/X/checkpoints --batch-sizes 1 8
+    .venv/bin/python -m bench.decode_speed --random-init --num-prompts 2 --max-new-tokens 32  # smoke test
+    .venv/bin/python -m bench.decode_speed --train-steps 200    # quickly trained tiny n=4 model
+    .venv/bin/python -m bench.decode_speed --random-init --model-size 124m --breakdown-only  # pass pieces only
 
 Prompts are the first ``--num-prompts`` windows of ``--prompt-len`` tokens of the *val* split of
 each data set (``data/default/code``, ``data/default/text``), or the lines of ``--prompts``. For
@@ -38,10 +38,10 @@ import dataclasses
 import glob
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
+from bench.common import print_result
 import torch
 import torch.nn.functional as F
 
@@ -201,7 +201,7 @@ def pass_breakdown(decoder: Decoder, context: int, k: int, repeats: int = 200) -
     return out
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     src = ap.add_mutually_exclusive_group()
     src.add_argument("--checkpoint", help="export dir or training checkpoint (default: newest runs/*/checkpoints)")
@@ -226,12 +226,11 @@ def main(argv=None) -> None:
     ap.add_argument("--no-tree", action="store_true", help="leave tree mode out (the slowest mode on a CPU)")
     ap.add_argument("--breakdown-only", action="store_true",
                     help="only time the pieces of a greedy and a speculative pass (any model, even random)")
-    args = ap.parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    torch.manual_seed(args.seed)
-    data_dir = Path(args.data_dir)
+    return ap.parse_args(argv)
 
+
+def load_decode_model(args, data_dir: Path):
+    """(model on args.device in eval mode, its tokenizer or None, a description of where it came from)."""
     tokenizer = None
     if args.random_init or (args.train_steps and not args.checkpoint):
         from mtp_pretrain.model import MTPTransformer, model_config
@@ -256,29 +255,45 @@ def main(argv=None) -> None:
         from mtp_pretrain.data import load_tokenizer
 
         tokenizer = load_tokenizer(data_dir / args.datasets[0])
+    return model, tokenizer, source
 
-    if args.prompts:
-        datasets = file_prompts(args.prompts, tokenizer)
-    else:
-        datasets = load_data_prompts(data_dir, args.datasets, args.num_prompts, args.prompt_len, args.seed)
-    widths = tuple(int(w) for w in args.tree_widths.split(","))
-    decoder = Decoder(model)
-    k = min(args.num_drafts or model.n_future - 1, model.n_future - 1)
-    breakdown = pass_breakdown(decoder, args.prompt_len + args.max_new_tokens // 2, k)
-    print(f"pass pieces (median us, batch 1, {k} drafts): {json.dumps(breakdown)}", flush=True)
-    if args.breakdown_only:
-        print(json.dumps({"model": source, "threads": torch.get_num_threads(), "pass_breakdown_us": breakdown}))
-        return
-    print(f"model: {source}; n_future={model.n_future} head_type={model.cfg.head_type}; "
-          f"threads={torch.get_num_threads()}", flush=True)
-    configs = decoder_configs(model.n_future, args.max_new_tokens, widths, tree=not args.no_tree)
+
+def batch_entry(rows: dict, configs: dict, fixed: str, n_future: int) -> dict:
+    """The figures of one prompt set at one batch size: every mode against greedy."""
+    base = rows["greedy"]["tokens_per_s"] or float("nan")
+    speedup = {m: round(rows[m]["tokens_per_s"] / base, 3) for m in configs}
+    # speedup = accepted_per_forward / pass_cost: what a speculative pass costs in greedy passes.
+    ms_per_pass = {m: 1e3 * rows[m]["wall_time_s"] / max(rows[m]["forward_passes"], 1) for m in configs}
+    fixed_speedups = {m.split("_")[1]: speedup[m] for m in configs if m.startswith("fixed_")}
+    best_k = max(fixed_speedups, key=fixed_speedups.get)
+    entry = {
+        "accepted_per_forward": rows[fixed]["accepted_per_forward"],
+        "accepted_per_forward_auto": rows["auto"]["accepted_per_forward"],
+        "speedup_self_speculative": speedup[fixed],
+        "speedup_auto": speedup["auto"],
+        "speedup_fixed": fixed_speedups,
+        "best_fixed_k": int(best_k),
+        "auto_minus_best_fixed": round(speedup["auto"] - fixed_speedups[best_k], 3),
+        "auto_draft_lengths": {str(j): rows["auto"]["draft_lengths"].count(j) for j in range(n_future)},
+        "tokens_per_s": {m: rows[m]["tokens_per_s"] for m in configs},
+        "ms_per_forward": {m: round(ms_per_pass[m], 3) for m in configs},
+        "pass_cost_self_speculative": round(ms_per_pass[fixed] / ms_per_pass["greedy"], 3),
+        "pass_cost_fixed": {m.split("_")[1]: round(ms_per_pass[m] / ms_per_pass["greedy"], 3)
+                            for m in configs if m.startswith("fixed_")},
+        "acceptance_rate_per_position": {"self_speculative": rows[fixed]["acceptance_rate_per_position"],
+                                         "auto": rows["auto"]["acceptance_rate_per_position"]},
+    }
+    if "tree" in configs:
+        entry.update(accepted_per_forward_tree=rows["tree"]["accepted_per_forward"],
+                     speedup_tree=speedup["tree"],
+                     pass_cost_tree=round(ms_per_pass["tree"] / ms_per_pass["greedy"], 3))
+        entry["acceptance_rate_per_position"]["tree"] = rows["tree"]["acceptance_rate_per_position"]
+    return entry
+
+
+def compare_modes(decoder, datasets: dict, configs: dict, k: int, args, tokenizer, summary: dict) -> None:
+    """Every mode on every prompt set and batch size, into ``summary``."""
     fixed = f"fixed_{k}"
-    # Warm-up: first calls pay for allocator and kernel selection (auto also times its passes).
-    for config in configs.values():
-        decoder.generate(next(iter(datasets.values()))[:1], dataclasses.replace(config, max_new_tokens=8))
-
-    summary = {"exact": True, "exact_across_batch_sizes": True, "model": source, "threads": torch.get_num_threads(),
-               "num_drafts": k, "max_new_tokens": args.max_new_tokens, "pass_breakdown_us": breakdown, "results": {}}
     for name, prompts in datasets.items():
         summary["results"][name] = {}
         greedy_by_bs = []
@@ -289,51 +304,51 @@ def main(argv=None) -> None:
                 print(f"{name} bs={bs} {mode:8s} {json.dumps(shown)}", flush=True)
             exact = all(outputs[m] == outputs["greedy"] for m in configs)
             greedy_by_bs.append(outputs["greedy"])
-            base = rows["greedy"]["tokens_per_s"] or float("nan")
-            speedup = {m: round(rows[m]["tokens_per_s"] / base, 3) for m in configs}
-            # speedup = accepted_per_forward / pass_cost: what a speculative pass costs in greedy passes.
-            ms_per_pass = {m: 1e3 * rows[m]["wall_time_s"] / max(rows[m]["forward_passes"], 1) for m in configs}
-            fixed_speedups = {m.split("_")[1]: speedup[m] for m in configs if m.startswith("fixed_")}
-            best_k = max(fixed_speedups, key=fixed_speedups.get)
-            entry = {
-                "exact": exact,
-                "accepted_per_forward": rows[fixed]["accepted_per_forward"],
-                "accepted_per_forward_auto": rows["auto"]["accepted_per_forward"],
-                "speedup_self_speculative": speedup[fixed],
-                "speedup_auto": speedup["auto"],
-                "speedup_fixed": fixed_speedups,
-                "best_fixed_k": int(best_k),
-                "auto_minus_best_fixed": round(speedup["auto"] - fixed_speedups[best_k], 3),
-                "auto_draft_lengths": {str(j): rows["auto"]["draft_lengths"].count(j) for j in range(model.n_future)},
-                "tokens_per_s": {m: rows[m]["tokens_per_s"] for m in configs},
-                "ms_per_forward": {m: round(ms_per_pass[m], 3) for m in configs},
-                "pass_cost_self_speculative": round(ms_per_pass[fixed] / ms_per_pass["greedy"], 3),
-                "pass_cost_fixed": {m.split("_")[1]: round(ms_per_pass[m] / ms_per_pass["greedy"], 3)
-                                    for m in configs if m.startswith("fixed_")},
-                "acceptance_rate_per_position": {"self_speculative": rows[fixed]["acceptance_rate_per_position"],
-                                                 "auto": rows["auto"]["acceptance_rate_per_position"]},
-            }
-            if "tree" in configs:
-                entry.update(accepted_per_forward_tree=rows["tree"]["accepted_per_forward"],
-                             speedup_tree=speedup["tree"],
-                             pass_cost_tree=round(ms_per_pass["tree"] / ms_per_pass["greedy"], 3))
-                entry["acceptance_rate_per_position"]["tree"] = rows["tree"]["acceptance_rate_per_position"]
+            entry = {"exact": exact, **batch_entry(rows, configs, fixed, decoder.model.n_future)}
             summary["results"][name][str(bs)] = entry
             summary["exact"] &= exact
             summary["min_speedup_auto"] = min(summary.get("min_speedup_auto", float("inf")), entry["speedup_auto"])
             summary["min_auto_minus_best_fixed"] = min(summary.get("min_auto_minus_best_fixed", float("inf")),
                                                        entry["auto_minus_best_fixed"])
             print(f"{name} bs={bs}: exact={exact} speedup auto={entry['speedup_auto']} fixed k="
-                  f"{fixed_speedups} tree={entry.get('speedup_tree')}; auto fed k per pass "
+                  f"{entry['speedup_fixed']} tree={entry.get('speedup_tree')}; auto fed k per pass "
                   f"{entry['auto_draft_lengths']}; accepted/forward {entry['accepted_per_forward']} "
                   f"(k={k}), pass cost {entry['pass_cost_fixed']} greedy passes", flush=True)
         summary["exact_across_batch_sizes"] &= all(g == greedy_by_bs[0] for g in greedy_by_bs)
         if tokenizer is not None:
             sample = tokenizer.decode(greedy_by_bs[0][0][:48])
             print(f"{name} sample continuation: {sample!r}", flush=True)
-    print(json.dumps(summary))
-    sys.stdout.flush()
 
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    data_dir = Path(args.data_dir)
+    model, tokenizer, source = load_decode_model(args, data_dir)
+    if args.prompts:
+        datasets = file_prompts(args.prompts, tokenizer)
+    else:
+        datasets = load_data_prompts(data_dir, args.datasets, args.num_prompts, args.prompt_len, args.seed)
+    widths = tuple(int(w) for w in args.tree_widths.split(","))
+    decoder = Decoder(model)
+    k = min(args.num_drafts or model.n_future - 1, model.n_future - 1)
+    breakdown = pass_breakdown(decoder, args.prompt_len + args.max_new_tokens // 2, k)
+    print(f"pass pieces (median us, batch 1, {k} drafts): {json.dumps(breakdown)}", flush=True)
+    if args.breakdown_only:
+        print_result({"model": source, "threads": torch.get_num_threads(), "pass_breakdown_us": breakdown})
+        return
+    print(f"model: {source}; n_future={model.n_future} head_type={model.cfg.head_type}; "
+          f"threads={torch.get_num_threads()}", flush=True)
+    configs = decoder_configs(model.n_future, args.max_new_tokens, widths, tree=not args.no_tree)
+    # Warm-up: first calls pay for allocator and kernel selection (auto also times its passes).
+    for config in configs.values():
+        decoder.generate(next(iter(datasets.values()))[:1], dataclasses.replace(config, max_new_tokens=8))
+    summary = {"exact": True, "exact_across_batch_sizes": True, "model": source, "threads": torch.get_num_threads(),
+               "num_drafts": k, "max_new_tokens": args.max_new_tokens, "pass_breakdown_us": breakdown, "results": {}}
+    compare_modes(decoder, datasets, configs, k, args, tokenizer, summary)
+    print_result(summary)
 
 if __name__ == "__main__":
     main()

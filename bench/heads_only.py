@@ -1,6 +1,6 @@
 """Heads-only training (``train.freeze=trunk``) against full training: step time and peak memory.
 
-Both variants: the ``small`` model (conf/model/small.yaml, n_future=4, transformer heads), the
+Both variants: the ``small`` model (mtp_pretrain/conf/model/small.yaml, n_future=4, transformer heads), the
 head-sequential loss, AdamW built as the trainer builds it (parameters that require grad only),
 one optimizer step per training step; heads-only freezes embeddings, trunk, head 1 and the
 unembedding exactly as the trainer does (``mtp_pretrain.train.freeze_next_token_path``).
@@ -16,8 +16,8 @@ first creates the optimizer state); ``step_delta`` = peak RSS - baseline is what
 (gradients, optimizer state, activations). On CUDA (--device cuda): max_memory_allocated after
 reset_peak_memory_stats instead.
 
-    python bench/heads_only.py                    # the documented run (small, seq 256, batch 4)
-    python bench/heads_only.py --seq 64 --pairs 2 --warmup 1   # a quick smoke run
+    python -m bench.heads_only                    # the documented run (small, seq 256, batch 4)
+    python -m bench.heads_only --seq 64 --pairs 2 --warmup 1   # a quick smoke run
 
 The last line printed is one JSON object: time_ratio and mem_ratio (heads-only / full, < 1 means
 heads-only is cheaper), and details.
@@ -26,28 +26,14 @@ heads-only is cheaper), and details.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
 import time
 
-MiB = 2 ** 20
+from bench.common import (MiB, add_result_file_arg, launch, print_result, proc_status_bytes, reset_peak_rss,
+                          write_result)
+
 VARIANTS = ("full", "heads_only")
-
-
-def rss_now() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def rss_peak() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status")
 
 
 def build(variant: str, args):
@@ -100,11 +86,11 @@ def child(args) -> dict:
         step(), step()
         peak, kind = torch.cuda.max_memory_allocated(), "cuda max_memory_allocated"
     else:
-        base = rss_now()
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")  # reset the peak-RSS high-water mark to the current RSS
+        base = proc_status_bytes("VmRSS")
+        if not reset_peak_rss():
+            raise RuntimeError("cannot reset the RSS high-water mark (/proc/self/clear_refs)")
         step(), step()
-        peak, kind = rss_peak(), "cpu VmHWM (reset before the steps)"
+        peak, kind = proc_status_bytes("VmHWM"), "cpu VmHWM (reset before the steps)"
     state = sum(t.numel() for s in optimizer.state.values() for t in s.values() if t.dim() > 0)
     return {"variant": args.child, "trainable_params": trainable, "optimizer_state_elems": state,
             "base_mib": base / MiB, "peak_mib": peak / MiB, "step_delta_mib": (peak - base) / MiB,
@@ -148,16 +134,14 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--device", default="cpu")
     p.add_argument("--child", choices=VARIANTS, help=argparse.SUPPRESS)
+    add_result_file_arg(p)
     args = p.parse_args()
     if args.child:
-        print(json.dumps(child(args)))
-        return
+        return write_result(args.result_file, child(args))
 
     mem = {}
-    for v in VARIANTS:
-        cmd = [sys.executable, __file__, "--child", v] + [a for a in sys.argv[1:]]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True)
-        mem[v] = json.loads(out.stdout.strip().splitlines()[-1])
+    for v in VARIANTS:  # each in a fresh process: a process's peak RSS cannot be split between two models
+        mem[v] = launch(__spec__.name, ["--child", v, *sys.argv[1:]], threads=None, what=f"heads_only {v}")
         print(f"memory {v}: step delta {mem[v]['step_delta_mib']:.1f} MiB, peak {mem[v]['peak_mib']:.1f} MiB, "
               f"trainable {mem[v]['trainable_params'] / 1e6:.2f}M", flush=True)
     t = timing(args)
@@ -167,7 +151,7 @@ def main() -> None:
               "mem_ratio": round(mem["heads_only"]["step_delta_mib"] / mem["full"]["step_delta_mib"], 4),
               "peak_ratio": round(mem["heads_only"]["peak_mib"] / mem["full"]["peak_mib"], 4),
               "timing": t, "memory": mem}
-    print(json.dumps(result))
+    print_result(result)
 
 
 if __name__ == "__main__":

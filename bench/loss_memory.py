@@ -22,8 +22,8 @@ Time: median over the timed steps of all children of a configuration; the config
 run interleaved (round-robin, --rounds times) so that load from other processes on a shared
 machine affects them alike.
 
-    python bench/loss_memory.py                 # the documented run (vocab 32768, seq 2048, batch 4)
-    python bench/loss_memory.py --vocab 4096 --seq 256 --steps 1 --rounds 1   # a quick smoke run
+    python -m bench.loss_memory                 # the documented run (vocab 32768, seq 2048, batch 4)
+    python -m bench.loss_memory --vocab 4096 --seq 256 --steps 1 --rounds 1   # a quick smoke run
 
 The last line printed is one JSON object with the ratios and the floors' verdicts.
 """
@@ -32,13 +32,15 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import os
 import resource
 import statistics
-import subprocess
 import sys
 import time
+from typing import Optional
+
+from bench.common import (MiB, add_result_file_arg, launch, print_result, proc_status_bytes, reset_peak_rss,
+                          write_result)
 
 CONFIGS = {
     "ntp": dict(n_future=1, impl="naive", chunk=False),
@@ -54,25 +56,9 @@ FLOORS = {  # name: (ratio, comparison, bound)
     "mem_ratio_chunked_vs_hs": ("<=", 0.6),
 }
 
-MiB = 2 ** 20
-
-
-def current_rss() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
 
 def max_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
-
-
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
 
 
 def child(args) -> dict:
@@ -109,7 +95,7 @@ def child(args) -> dict:
         return r, time.perf_counter() - t0
 
     gc.collect()
-    pre_warmup_rss = current_rss()
+    pre_warmup_rss = proc_status_bytes("VmRSS")
     step()  # warm-up: allocator, thread pools, first-touch of everything
     model.zero_grad(set_to_none=True)
     gc.collect()
@@ -122,7 +108,7 @@ def child(args) -> dict:
         res, mem_step_time = timed(step)
         out.update(mem_kind="cuda max_memory_allocated", base=base, peak=torch.cuda.max_memory_allocated())
     else:
-        base = current_rss()
+        base = proc_status_bytes("VmRSS")
         if reset_peak_rss():
             res, mem_step_time = timed(step)
             out.update(mem_kind="cpu ru_maxrss (hiwater reset before the step)", base=base, peak=max_rss())
@@ -182,24 +168,21 @@ def paired_child(args) -> dict:
 
 
 def run_child(name: str, args) -> dict:
-    cmd = [sys.executable, os.path.abspath(__file__), "--child", name]
+    """One configuration (or the paired timing) in a fresh process of this module."""
+    flags = ["--child", name]
     for k in ("vocab", "seq", "batch", "dim", "layers", "n_heads", "chunk", "steps", "pairs", "threads", "device"):
-        cmd += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
-    env = dict(os.environ)
+        flags += [f"--{k.replace('_', '-')}", str(getattr(args, k))]
+    env = {}
     if not args.glibc_default:
         # Fixed (not dynamic) glibc thresholds: every allocation of 1 MiB or more is its own mmap,
         # unmapped when freed, and freed heap is trimmed. RSS then follows live tensors instead of
         # what the allocator kept from the warm-up step (which would hide activations in the
         # baseline). Same setting for every configuration.
-        env.setdefault("MALLOC_MMAP_THRESHOLD_", str(MiB))
-        env.setdefault("MALLOC_TRIM_THRESHOLD_", str(MiB))
-    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name} failed (rc {proc.returncode}):\n{proc.stderr[-4000:]}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        env = {k: os.environ.get(k, str(MiB)) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+    return launch(__spec__.name, flags, threads=None, env=env, what=f"loss_memory {name}")
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--vocab", type=int, default=32768)
     p.add_argument("--seq", type=int, default=2048)
@@ -221,18 +204,12 @@ def main(argv=None) -> int:
                    help="keep glibc's dynamic malloc thresholds in the children (RSS then includes "
                         "whatever the allocator retains between steps)")
     p.add_argument("--child", choices=sorted(CONFIGS) + ["paired"], help=argparse.SUPPRESS)
-    args = p.parse_args(argv)
-    if args.child:
-        print(json.dumps(paired_child(args) if args.child == "paired" else child(args)))
-        return 0
+    add_result_file_arg(p)
+    return p.parse_args(argv)
 
-    names = args.configs.split(",")
-    print(f"loss memory benchmark: vocab {args.vocab}, seq {args.seq}, batch {args.batch} "
-          f"({args.batch * args.seq} tokens/head), trunk dim {args.dim} x {args.layers} blocks, "
-          f"transformer heads of 1 block, chunk {args.chunk}, device {args.device}, "
-          f"{args.rounds} interleaved round(s) x (warm-up + {args.steps} timed steps, the first also measures "
-          f"memory), then {args.pairs} alternating naive/hs pairs in one process, "
-          f"malloc: {'glibc default' if args.glibc_default else 'mmap/trim threshold 1 MiB'}", flush=True)
+
+def run_rounds(args, names: list[str]) -> dict[str, list[dict]]:
+    """Every configuration once per round, interleaved, each in its own process."""
     runs: dict[str, list[dict]] = {n: [] for n in names}
     for r in range(args.rounds):
         for n in names:
@@ -241,21 +218,19 @@ def main(argv=None) -> int:
             print(f"  round {r + 1} {n:<11} base {res['base'] / MiB:8.0f} MiB  peak {res['peak'] / MiB:8.0f} MiB  "
                   f"delta {res['delta'] / MiB:8.0f} MiB  steps {', '.join(f'{t:.2f}' for t in res['times'])} s",
                   flush=True)
+    return runs
 
-    paired = None
-    if args.pairs > 0 and "naive" in names and "hs" in names:
-        paired = run_child("paired", args)
-        print(f"  paired naive {', '.join(f'{t:.2f}' for t in paired['times']['naive'])} s, "
-              f"hs {', '.join(f'{t:.2f}' for t in paired['times']['hs'])} s, "
-              f"hs/naive per pair {', '.join(f'{r:.3f}' for r in paired['ratios'])}", flush=True)
 
-    summary = {}
-    for n in names:
-        rs = runs[n]
-        summary[n] = dict(
-            peak=max(x["peak"] for x in rs), base=statistics.median(x["base"] for x in rs),
-            delta=max(x["delta"] for x in rs), time=statistics.median(t for x in rs for t in x["times"]),
-            params=rs[0]["params"], mem_kind=rs[0]["mem_kind"])
+def summarize(runs: dict[str, list[dict]]) -> dict[str, dict]:
+    """Per configuration: the largest peak and step delta over the rounds, the median baseline and step time."""
+    return {n: dict(peak=max(x["peak"] for x in rs), base=statistics.median(x["base"] for x in rs),
+                    delta=max(x["delta"] for x in rs), time=statistics.median(t for x in rs for t in x["times"]),
+                    params=rs[0]["params"], mem_kind=rs[0]["mem_kind"])
+            for n, rs in runs.items()}
+
+
+def print_table(summary: dict[str, dict], chunk: int) -> None:
+    names = list(summary)
     ref = summary.get("ntp")
     print(f"\nmemory: {summary[names[0]]['mem_kind']}; ratios use the step delta = peak - baseline "
           "(max over rounds); time = median step (s); "
@@ -268,14 +243,18 @@ def main(argv=None) -> int:
         s, spec = summary[n], CONFIGS[n]
         mr = s["delta"] / ref["delta"] if ref else float("nan")
         tr = s["time"] / ref["time"] if ref else float("nan")
-        print(f"| {n} | {spec['n_future']} | {spec['impl']} | {args.chunk if spec['chunk'] else '-'} | "
+        print(f"| {n} | {spec['n_future']} | {spec['impl']} | {chunk if spec['chunk'] else '-'} | "
               f"{s['params'] / 1e6:.1f}M | {s['base'] / MiB:.0f} | {s['peak'] / MiB:.0f} | {s['delta'] / MiB:.0f} | "
               f"{mr:.2f}x | {s['time']:.2f} | {tr:.2f}x |")
+
+
+def figures(summary: dict[str, dict], paired: Optional[dict], args) -> dict:
+    names = list(summary)
 
     def ratio(a, b, key):
         return round(summary[a][key] / summary[b][key], 4) if a in summary and b in summary else None
 
-    result = {
+    return {
         "mem_ratio_hs_vs_ntp": ratio("hs", "ntp", "delta"),
         "mem_ratio_naive_vs_ntp": ratio("naive", "ntp", "delta"),
         "time_ratio_hs_vs_naive": (round(statistics.median(paired["ratios"]), 4) if paired
@@ -297,18 +276,44 @@ def main(argv=None) -> int:
         "shape": dict(vocab=args.vocab, seq=args.seq, batch=args.batch, dim=args.dim, layers=args.layers,
                       chunk=args.chunk),
     }
+
+
+def check_floors(result: dict) -> bool:
+    """Print each floor's verdict; True if all are met."""
     ok = True
-    verdicts = {}
+    print("\nfloors:")
     for key, (op, bound) in FLOORS.items():
         v = result[key]
         passed = v is not None and (v <= bound if op == "<=" else v >= bound)
-        verdicts[key] = f"{v} {op} {bound}: {'ok' if passed else 'MISSED'}"
+        print(f"  {v} {op} {bound}: {'ok' if passed else 'MISSED'}")
         ok &= passed
-    print("\nfloors:")
-    for v in verdicts.values():
-        print("  " + v)
-    result["floors_met"] = ok
-    print(json.dumps(result))
+    return ok
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.child:
+        write_result(args.result_file, paired_child(args) if args.child == "paired" else child(args))
+        return 0
+    names = args.configs.split(",")
+    print(f"loss memory benchmark: vocab {args.vocab}, seq {args.seq}, batch {args.batch} "
+          f"({args.batch * args.seq} tokens/head), trunk dim {args.dim} x {args.layers} blocks, "
+          f"transformer heads of 1 block, chunk {args.chunk}, device {args.device}, "
+          f"{args.rounds} interleaved round(s) x (warm-up + {args.steps} timed steps, the first also measures "
+          f"memory), then {args.pairs} alternating naive/hs pairs in one process, "
+          f"malloc: {'glibc default' if args.glibc_default else 'mmap/trim threshold 1 MiB'}", flush=True)
+    runs = run_rounds(args, names)
+    paired = None
+    if args.pairs > 0 and "naive" in names and "hs" in names:
+        paired = run_child("paired", args)
+        print(f"  paired naive {', '.join(f'{t:.2f}' for t in paired['times']['naive'])} s, "
+              f"hs {', '.join(f'{t:.2f}' for t in paired['times']['hs'])} s, "
+              f"hs/naive per pair {', '.join(f'{r:.3f}' for r in paired['ratios'])}", flush=True)
+    summary = summarize(runs)
+    print_table(summary, args.chunk)
+    result = figures(summary, paired, args)
+    result["floors_met"] = check_floors(result)
+    print_result(result)
     return 0
 
 

@@ -4,7 +4,7 @@ Reads each run directory's metrics.jsonl and reports, at every validation step t
 ``val/loss/head_1`` (the next-token loss) and ``val/accept_per_forward`` (greedy self-speculative
 tokens per forward pass); draws both against tokens seen into one PNG.
 
-    python bench/mtp_controls_study.py constant=runs/a step_0.3_0.1=runs/b forward=runs/c \\
+    python -m bench.mtp_controls_study constant=runs/a step_0.3_0.1=runs/b forward=runs/c \\
         --plot docs/mtp_controls.png
 
 The last line printed is one JSON object: per run, the final validation figures and the tokens
@@ -14,25 +14,22 @@ trained on.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
+
+from bench.common import print_result
+from mtp_pretrain.metrics import TRAIN_KEY, VAL_KEY, last_per_step, read_metrics
 
 
 def validation_records(run_dir: Path) -> dict[int, dict]:
-    """step -> the last validation record of that step (a resumed run may repeat one)."""
-    path = run_dir / "metrics.jsonl"
-    if not path.is_file():
-        raise SystemExit(f"{path}: no metrics.jsonl (is {run_dir} a run directory?)")
-    out, tokens = {}, {}
-    for line in path.read_text().splitlines():
-        r = json.loads(line)
-        if "tokens_seen" in r:
-            tokens[r["step"]] = r["tokens_seen"]
-        if "val/loss/head_1" in r:
-            out[r["step"]] = r
-    for step, r in out.items():
-        r["tokens_seen"] = tokens.get(step)
-    return out
+    """step -> the last validation record of that step (a resumed run may repeat one), with the
+    tokens seen by then (from that step's train record)."""
+    try:
+        records = read_metrics(run_dir)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(str(e)) from None
+    train = last_per_step(records, TRAIN_KEY)
+    return {step: r | {"tokens_seen": train[step]["tokens_seen"] if step in train else None}
+            for step, r in last_per_step(records, VAL_KEY).items()}
 
 
 def main() -> None:
@@ -76,7 +73,7 @@ def main() -> None:
         fig.savefig(args.plot, dpi=110)
         print(f"plot -> {args.plot}")
     final = {n: {k: v[steps[-1]].get(k) for k in keys + ("tokens_seen", "val/decode_cost")} for n, v in runs.items()}
-    print(json.dumps({"bench": "mtp_controls_study", "step": steps[-1], "runs": final}))
+    print_result({"bench": "mtp_controls_study", "step": steps[-1], "runs": final})
 
 
 if __name__ == "__main__":

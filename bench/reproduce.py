@@ -29,26 +29,23 @@ import json
 import os
 import re
 import shutil
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT))
-
-from data_tools.tokenize_corpus import tokenize_to_dataset  # noqa: E402
-from mtp_pretrain.checkpoint_reader import find_latest  # noqa: E402
-from mtp_pretrain.config import compose_job_config  # noqa: E402
-from mtp_pretrain.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer  # noqa: E402
-from mtp_pretrain.eval import induction, polynomial  # noqa: E402
-from mtp_pretrain.eval.adapters import make_batch_logits, make_generate  # noqa: E402
-from mtp_pretrain.eval.per_head import evaluate_per_head  # noqa: E402
-from mtp_pretrain.checkpoint_reader import load_model  # noqa: E402
-from mtp_pretrain.loss import head_sequential_loss  # noqa: E402
-from mtp_pretrain.model import MTPTransformer  # noqa: E402
-from mtp_pretrain.model.config import ModelConfig, count_parameters  # noqa: E402
+from bench.common import REPO
+from data_tools.tokenize_corpus import tokenize_to_dataset
+from mtp_pretrain.checkpoint_reader import find_latest, load_model
+from mtp_pretrain.config import compose_job_config
+from mtp_pretrain.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer
+from mtp_pretrain.eval import induction, polynomial
+from mtp_pretrain.eval.adapters import make_batch_logits, make_generate
+from mtp_pretrain.eval.per_head import evaluate_per_head
+from mtp_pretrain.loss import head_sequential_loss
+from mtp_pretrain.metrics import read_metrics
+from mtp_pretrain.model import MTPTransformer
+from mtp_pretrain.model.config import ModelConfig, count_parameters
 
 RESULTS_START, RESULTS_END = "<!-- results:start -->", "<!-- results:end -->"
 
@@ -153,11 +150,6 @@ def train_one(args, task: str, n: int, data_dir: Path, vocab: int, seq_len: int,
     if code:
         raise SystemExit(f"training {task} n={n} exited with {code}")
     return run_dir
-
-
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = run_dir / "metrics.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.is_file() else []
 
 
 # ---------------------------------------------------------------------------------------------
@@ -320,7 +312,7 @@ def plot(res: dict, work: Path, docs: Path) -> None:
     for row, task in enumerate(tasks):
         ax_h1, ax_heads = axes[row]
         for n in res[task]["runs"]:
-            m = read_metrics(work / f"{task}_n{n}")
+            m = read_metrics(work / f"{task}_n{n}", missing_ok=True)
             tr = [r for r in m if "loss/head_1" in r]
             va = [r for r in m if "val/loss/head_1" in r]
             ax_h1.plot([r["step"] for r in tr], [r["loss/head_1"] for r in tr], color=colors.get(n), alpha=0.5,
@@ -361,10 +353,10 @@ def write_report(res: dict, docs: Path) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--work-dir", default=str(ROOT / "runs" / "reproduce"))
-    ap.add_argument("--docs-dir", default=str(ROOT / "docs"))
+    ap.add_argument("--work-dir", default=str(REPO / "runs" / "reproduce"))
+    ap.add_argument("--docs-dir", default=str(REPO / "docs"))
     ap.add_argument("--budget-min", type=float, default=40.0, help="target wall time when steps are calibrated")
     ap.add_argument("--steps", type=int, default=None, help="polynomial steps (default: calibrated to the budget)")
     ap.add_argument("--min-steps", type=int, default=150)
@@ -392,25 +384,100 @@ def main(argv=None) -> None:
     ap.add_argument("--report-only", action="store_true",
                     help="redo the plots and docs/reproduction.md from docs/reproduction.json and the runs")
     args = ap.parse_args(argv)
-    if args.report_only:
-        docs, work = Path(args.docs_dir), Path(args.work_dir)
-        res = json.loads((docs / "reproduction.json").read_text())
-        if res.get("polynomial") and "always_zero" not in res["polynomial"]:
-            res["polynomial"]["always_zero"] = constant_baseline(work / "data" / "polynomial")
-        for n, r in (res.get("polynomial") or {}).get("runs", {}).items():
-            if "answer_token_accuracy" not in r:
-                model, tok = load_model(work / f"polynomial_n{n}" / "checkpoints")
-                r["answer_token_accuracy"] = answer_token_accuracy(model, tok, work / "data" / "polynomial")
-        plot(res, work, docs)
-        write_report(res, docs)
-        print(results_markdown(res))
-        return
-    if args.threads:
-        torch.set_num_threads(args.threads)
     if args.smoke:
         args.work_dir = args.work_dir + "_smoke"
         args.steps, args.n_train, args.n_test_per_op, args.n_stories, args.n_eval_stories = 12, 3000, 4, 1500, 6
         args.dim, args.layers, args.batch = 32, 4, 8
+    return args
+
+
+def report_only(args) -> None:
+    """Redo the plots and docs/reproduction.md from docs/reproduction.json and the trained runs."""
+    docs, work = Path(args.docs_dir), Path(args.work_dir)
+    res = json.loads((docs / "reproduction.json").read_text())
+    if res.get("polynomial") and "always_zero" not in res["polynomial"]:
+        res["polynomial"]["always_zero"] = constant_baseline(work / "data" / "polynomial")
+    for n, r in (res.get("polynomial") or {}).get("runs", {}).items():
+        if "answer_token_accuracy" not in r:
+            model, tok = load_model(work / f"polynomial_n{n}" / "checkpoints")
+            r["answer_token_accuracy"] = answer_token_accuracy(model, tok, work / "data" / "polynomial")
+    plot(res, work, docs)
+    write_report(res, docs)
+    print(results_markdown(res))
+
+
+def calibrated_poly_steps(args, byte_vocab: int, poly_max_len: int, n_models: int, do_induction: bool,
+                          progress: Progress) -> int:
+    """Polynomial training steps per model that fit the --budget-min wall time (and the torch
+    thread count that trains fastest here, unless --threads fixes it)."""
+    if args.threads:
+        step_s = calibrate_step_s(args, byte_vocab, args.seq_len, args.batch, poly_max_len)
+    else:
+        # On a shared machine intra-op threads can oversubscribe the cores (10x slower): time
+        # 1 and 2 threads (and all cores) and keep the fastest.
+        timings = {}
+        for threads in sorted({1, 2, os.cpu_count() or 1}):
+            torch.set_num_threads(threads)
+            timings[threads] = calibrate_step_s(args, byte_vocab, args.seq_len, args.batch, poly_max_len)
+        best = min(timings, key=timings.get)
+        torch.set_num_threads(best)
+        step_s = timings[best]
+        progress.say("threads: " + ", ".join(f"{t}: {s:.2f} s/step" for t, s in timings.items())
+                     + f" -> {best}")
+    # Evaluation (greedy decoding, per-head) and start-up take roughly 10% of the budget.
+    train_s = 0.88 * args.budget_min * 60 - progress.elapsed()
+    poly_share = 1 - (args.induction_share if do_induction else 0)
+    poly_steps = int(poly_share * train_s / (n_models * step_s))
+    poly_steps = max(args.min_steps, min(args.max_steps, poly_steps // 50 * 50))
+    progress.say(f"calibrated: {step_s:.2f} s/step -> {poly_steps} polynomial steps per model")
+    return poly_steps
+
+
+def run_polynomial(args, futures: list[int], poly_dir: Path, poly_steps: int, poly_max_len: int,
+                   progress: Progress) -> dict:
+    """Train and evaluate one model per n on polynomial arithmetic."""
+    byte_vocab = ByteTokenizer().vocab_size
+    pcount = count_parameters(model_config(args, 1, byte_vocab, poly_max_len))["total"]
+    out = {"steps": poly_steps, "tokens_per_step": args.batch * args.seq_len, "params": pcount,
+           "n_test_per_op": args.n_test_per_op, "always_zero": constant_baseline(poly_dir), "runs": {}}
+    for n in futures:
+        run_dir = train_one(args, "polynomial", n, poly_dir, byte_vocab, args.seq_len, args.batch, poly_steps,
+                            poly_max_len, progress)
+        progress.units_done += poly_steps
+        progress.say(f"polynomial n={n}: evaluating")
+        r = eval_polynomial(run_dir, poly_dir, args.seq_len)
+        r["params"] = count_parameters(model_config(args, n, byte_vocab, poly_max_len))
+        out["runs"][str(n)] = r
+        progress.say(f"polynomial n={n}: in-domain {fmt(r['test_in_domain_mean'])}% out-of-domain "
+                     f"{fmt(r['test_out_of_domain_mean'])}% val head-1 loss {r['per_head']['loss'][0]:.4f}")
+    return out
+
+
+def run_induction(args, futures: list[int], ind_dir: Path, ind_vocab: int, ind_steps: int, ind_max_len: int,
+                  progress: Progress) -> dict:
+    """Train and evaluate one model per n on the induction stories."""
+    ind_batch = max(1, args.batch * args.seq_len // args.induction_seq_len)
+    out = {"steps": ind_steps, "tokens_per_step": ind_batch * args.induction_seq_len,
+           "params": count_parameters(model_config(args, 1, ind_vocab, ind_max_len))["total"],
+           "vocab": ind_vocab, "n_stories": args.n_eval_stories, "runs": {}}
+    for n in futures:
+        run_dir = train_one(args, "induction", n, ind_dir, ind_vocab, args.induction_seq_len, ind_batch,
+                            ind_steps, ind_max_len, progress)
+        progress.units_done += ind_steps
+        progress.say(f"induction n={n}: evaluating")
+        r = eval_induction(run_dir, ind_dir, args.induction_seq_len, args.n_eval_stories)
+        out["runs"][str(n)] = r
+        progress.say(f"induction n={n}: accuracy {fmt(r['accuracy'])}% val head-1 loss "
+                     f"{r['per_head']['loss'][0]:.4f}")
+    return out
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
+    if args.report_only:
+        return report_only(args)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     futures = [int(x) for x in args.futures.split(",")]
     work = Path(args.work_dir)
     work.mkdir(parents=True, exist_ok=True)
@@ -428,33 +495,11 @@ def main(argv=None) -> None:
 
     poly_max_len = 256  # out-of-domain prompts reach ~155 bytes
     ind_max_len = 512
-    if args.steps:
-        poly_steps = args.steps
-    else:
-        if args.threads:
-            step_s = calibrate_step_s(args, byte_vocab, args.seq_len, args.batch, poly_max_len)
-        else:
-            # On a shared machine intra-op threads can oversubscribe the cores (10x slower): time
-            # 1 and 2 threads (and all cores) and keep the fastest.
-            timings = {}
-            for threads in sorted({1, 2, os.cpu_count() or 1}):
-                torch.set_num_threads(threads)
-                timings[threads] = calibrate_step_s(args, byte_vocab, args.seq_len, args.batch, poly_max_len)
-            best = min(timings, key=timings.get)
-            torch.set_num_threads(best)
-            step_s = timings[best]
-            progress.say("threads: " + ", ".join(f"{t}: {s:.2f} s/step" for t, s in timings.items())
-                         + f" -> {best}")
-        # Evaluation (greedy decoding, per-head) and start-up take roughly 10% of the budget.
-        train_s = 0.88 * args.budget_min * 60 - progress.elapsed()
-        poly_share = 1 - (args.induction_share if do_induction else 0)
-        poly_steps = int(poly_share * train_s / (len(futures) * step_s))
-        poly_steps = max(args.min_steps, min(args.max_steps, poly_steps // 50 * 50))
-        progress.say(f"calibrated: {step_s:.2f} s/step -> {poly_steps} polynomial steps per model")
+    poly_steps = args.steps or calibrated_poly_steps(args, byte_vocab, poly_max_len, len(futures), do_induction,
+                                                     progress)
     ind_steps = 0
     if do_induction:
         # Same tokens per step (batch x seq_len) as the polynomial runs.
-        ind_batch = max(1, args.batch * args.seq_len // args.induction_seq_len)
         share = args.induction_share / (1 - args.induction_share)
         ind_steps = args.steps if args.smoke else max(50, int(poly_steps * share) // 50 * 50)
     units = {"polynomial": poly_steps, "induction": ind_steps}
@@ -467,39 +512,14 @@ def main(argv=None) -> None:
                              f"{max(1, args.batch * args.seq_len // args.induction_seq_len)} x {args.induction_seq_len}), "
                              f"seed {args.seed}"),
            "args": vars(args)}
-    pcount = count_parameters(model_config(args, 1, byte_vocab, poly_max_len))["total"]
-    res["polynomial"] = {"steps": poly_steps, "tokens_per_step": args.batch * args.seq_len, "params": pcount,
-                         "n_test_per_op": args.n_test_per_op, "always_zero": constant_baseline(poly_dir), "runs": {}}
-    for n in futures:
-        run_dir = train_one(args, "polynomial", n, poly_dir, byte_vocab, args.seq_len, args.batch, poly_steps,
-                            poly_max_len, progress)
-        progress.units_done += poly_steps
-        progress.say(f"polynomial n={n}: evaluating")
-        r = eval_polynomial(run_dir, poly_dir, args.seq_len)
-        r["params"] = count_parameters(model_config(args, n, byte_vocab, poly_max_len))
-        res["polynomial"]["runs"][str(n)] = r
-        progress.say(f"polynomial n={n}: in-domain {fmt(r['test_in_domain_mean'])}% out-of-domain "
-                     f"{fmt(r['test_out_of_domain_mean'])}% val head-1 loss {r['per_head']['loss'][0]:.4f}")
+    res["polynomial"] = run_polynomial(args, futures, poly_dir, poly_steps, poly_max_len, progress)
     if do_induction:
-        ind_batch = max(1, args.batch * args.seq_len // args.induction_seq_len)
-        res["induction"] = {"steps": ind_steps, "tokens_per_step": ind_batch * args.induction_seq_len,
-                            "params": count_parameters(model_config(args, 1, ind_vocab, ind_max_len))["total"],
-                            "vocab": ind_vocab, "n_stories": args.n_eval_stories, "runs": {}}
-        for n in futures:
-            run_dir = train_one(args, "induction", n, ind_dir, ind_vocab, args.induction_seq_len, ind_batch,
-                                ind_steps, ind_max_len, progress)
-            progress.units_done += ind_steps
-            progress.say(f"induction n={n}: evaluating")
-            r = eval_induction(run_dir, ind_dir, args.induction_seq_len, args.n_eval_stories)
-            res["induction"]["runs"][str(n)] = r
-            progress.say(f"induction n={n}: accuracy {fmt(r['accuracy'])}% val head-1 loss "
-                         f"{r['per_head']['loss'][0]:.4f}")
+        res["induction"] = run_induction(args, futures, ind_dir, ind_vocab, ind_steps, ind_max_len, progress)
     res["wall_min"] = progress.elapsed() / 60
     plot(res, work, docs)
     write_report(res, docs)
     progress.say(f"done: {docs / 'reproduction.md'}")
     print(results_markdown(res))
-
 
 if __name__ == "__main__":
     main()

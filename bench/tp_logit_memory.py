@@ -11,8 +11,8 @@ materialised whole); every rank measures the memory of one forward+backward step
           and dropping the gradients, run the step, peak = VmHWM - RSS before the step.
     CUDA  max_memory_allocated after reset_peak_memory_stats, minus memory_allocated before.
 
-    python bench/tp_logit_memory.py                     # vocab 65536, 2 x 512 tokens, n=4
-    python bench/tp_logit_memory.py --vocab 8192 --seq 128   # quick
+    python -m bench.tp_logit_memory                     # vocab 65536, 2 x 512 tokens, n=4
+    python -m bench.tp_logit_memory --vocab 8192 --seq 128   # quick
 
 Prints one JSON line: per-rank step peaks (MiB) at TP=1 and TP=2, their ratio, and the size of
 one head's fp32 logits per rank (tokens x V / tp x 4 bytes) for comparison.
@@ -21,21 +21,8 @@ one head's fp32 logits per rank (tokens x V / tp x 4 bytes) for comparison.
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
-
-
-def _rss_kb(field: str) -> int:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1])
-    raise RuntimeError(f"no {field} in /proc/self/status")
+from bench.common import MiB, add_result_file_arg, launch, print_result, proc_status_bytes, reset_peak_rss, write_result
 
 
 def worker(args) -> None:
@@ -75,17 +62,17 @@ def worker(args) -> None:
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - before
     else:
-        before = _rss_kb("VmRSS") * 1024
-        Path("/proc/self/clear_refs").write_text("5")
+        before = proc_status_bytes("VmRSS")
+        if not reset_peak_rss():
+            raise RuntimeError("cannot reset the RSS high-water mark (/proc/self/clear_refs)")
         step()
-        peak = _rss_kb("VmHWM") * 1024 - before
+        peak = proc_status_bytes("VmHWM") - before
     peaks = [None] * tp
     if tp > 1:
         dist.all_gather_object(peaks, peak)
     else:
         peaks = [peak]
-    if env.rank == 0:
-        Path(args.out).write_text(json.dumps({"tp": tp, "peaks": peaks, "device": env.device.type}))
+    write_result(args.result_file, {"tp": tp, "peaks": peaks, "device": env.device.type}, rank=env.rank)
     from megatron.core import parallel_state
 
     parallel_state.destroy_model_parallel()
@@ -102,34 +89,21 @@ def main() -> None:
     ap.add_argument("--n-future", type=int, default=4)
     ap.add_argument("--tp", type=int, nargs="+", default=[1, 2])
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
+    add_result_file_arg(ap)
     args = ap.parse_args()
     if args.worker:
         return worker(args)
-    torchrun = str(Path(sys.executable).with_name("torchrun"))
-    results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for tp in args.tp:
-            out = Path(tmp) / f"tp{tp}.json"
-            cmd = [torchrun, "--standalone", f"--nproc_per_node={tp}", __file__, "--worker", "--out", str(out),
-                   "--vocab", str(args.vocab), "--dim", str(args.dim), "--seq", str(args.seq),
-                   "--batch", str(args.batch), "--n-future", str(args.n_future)]
-            env = dict(os.environ, OMP_NUM_THREADS="1")
-            env.pop("RANK", None)
-            env.pop("WORLD_SIZE", None)
-            p = subprocess.run(cmd, cwd=REPO, env=env, text=True, capture_output=True)
-            if p.returncode:
-                sys.exit(f"TP={tp} run failed:\n{p.stdout[-3000:]}\n{p.stderr[-3000:]}")
-            results[tp] = json.loads(out.read_text())
-    mib = 2**20
+    shape = ["--vocab", str(args.vocab), "--dim", str(args.dim), "--seq", str(args.seq), "--batch", str(args.batch),
+             "--n-future", str(args.n_future)]
+    results = {tp: launch(__spec__.name, ["--worker", *shape], nproc=tp, what=f"TP={tp}") for tp in args.tp}
     tokens = args.batch * args.seq
     line = {"bench": "tp_logit_memory", "device": results[args.tp[0]]["device"], "vocab": args.vocab,
             "tokens": tokens, "n_future": args.n_future, "dim": args.dim,
-            "step_peak_mib_per_rank": {f"tp{tp}": [round(x / mib, 1) for x in r["peaks"]] for tp, r in results.items()},
-            "one_head_logits_mib_per_rank": {f"tp{tp}": round(tokens * args.vocab / tp * 4 / mib, 1) for tp in results}}
+            "step_peak_mib_per_rank": {f"tp{tp}": [round(x / MiB, 1) for x in r["peaks"]] for tp, r in results.items()},
+            "one_head_logits_mib_per_rank": {f"tp{tp}": round(tokens * args.vocab / tp * 4 / MiB, 1) for tp in results}}
     if 1 in results and 2 in results:
         line["ratio_tp2_over_tp1"] = round(max(results[2]["peaks"]) / max(results[1]["peaks"]), 3)
-    print(json.dumps(line))
+    print_result(line)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ dropped. Runs alternate framework / bare (order flipped every round) to spread t
 shared machine evenly; the headline figures use the median step time over all rounds (robust
 to bursts of load from other processes), the mean-based figures are reported too.
 
-    python bench/trainer_overhead.py [--rounds 8 --steps 20 --threads 1]
+    python -m bench.trainer_overhead [--rounds 8 --steps 20 --threads 1]
 
 CPU time (process_time, all threads of the process) is measured at the same points: tokens per
 CPU-second do not depend on how much of the cores other processes take, so ``overhead_cpu`` is
@@ -28,7 +28,6 @@ The last line printed is one JSON object: framework_tokens_per_s, bare_tokens_pe
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import os
 import statistics
@@ -37,12 +36,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from bench.common import print_result
 import torch
 
 from mtp_pretrain.config import compose_job_config
 from mtp_pretrain.data import ArrowTokenStream, DataSource
 from mtp_pretrain.data.synthetic import write_random_dataset
 from mtp_pretrain.loss import head_sequential_loss
+from mtp_pretrain.metrics import last_per_step, read_metrics
 from mtp_pretrain.model import MTPTransformer
 from mtp_pretrain.train import run
 
@@ -90,8 +91,7 @@ def framework_step_times(args, sources, workdir: Path, k: int) -> tuple[list[flo
         sys.stdout = stdout
         metrics.MetricsLogger.log = real_log
     tokens = args.micro * args.seq
-    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    wall = [tokens / r["tokens_per_s"] for r in records if "loss" in r and r["step"] > args.warmup]
+    wall = [tokens / r["tokens_per_s"] for step, r in last_per_step(read_metrics(run_dir)).items() if step > args.warmup]
     cpu = [b - a for a, b in zip(cpu_marks[args.warmup - 1:], cpu_marks[args.warmup:])]
     assert len(wall) == len(cpu) == args.steps, (len(wall), len(cpu))
     return wall, cpu
@@ -135,7 +135,7 @@ def summarize(times: list[float], tokens: int) -> dict:
             "step_s_median": statistics.median(times), "step_s_min": min(times), "steps": len(times)}
 
 
-def main(argv=None) -> None:
+def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=8, help="framework/bare pairs, interleaved")
     ap.add_argument("--steps", type=int, default=20, help="measured steps per run")
@@ -150,10 +150,39 @@ def main(argv=None) -> None:
     ap.add_argument("--micro", type=int, default=8)
     ap.add_argument("--prefetch", type=int, default=2)
     ap.add_argument("--data", help="directory holding datasets a/ and b/ (default: synthetic, made in a temp dir)")
-    args = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def run_rounds(args, sources: list[Path], workdir: Path) -> tuple[dict[str, list[float]], list[dict]]:
+    """Framework and bare runs in pairs, the order flipped every round: every measured step's
+    wall and CPU seconds per side ({"fw", "bare", "fw_cpu", "bare_cpu"}), and each round's medians."""
+    times = {"fw": [], "bare": [], "fw_cpu": [], "bare_cpu": []}
+    rounds = []
+    for k in range(args.rounds):
+        order = ("fw", "bare") if k % 2 == 0 else ("bare", "fw")
+        got = {}
+        for mode in order:
+            got[mode] = framework_step_times(args, sources, workdir, k) if mode == "fw" else bare_step_times(args, sources)
+        for mode in ("fw", "bare"):
+            times[mode] += got[mode][0]
+            times[f"{mode}_cpu"] += got[mode][1]
+        r = {"round": k, "framework_step_s": statistics.median(got["fw"][0]),
+             "bare_step_s": statistics.median(got["bare"][0]),
+             "framework_cpu_s": statistics.median(got["fw"][1]), "bare_cpu_s": statistics.median(got["bare"][1]),
+             "load": round(os.getloadavg()[0], 2)}
+        r["overhead"] = 1 - r["bare_step_s"] / r["framework_step_s"]
+        r["overhead_cpu"] = 1 - r["bare_cpu_s"] / r["framework_cpu_s"]
+        rounds.append(r)
+        print(f"round {k}: wall framework {r['framework_step_s'] * 1e3:.1f} / bare {r['bare_step_s'] * 1e3:.1f} "
+              f"ms/step ({100 * r['overhead']:+.2f}%), CPU framework {r['framework_cpu_s'] * 1e3:.1f} / bare "
+              f"{r['bare_cpu_s'] * 1e3:.1f} ms/step ({100 * r['overhead_cpu']:+.2f}%)  load {r['load']}", flush=True)
+    return times, rounds
+
+
+def main(argv=None) -> None:
+    args = parse_args(argv)
     torch.set_num_threads(args.threads)
     load_start = os.getloadavg()
-
     with tempfile.TemporaryDirectory(prefix="trainer_overhead.") as tmp:
         workdir = Path(tmp)
         if args.data:
@@ -163,30 +192,11 @@ def main(argv=None) -> None:
             need = 2 * (args.warmup + args.steps) * args.micro * (args.seq + args.n_future) + 100_000
             for i, p in enumerate(sources):
                 write_random_dataset(p, {"train": need, "val": 10_000}, doc_len=1000, seed=i)
-        fw, bare, fw_cpu, bare_cpu, rounds = [], [], [], [], []
-        for k in range(args.rounds):
-            order = ("fw", "bare") if k % 2 == 0 else ("bare", "fw")
-            got = {}
-            for mode in order:
-                got[mode] = framework_step_times(args, sources, workdir, k) if mode == "fw" else bare_step_times(args, sources)
-            fw += got["fw"][0]
-            bare += got["bare"][0]
-            fw_cpu += got["fw"][1]
-            bare_cpu += got["bare"][1]
-            r = {"round": k, "framework_step_s": statistics.median(got["fw"][0]),
-                 "bare_step_s": statistics.median(got["bare"][0]),
-                 "framework_cpu_s": statistics.median(got["fw"][1]), "bare_cpu_s": statistics.median(got["bare"][1]),
-                 "load": round(os.getloadavg()[0], 2)}
-            r["overhead"] = 1 - r["bare_step_s"] / r["framework_step_s"]
-            r["overhead_cpu"] = 1 - r["bare_cpu_s"] / r["framework_cpu_s"]
-            rounds.append(r)
-            print(f"round {k}: wall framework {r['framework_step_s'] * 1e3:.1f} / bare {r['bare_step_s'] * 1e3:.1f} "
-                  f"ms/step ({100 * r['overhead']:+.2f}%), CPU framework {r['framework_cpu_s'] * 1e3:.1f} / bare "
-                  f"{r['bare_cpu_s'] * 1e3:.1f} ms/step ({100 * r['overhead_cpu']:+.2f}%)  load {r['load']}", flush=True)
+        times, rounds = run_rounds(args, sources, workdir)
 
     tokens = args.micro * args.seq
-    f, b = summarize(fw, tokens), summarize(bare, tokens)
-    fc, bc = summarize(fw_cpu, tokens), summarize(bare_cpu, tokens)
+    f, b = summarize(times["fw"], tokens), summarize(times["bare"], tokens)
+    fc, bc = summarize(times["fw_cpu"], tokens), summarize(times["bare_cpu"], tokens)
     result = {
         "framework_tokens_per_s": round(f["tokens_per_s_median"], 1),
         "bare_tokens_per_s": round(b["tokens_per_s_median"], 1),
@@ -203,7 +213,7 @@ def main(argv=None) -> None:
         "shape": {"dim": args.dim, "layers": args.layers, "heads": args.heads, "n_future": args.n_future,
                   "vocab": args.vocab, "seq": args.seq, "micro_batch": args.micro, "tokens_per_step": tokens},
     }
-    print(json.dumps(result))
+    print_result(result)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 """This framework's head-sequential MTP training step vs megatron-core's GPTModel with MTP, on one
 CUDA GPU: peak memory and step time of each, and their ratios, as one JSON line.
 
-Same decoder shape on both sides (default: the 1B shape of conf/model/1b.yaml -- dim 2048, 16
+Same decoder shape on both sides (default: the 1B shape of mtp_pretrain/conf/model/1b.yaml -- dim 2048, 16
 blocks to the first prediction, 32 heads / 8 KV heads, SwiGLU 8192, vocab 128256, RMSNorm, RoPE,
 no biases -- at seq 4096, batch 1, n = 4 predicted tokens):
 
@@ -15,12 +15,13 @@ no biases -- at seq 4096, batch 1, n = 4 predicted tokens):
     the JSON says which was used).
 
 Both: float32 weights, ``torch.autocast(bfloat16)``, ``torch.optim.AdamW``, TP=1, one process per
-side (a fresh CUDA context, so peaks do not mix). A step is forward + backward + optimizer step;
+side (a fresh CUDA context, so peaks do not mix; megatron's in a process group of one, launched
+with ``torch.distributed.run``). A step is forward + backward + optimizer step;
 ``--warmup`` steps are run first, then ``--steps`` timed steps (median reported); the peak is
 ``torch.cuda.max_memory_allocated`` over the timed steps.
 
-    python bench/vs_megatron.py                          # 1B, vocab 128k, seq 4096, n=4
-    python bench/vs_megatron.py --dim 512 --layers 4 --heads 8 --kv-heads 4 --ffn 1536 --vocab 32000 --seq 1024
+    python -m bench.vs_megatron                          # 1B, vocab 128k, seq 4096, n=4
+    python -m bench.vs_megatron --dim 512 --layers 4 --heads 8 --kv-heads 4 --ffn 1536 --vocab 32000 --seq 1024
 
 Without CUDA it prints that it needs a GPU and exits 0 without figures. Works with torch >= 2.4
 (written against megatron-core 0.16.1).
@@ -29,16 +30,11 @@ Without CUDA it prints that it needs a GPU and exits 0 without figures. Works wi
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.common import LaunchError, add_result_file_arg, launch, print_result, write_result
 
 
 def _args(argv=None):
@@ -57,7 +53,7 @@ def _args(argv=None):
     ap.add_argument("--chunk-size", type=int, default=0, help="(a): loss.chunk_size")
     ap.add_argument("--megatron-spec", choices=["auto", "te", "local"], default="auto")
     ap.add_argument("--side", choices=["ours", "megatron"], help=argparse.SUPPRESS)
-    ap.add_argument("--out", help=argparse.SUPPRESS)
+    add_result_file_arg(ap)
     return ap.parse_args(argv)
 
 
@@ -122,11 +118,8 @@ def run_megatron(args) -> dict:
     from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
     from megatron.core.transformer.transformer_config import TransformerConfig
 
-    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29561")
     torch.cuda.set_device(0)
-    if not dist.is_initialized():
-        dist.init_process_group("nccl", rank=0, world_size=1)
+    dist.init_process_group("nccl")  # a world of one, from torch.distributed.run's environment
     parallel_state.initialize_model_parallel(tensor_model_parallel_size=1)
     model_parallel_cuda_manual_seed(0)
 
@@ -187,21 +180,16 @@ def main(argv=None) -> int:
         print("bench/vs_megatron.py needs a CUDA GPU (none visible here); no figures.")
         return 0
     if args.side:
-        result = run_ours(args) if args.side == "ours" else run_megatron(args)
-        Path(args.out).write_text(json.dumps(result))
+        write_result(args.result_file, run_ours(args) if args.side == "ours" else run_megatron(args))
         return 0
     results = {}
-    with tempfile.TemporaryDirectory() as tmp:
-        for side in ("ours", "megatron"):
-            out = Path(tmp) / f"{side}.json"
-            cmd = [sys.executable, __file__, *(argv if argv is not None else sys.argv[1:]), "--side", side,
-                   "--out", str(out)]
-            p = subprocess.run(cmd, cwd=REPO, text=True, capture_output=True)
-            if p.returncode:
-                results[side] = {"error": (p.stderr or p.stdout).strip().splitlines()[-1:]}
-                print(p.stderr[-4000:], file=sys.stderr)
-            else:
-                results[side] = json.loads(out.read_text())
+    for side in ("ours", "megatron"):
+        try:  # one side failing (megatron's specs, an OOM) still reports the other
+            results[side] = launch(__spec__.name, [*(argv if argv is not None else sys.argv[1:]), "--side", side],
+                                   nproc=1 if side == "megatron" else None, threads=None, what=f"vs_megatron {side}")
+        except LaunchError as e:
+            print(e, file=sys.stderr)
+            results[side] = {"error": str(e).splitlines()[-1:]}
     line = {"bench": "vs_megatron", "gpu": torch.cuda.get_device_name(0), "torch": torch.__version__,
             "shape": {"dim": args.dim, "layers": args.layers, "heads": args.heads, "kv_heads": args.kv_heads,
                       "ffn": args.ffn, "vocab": args.vocab, "seq": args.seq, "batch": args.batch,
@@ -211,7 +199,7 @@ def main(argv=None) -> int:
     if "error" not in a and "error" not in b:
         line["peak_ratio_ours_over_megatron"] = round(a["peak_gib"] / b["peak_gib"], 3)
         line["time_ratio_ours_over_megatron"] = round(a["step_s"] / b["step_s"], 3)
-    print(json.dumps(line))
+    print_result(line)
     return 0
 
 

@@ -9,38 +9,22 @@ after it) is drawn with its last record, i.e. the attempt that the run continued
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import re
 from pathlib import Path
 from typing import Optional
 
+from mtp_pretrain.metrics import TRAIN_KEY, VAL_KEY, last_per_step, read_metrics
+
 HEAD_KEY = re.compile(r"^loss/head_(\d+)$")
 VAL_HEAD_KEY = re.compile(r"^val/loss/head_(\d+)$")
 
 
-def read_metrics(path: str | Path) -> tuple[list[dict], list[dict]]:
-    """(train records, val records) of a run directory or a metrics.jsonl, one per step, by step."""
-    path = Path(path)
-    if path.is_dir():
-        path = path / "metrics.jsonl"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no metrics.jsonl (is this a run directory?)")
-    train, val = {}, {}
-    for line in path.read_text().splitlines():
-        if not line.strip():
-            continue
-        try:
-            r = json.loads(line)
-        except json.JSONDecodeError:  # a line cut short by a killed job
-            continue
-        if "step" not in r:
-            continue
-        if "loss" in r:
-            train[r["step"]] = r
-        if any(k.startswith("val/") for k in r):
-            val[r["step"]] = r
-    return [train[s] for s in sorted(train)], [val[s] for s in sorted(val)]
+def step_records(run: str | Path) -> tuple[list[dict], list[dict]]:
+    """(train records, validation records) of a run directory or a metrics.jsonl: the last record
+    of each step, by step."""
+    records = read_metrics(run)
+    return list(last_per_step(records, TRAIN_KEY).values()), list(last_per_step(records, VAL_KEY).values())
 
 
 def _heads(records: list[dict], pattern: re.Pattern) -> list[int]:
@@ -68,7 +52,7 @@ def plot_run(run: str | Path, out: Optional[str | Path] = None, smooth: int = 1,
     import matplotlib.pyplot as plt
 
     run = Path(run)
-    train, val = read_metrics(run)
+    train, val = step_records(run)
     if not train and not val:
         raise ValueError(f"{run}: metrics.jsonl holds no step records")
     out = Path(out) if out else (run if run.is_dir() else run.parent) / "metrics.png"

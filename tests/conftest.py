@@ -16,6 +16,9 @@ Helpers (import them: ``from conftest import run_inprocess, ...``)
 -------
 ``run_inprocess(overrides, run_dir)``   the real Trainer in this process (the fast path);
                                         returns ``(exit code, metrics records)``.
+``few_step_job(model, data, ckpt_dir, max_steps=, lr=)`` a typed JobConfig of a few in-process
+                                        steps on one dataset, for a model config built in the test.
+``train_to_the_end(job, run_dir)``      train it with the in-process Trainer (exit 0), then close.
 ``cli_command(overrides, run_dir, nproc)`` argv of ``python -m mtp_pretrain.train`` (nproc=1) or
                                         of ``torchrun --standalone`` (nproc>1).
 ``run_cli(...)``                        run that command to completion (CompletedProcess).
@@ -23,9 +26,10 @@ Helpers (import them: ``from conftest import run_inprocess, ...``)
                                         to ``<run_dir>.log``) for signal / kill tests.
 ``wait_for_checkpoint(ckpt_root, step, proc)`` block until ``latest`` names a step >= ``step``.
 ``worker_pids(pid)``                    the worker processes below a torchrun.
-``read_metrics(run_dir)``               every record of ``<run_dir>/metrics.jsonl``.
+``read_metrics(run_dir)``               every record of ``<run_dir>/metrics.jsonl`` (from
+                                        ``mtp_pretrain.metrics``, the one reader).
 ``train_records(records)``              step -> list of train records (a re-done step appears
-                                        once per attempt).
+                                        once per attempt; also ``mtp_pretrain.metrics``).
 ``loss_keys(n_future)``                 ``["loss", "loss/head_1", ..]``: what equality tests compare.
 ``assert_same_losses(records, reference, exact=True)`` every attempt of every step logged the
                                         reference's losses (bitwise, or within ``tol``), lr, tokens_seen.
@@ -50,11 +54,12 @@ import re
 import subprocess
 import sys
 import time
-from collections import defaultdict
 from pathlib import Path
 from typing import Optional, Sequence
 
 import pytest
+
+from mtp_pretrain.metrics import read_metrics, train_records  # noqa: F401 (the tests import them from here)
 
 REPO = Path(__file__).resolve().parent.parent
 TORCHRUN = str(Path(sys.executable).with_name("torchrun"))
@@ -117,7 +122,38 @@ def run_inprocess(overrides: Sequence[str], run_dir: Path) -> tuple[int, list[di
 
     cfg = compose_job_config(list(overrides))
     code = run(cfg, Path(run_dir))
-    return code, read_metrics(run_dir)
+    return code, read_metrics(run_dir, missing_ok=True)
+
+
+def few_step_job(model, data: Path, ckpt_dir: Path, *, max_steps: int, lr: float, save_interval: int = 0,
+                 **train):
+    """A typed JobConfig for a few steps of the in-process Trainer, for tests that build the model
+    config themselves (e.g. from a Hugging Face Llama): one dataset, seq_len 32, micro-batch 2, CPU
+    float32, no resume, constant ``lr``, a metrics line every step, no validation, no wandb;
+    checkpoints in ``ckpt_dir`` every ``save_interval`` steps (0: at the end). ``train``: more
+    ``TrainConfig`` fields."""
+    from mtp_pretrain.config import (CheckpointConfig, DataConfig, DataSourceConfig, JobConfig, LoggingConfig,
+                                     OptimConfig, TrainConfig, WandbConfig)
+
+    return JobConfig(
+        model=model,
+        data=DataConfig(sources=[DataSourceConfig(path=str(data))], seq_len=32, prefetch=0),
+        optim=OptimConfig(lr=lr, warmup_steps=0),
+        train=TrainConfig(max_steps=max_steps, micro_batch_size=2, resume="never", device="cpu", dtype="float32",
+                          **train),
+        checkpoint=CheckpointConfig(dir=str(ckpt_dir), interval=save_interval),
+        logging=LoggingConfig(interval=1, val_interval=0, wandb=WandbConfig(mode="disabled")))
+
+
+def train_to_the_end(job, run_dir: Path) -> None:
+    """Run ``job`` with the in-process Trainer until it finishes (exit code 0), closing it either way."""
+    from mtp_pretrain.train import Trainer
+
+    trainer = Trainer(job, run_dir)
+    try:
+        assert trainer.train() == 0
+    finally:
+        trainer.close()
 
 
 def cli_command(overrides: Sequence[str], run_dir: Path, nproc: int = 1) -> list[str]:
@@ -238,22 +274,6 @@ def worker_pids(pid: int) -> list[int]:
 
 
 # --- reading the results ---------------------------------------------------------------------------
-def read_metrics(run_dir: Path) -> list[dict]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def train_records(records: list[dict]) -> dict[int, list[dict]]:
-    """Train-step records (those with a ``loss`` key) by step; several if a step was re-done."""
-    out: dict[int, list[dict]] = defaultdict(list)
-    for r in records:
-        if "loss" in r:
-            out[r["step"]].append(r)
-    return dict(out)
-
-
 def loss_keys(n_future: int = N_FUTURE) -> list[str]:
     return ["loss"] + [f"loss/head_{i}" for i in range(1, n_future + 1)]
 

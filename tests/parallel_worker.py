@@ -1,4 +1,4 @@
-"""One launch of the real Trainer per strategy, for the parallel tests and bench/scaling.py.
+"""One launch of the real Trainer per strategy, for the parallel tests.
 
     torchrun --nproc-per-node N tests/parallel_worker.py SPEC.json
 
@@ -31,42 +31,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
 
 
-def state_bytes(model, optimizer) -> int:
-    """Bytes of parameters, master copies and optimizer state this rank holds between steps
-    (local shards / ZeRO partitions; each storage counted once)."""
-    from torch.distributed.tensor import DTensor
-
-    seen, total = set(), 0
-
-    def add(t):
-        nonlocal total
-        if not isinstance(t, torch.Tensor):
-            return
-        if isinstance(t, DTensor):
-            t = t.to_local()
-        if hasattr(t, "ds_tensor"):  # ZeRO-3: the module parameter is a placeholder
-            t = t.ds_tensor
-        if t.numel() == 0:
-            return
-        key = (t.untyped_storage().data_ptr(), t.storage_offset())
-        if key not in seen:
-            seen.add(key)
-            total += t.numel() * t.element_size()
-
-    for p in model.parameters():
-        add(p)
-    for group in optimizer.param_groups:
-        for p in group["params"]:
-            add(p)
-    for st in optimizer.state.values():
-        for v in st.values():
-            if isinstance(v, torch.Tensor) and v.numel() > 1:
-                add(v)
-    return total
-
-
 def run_one(run: dict, out: Path) -> None:
     from mtp_pretrain.config import compose_job_config
+    from mtp_pretrain.metrics import TRAIN_KEY, model_state_bytes, read_metrics
     from mtp_pretrain.parallel.comm import CommCounter
     from mtp_pretrain.train import Trainer
 
@@ -105,15 +72,14 @@ def run_one(run: dict, out: Path) -> None:
     comm = counter.summary() if counter else None
     ws = dist.get_world_size() if dist.is_initialized() else 1
     gathered = [None] * ws
-    mine = {"rank": trainer.env.rank, "comm": comm, "state_bytes": state_bytes(trainer.model, trainer.optimizer),
+    mine = {"rank": trainer.env.rank, "comm": comm, "state_bytes": model_state_bytes(trainer.model, trainer.optimizer),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if ws > 1:
         dist.all_gather_object(gathered, mine)
     else:
         gathered = [mine]
     if trainer.env.is_main:
-        lines = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-        steps = [x for x in lines if "loss" in x]
+        steps = [x for x in read_metrics(run_dir) if TRAIN_KEY in x]
         (run_dir / "result.json").write_text(json.dumps({
             "name": run["name"], "world_size": ws, "strategy": cfg.parallel.strategy,
             "losses": [x["loss"] for x in steps], "steps": [x["step"] for x in steps],

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 
+from conftest import few_step_job, train_to_the_end
 from data_tools.tokenize_corpus import tokenize_to_dataset
 from mtp_pretrain.data import load_tokenizer
 from mtp_pretrain.data.errors import DataError
@@ -167,30 +168,18 @@ def test_tokenize_train_generate_export_hf(style, tmp_path):
     decodes with the dataset's roles, and the Hugging Face export's tokenizer decodes the same ids
     to the same text and names the same EOS."""
     transformers = pytest.importorskip("transformers")
-    from mtp_pretrain.config import (CheckpointConfig, DataConfig, DataSourceConfig, JobConfig, LoggingConfig,
-                                     OptimConfig, TrainConfig, WandbConfig)
     from mtp_pretrain.export import main as export_main
     from mtp_pretrain.inference.cli import main as generate_main
     from mtp_pretrain.model import ModelConfig
-    from mtp_pretrain.train import Trainer
 
     flags, roles = STYLES[style]
     src = make_tokenizer_dir(style, tmp_path)
     meta = tokenize_to_dataset([{"text": t, "source": ""} for t in TEXTS * 4], src, tmp_path / "ds",
                                source_description=style, val_fraction=0.0, roles=flags)
     vocab = meta["tokenizer"]["vocab_size"]
-    job = JobConfig(
-        model=ModelConfig(vocab_size=vocab, dim=32, n_layers=1, n_heads=2, n_future=2, max_seq_len=64),
-        data=DataConfig(sources=[DataSourceConfig(path=str(tmp_path / "ds"))], seq_len=32, prefetch=0),
-        optim=OptimConfig(lr=3e-3, warmup_steps=0),
-        train=TrainConfig(max_steps=3, micro_batch_size=2, resume="never", device="cpu", dtype="float32"),
-        checkpoint=CheckpointConfig(dir=str(tmp_path / "ckpt"), interval=3),
-        logging=LoggingConfig(interval=1, val_interval=0, wandb=WandbConfig(mode="disabled")))
-    trainer = Trainer(job, tmp_path / "run")
-    try:
-        assert trainer.train() == 0
-    finally:
-        trainer.close()
+    model = ModelConfig(vocab_size=vocab, dim=32, n_layers=1, n_heads=2, n_future=2, max_seq_len=64)
+    train_to_the_end(few_step_job(model, tmp_path / "ds", tmp_path / "ckpt", max_steps=3, lr=3e-3, save_interval=3),
+                     tmp_path / "run")
     export_main([str(tmp_path / "ckpt"), str(tmp_path / "export")])
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
@@ -239,10 +228,7 @@ def test_continued_pretraining_from_a_hf_llama_with_its_own_tokenizer(tmp_path):
     """train.init_from_hf on a Llama directory whose tokenizer.json (Llama-3 style) also tokenized
     the data: trains, and the Hugging Face export carries that very tokenizer and its roles."""
     transformers = pytest.importorskip("transformers")
-    from mtp_pretrain.config import (CheckpointConfig, DataConfig, DataSourceConfig, JobConfig, LoggingConfig,
-                                     OptimConfig, TrainConfig, WandbConfig)
     from mtp_pretrain.interop.hf import export_hf, model_config_from_hf
-    from mtp_pretrain.train import Trainer
 
     llama_dir = make_tokenizer_dir("llama3", tmp_path)
     tok, _ = open_tokenizer_source(llama_dir)
@@ -253,19 +239,9 @@ def test_continued_pretraining_from_a_hf_llama_with_its_own_tokenizer(tmp_path):
     transformers.LlamaForCausalLM(config).save_pretrained(llama_dir)
     meta = tokenize_to_dataset([{"text": t, "source": ""} for t in TEXTS * 4], llama_dir, tmp_path / "ds",
                                source_description="llama", val_fraction=0.0)
-    job = JobConfig(
-        model=model_config_from_hf(llama_dir, n_future=2),
-        data=DataConfig(sources=[DataSourceConfig(path=str(tmp_path / "ds"))], seq_len=32, prefetch=0),
-        optim=OptimConfig(lr=1e-3, warmup_steps=0),
-        train=TrainConfig(max_steps=2, micro_batch_size=2, resume="never", init_from_hf=str(llama_dir),
-                          device="cpu", dtype="float32"),
-        checkpoint=CheckpointConfig(dir=str(tmp_path / "ckpt"), interval=2),
-        logging=LoggingConfig(interval=1, val_interval=0, wandb=WandbConfig(mode="disabled")))
-    trainer = Trainer(job, tmp_path / "run")
-    try:
-        assert trainer.train() == 0
-    finally:
-        trainer.close()
+    job = few_step_job(model_config_from_hf(llama_dir, n_future=2), tmp_path / "ds", tmp_path / "ckpt", max_steps=2,
+                       lr=1e-3, save_interval=2, init_from_hf=str(llama_dir))
+    train_to_the_end(job, tmp_path / "run")
     out = export_hf(tmp_path / "ckpt", tmp_path / "hf")
     assert (out / "tokenizer.json").read_bytes() == (llama_dir / "tokenizer.json").read_bytes()
     hf_tok = transformers.AutoTokenizer.from_pretrained(out)

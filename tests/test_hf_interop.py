@@ -19,6 +19,7 @@ from safetensors.torch import load_file, save_file
 from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM,  # noqa: E402
                           PreTrainedTokenizerFast)
 
+from conftest import few_step_job  # noqa: E402
 from mtp_pretrain.data.tokenizer import BOS, EOS, PAD, BPETokenizer, ByteTokenizer  # noqa: E402
 from mtp_pretrain.checkpoint_reader import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE  # noqa: E402
 from mtp_pretrain.inference import generate  # noqa: E402
@@ -258,8 +259,6 @@ def test_init_from_hf_fresh_heads_and_plain_n1(tmp_path):
 def test_init_from_hf_through_trainer_then_export(tmp_path):
     """train.init_from_hf in the Trainer: the model starts as the Llama, trains a few steps, and
     its DCP checkpoint exports back to a Llama with the trained weights."""
-    from mtp_pretrain.config import (CheckpointConfig, DataConfig, DataSourceConfig, JobConfig, LoggingConfig,
-                                     OptimConfig, TrainConfig, WandbConfig)
     from mtp_pretrain.data.synthetic import write_random_dataset
     from mtp_pretrain.checkpoint_reader import read_model_config
     from mtp_pretrain.train import Trainer
@@ -267,14 +266,8 @@ def test_init_from_hf_through_trainer_then_export(tmp_path):
     hf, path = tiny_llama(tmp_path, vocab_size=VOCAB)
     data = tmp_path / "data"
     write_random_dataset(data, {"train": 20_000, "val": 2_000}, doc_len=100)
-    job = JobConfig(
-        model=model_config_from_hf(path, n_future=2),
-        data=DataConfig(sources=[DataSourceConfig(path=str(data))], seq_len=32, prefetch=0),
-        optim=OptimConfig(lr=1e-3, warmup_steps=0),
-        train=TrainConfig(max_steps=3, micro_batch_size=2, resume="never", init_from_hf=str(path),
-                          device="cpu", dtype="float32"),
-        checkpoint=CheckpointConfig(dir=str(tmp_path / "ckpt"), interval=0),
-        logging=LoggingConfig(interval=1, val_interval=0, wandb=WandbConfig(mode="disabled")))
+    job = few_step_job(model_config_from_hf(path, n_future=2), data, tmp_path / "ckpt", max_steps=3, lr=1e-3,
+                       init_from_hf=str(path))
     trainer = Trainer(job, tmp_path / "run")
     try:
         x = random_tokens(2, 30)

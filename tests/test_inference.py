@@ -673,13 +673,8 @@ def test_cli_json(tmp_path, capsys):
 def test_decode_speed_bench_runs(tmp_path, capsys):
     """bench/decode_speed.py end to end on a random tiny model and a prompts file of ids: its
     last line is the JSON summary with the keys the docs name, and speculative output is exact."""
-    import importlib.util
-    from pathlib import Path
+    from bench import decode_speed as bench
 
-    spec = importlib.util.spec_from_file_location(
-        "decode_speed", Path(__file__).resolve().parents[1] / "bench" / "decode_speed.py")
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"ids": p}) for p in ([[1, 2, 3], [7] * 9, [4, 5]])))
     bench.main(["--random-init", "--prompts", str(prompts), "--max-new-tokens", "6", "--batch-sizes", "1", "2",

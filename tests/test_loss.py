@@ -64,6 +64,15 @@ def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float =
     assert err <= rtol * scale + 1e-12, f"{what}: max abs err {err:.3e} vs scale {scale:.3e}"
 
 
+def assert_same_as_hand_written(res, model, tokens, **kw) -> None:
+    """A ``run`` result has the per-head losses and every gradient of ``hand_written``."""
+    per_head, grads = hand_written(model, tokens, **kw)
+    for a, b in zip(res[0].per_head, per_head):
+        assert_rel_close(a, b)
+    for name in grads:
+        assert_rel_close(res[1][name], grads[name], what=name)
+
+
 def assert_same(res_a, res_b, rtol: float = RTOL) -> None:
     (out_a, grads_a), (out_b, grads_b) = res_a, res_b
     assert len(out_a.per_head) == len(out_b.per_head)
@@ -99,11 +108,7 @@ def test_head_sequential_equals_naive(n, head_type, tie):
         assert_same(run(head_sequential_loss, model, tokens, chunk_size=chunk), ref)
         assert_same(run(naive_loss, model, tokens, chunk_size=chunk), ref)
     # ... and both match the plainly written reference
-    per_head, grads = hand_written(model, tokens)
-    for a, b in zip(ref[0].per_head, per_head):
-        assert_rel_close(a, b)
-    for name in grads:
-        assert_rel_close(ref[1][name], grads[name], what=name)
+    assert_same_as_hand_written(ref, model, tokens)
 
 
 @pytest.mark.parametrize("head_type", HEAD_TYPES)
@@ -237,11 +242,7 @@ def test_padding_ignored_in_targets_and_loss():
         ref = run(naive_loss, model, tokens, pad_id=pad)
         assert ref[0].n_targets == [int((tokens[:, i:] != pad).sum()) for i in (1, 2, 3)]
         assert_same(run(head_sequential_loss, model, tokens, pad_id=pad, chunk_size=5), ref)
-        per_head, grads = hand_written(model, tokens, pad_id=pad)
-        for a, b in zip(ref[0].per_head, per_head):
-            assert_rel_close(a, b)
-        for name in grads:
-            assert_rel_close(ref[1][name], grads[name], what=name)
+        assert_same_as_hand_written(ref, model, tokens, pad_id=pad)
 
 
 @pytest.mark.parametrize("head_type", HEAD_TYPES)

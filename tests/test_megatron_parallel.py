@@ -25,7 +25,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import launch_worker, run_inprocess, tiny_overrides, train_records
+from conftest import launch_worker, run_inprocess, tiny_overrides
+
+from mtp_pretrain.metrics import last_per_step, read_metrics
 
 STEPS, SAVE_AT, TOL = 8, 5, 1e-4
 MG = ["parallel=megatron", "parallel.tp_size=2"]
@@ -44,8 +46,7 @@ def base(dataset) -> list[str]:
 
 
 def _records(run_dir: Path) -> dict[int, dict]:
-    recs = [json.loads(x) for x in (Path(run_dir) / "metrics.jsonl").read_text().splitlines() if x.strip()]
-    return {s: r[-1] for s, r in train_records(recs).items()}
+    return last_per_step(read_metrics(run_dir))
 
 
 def losses(run_dir: Path) -> dict[int, float]:

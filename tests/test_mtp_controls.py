@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from conftest import read_metrics, run_inprocess, train_records
+from conftest import few_step_job, read_metrics, run_inprocess, train_records
 from mtp_pretrain.config import HeadWeightScheduleConfig, LossConfig, compose_job_config
 from mtp_pretrain.head_schedule import HeadWeights, default_curriculum_steps, preset_weights
 from mtp_pretrain.loss import head_sequential_loss, naive_loss
@@ -257,8 +257,6 @@ def test_hf_llama_heads_only_exports_the_original_next_token_model(tmp_path):
     from test_hf_interop import VOCAB as HF_VOCAB
     from test_hf_interop import random_tokens, tiny_llama
 
-    from mtp_pretrain.config import (CheckpointConfig, DataConfig, DataSourceConfig, JobConfig, LoggingConfig,
-                                     OptimConfig, TrainConfig, WandbConfig)
     from mtp_pretrain.data.synthetic import write_random_dataset
     from mtp_pretrain.interop.hf import SIDE_WEIGHTS, export_hf, model_config_from_hf
     from mtp_pretrain.train import Trainer
@@ -266,14 +264,8 @@ def test_hf_llama_heads_only_exports_the_original_next_token_model(tmp_path):
     hf, path = tiny_llama(tmp_path, vocab_size=HF_VOCAB)
     data = tmp_path / "data"
     write_random_dataset(data, {"train": 20_000, "val": 2_000}, doc_len=100)
-    job = JobConfig(
-        model=model_config_from_hf(path, n_future=3),
-        data=DataConfig(sources=[DataSourceConfig(path=str(data))], seq_len=32, prefetch=0),
-        optim=OptimConfig(lr=1e-2, warmup_steps=0),
-        train=TrainConfig(max_steps=3, micro_batch_size=2, resume="never", init_from_hf=str(path),
-                          device="cpu", dtype="float32", freeze="trunk"),
-        checkpoint=CheckpointConfig(dir=str(tmp_path / "ckpt"), interval=0),
-        logging=LoggingConfig(interval=1, val_interval=0, wandb=WandbConfig(mode="disabled")))
+    job = few_step_job(model_config_from_hf(path, n_future=3), data, tmp_path / "ckpt", max_steps=3, lr=1e-2,
+                       init_from_hf=str(path), freeze="trunk")
     trainer = Trainer(job, tmp_path / "run")
     try:
         start_heads = {k: v.clone() for k, v in trainer.model.heads[1:].state_dict().items()}

@@ -183,13 +183,13 @@ def test_wandb_offline_run_holds_the_logged_metrics(train_overrides, tmp_path, m
 
 # --- mtp-plot ----------------------------------------------------------------------------------------
 def test_mtp_plot_renders_a_png(reference_run, tmp_path):
-    from mtp_pretrain.plot import main, read_metrics as plot_read
+    from mtp_pretrain.plot import main, step_records
 
     out = tmp_path / "curves.png"
     main([str(reference_run), "-o", str(out), "--smooth", "2"])
     data = out.read_bytes()
     assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 20_000
-    train, val = plot_read(reference_run)
+    train, val = step_records(reference_run)
     assert len(train) == REF_STEPS and [r["step"] for r in val] == [4, 8, 12]
 
 

@@ -6,11 +6,12 @@ tests/slurm/run_slurm_test.sh); they are marked `slurm` and skipped by a plain `
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
 from pathlib import Path
+
+from mtp_pretrain.metrics import last_per_step, read_metrics
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 FINAL_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "BOOT_FAIL", "DEADLINE"}
@@ -74,13 +75,7 @@ def task_pids(job_id: str, program: str) -> dict[int, int]:
 
 def metrics(run_dir: Path) -> dict[int, float]:
     """step -> loss from <run_dir>/metrics.jsonl; a step logged twice keeps its last value."""
-    losses = {}
-    path = Path(run_dir) / "metrics.jsonl"
-    for line in path.read_text().splitlines() if path.exists() else []:
-        m = json.loads(line)
-        if "loss" in m:
-            losses[m["step"]] = m["loss"]
-    return losses
+    return {step: r["loss"] for step, r in last_per_step(read_metrics(run_dir, missing_ok=True)).items()}
 
 
 def batch_log(run_dir: Path, job_id: str) -> str:
