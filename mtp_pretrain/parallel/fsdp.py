@@ -20,6 +20,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 
 from mtp_pretrain.loss import GradSyncHooks
 from mtp_pretrain.parallel.base import Strategy
+from mtp_pretrain.parallel.materialize import is_meta, to_device
 from mtp_pretrain.parallel.blocks import apply_block_options
 
 
@@ -93,8 +94,16 @@ def _make_root_of(model: nn.Module, members: list[nn.Module], kw: dict) -> None:
     here, after every unit exists. It is kept outside the module tree (plain attribute), so parameter names do not change."""
     root = _UnitRoot(members)
     fully_shard(root, **kw)
-    root()
     model.__dict__["_fsdp_unit_root"] = root
+    if not is_meta(model):  # FSDP's lazy init refuses meta parameters: materialize runs it later
+        run_unit_root(model)
+
+
+def run_unit_root(model: nn.Module) -> None:
+    """The one forward that makes the tied unit's root its root (see ``_make_root_of``)."""
+    root = model.__dict__.get("_fsdp_unit_root")
+    if root is not None:
+        root()
 
 
 class FSDPStrategy(Strategy):
@@ -112,7 +121,7 @@ class FSDPStrategy(Strategy):
         return init_device_mesh(self.env.device.type, (self.env.world_size,), mesh_dim_names=("dp",))
 
     def parallelize(self, model: nn.Module) -> nn.Module:
-        model.to(self.env.device)
+        to_device(model, self.env.device)  # a meta-device model stays there until materialised
         apply_block_options(model, self.cfg)
         shard_units(model, self.mesh(), self.param_dtype, self.cfg.cpu_offload)
         return model

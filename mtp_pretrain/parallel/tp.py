@@ -40,6 +40,7 @@ from mtp_pretrain.loss import GradSyncHooks
 from mtp_pretrain.ops import checkpointed_chunk_sum
 from mtp_pretrain.parallel import tp_plan
 from mtp_pretrain.parallel.base import Strategy
+from mtp_pretrain.parallel.materialize import to_device
 from mtp_pretrain.parallel.blocks import apply_block_options, clip_grads_
 from mtp_pretrain.parallel.tp_plan import SEQUENCE_DIM
 
@@ -175,7 +176,7 @@ class TPStrategy(Strategy):
         tp_plan.check_divisible(model_cfg, self.tp, seq_len)
 
     def parallelize(self, model: nn.Module) -> nn.Module:
-        model.to(self.env.device)
+        to_device(model, self.env.device)  # a meta-device model stays there until materialised
         apply_tp(model, self.mesh["tp"])
         apply_block_options(model, self.cfg)
         return model
@@ -215,7 +216,7 @@ class FSDPTPStrategy(TPStrategy):
     def parallelize(self, model: nn.Module) -> nn.Module:
         from mtp_pretrain.parallel.fsdp import shard_units
 
-        model.to(self.env.device)
+        to_device(model, self.env.device)  # a meta-device model stays there until materialised
         apply_tp(model, self.mesh["tp"])
         apply_block_options(model, self.cfg)
         shard_units(model, self.mesh["dp"], self.param_dtype, self.cfg.cpu_offload)
