@@ -85,12 +85,35 @@ class Progress:
             self.last = now
 
 
+def _shared_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Every parameter registered in more than one place (tied embeddings, shared heads), as the
+    (module, attribute) pairs holding it."""
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                places.setdefault(id(p), []).append((module, name))
+    return [group for group in places.values() if len(group) > 1]
+
+
+def _retie(shared: list[list[tuple[nn.Module, str]]]) -> None:
+    """``to_empty`` gives each module a new Parameter of its own (a meta tensor cannot change its
+    device in place), which unties shared ones: point every place back at the first one's."""
+    for (owner, name), *others in shared:
+        first = owner._parameters[name]
+        for module, attr in others:
+            if module._parameters[attr] is not first:
+                setattr(module, attr, first)
+
+
 @torch.no_grad()
 def materialize(model: nn.Module, device: torch.device, seed: int,
                 log: Optional[Callable[[str], None]] = None) -> nn.Module:
     """Give a (possibly sharded) meta-device ``MTPTransformer`` storage on ``device`` and
     initialise each rank's shards to exactly what ``MTPTransformer(cfg, init_seed=seed)`` holds."""
+    shared = _shared_parameters(model)
     model.to_empty(device=device)
+    _retie(shared)
     model.init_buffers()
     params = list(model.named_parameters())  # a tied / shared parameter once, under its first name
     progress = Progress("initialising", sum(p.numel() for _, p in params), log)
