@@ -9,8 +9,9 @@ MODE:
   shard  build on the meta device and shard only (no storage): rank 0 writes every rank's
          local parameter bytes and peak RSS
   step   set-up, then the first step's forward and backward (one micro-batch of synthetic
-         tokens, the job's loss, no optimizer); rank 0 writes per-head losses, the gradient norm,
-         set-up and step seconds, every rank's peak RSS after set-up and after the step
+         tokens, the job's loss, no optimizer; ``"backward": false``: the forward alone);
+         rank 0 writes per-head losses, the gradient norm, set-up and step seconds, every rank's
+         peak RSS after set-up and after the step
 Results go to out/<name>.json. Peak RSS is the process's ``ru_maxrss`` (Linux: KiB), which
 includes everything the process ever held (Python, torch, gloo) since it started.
 """
@@ -84,20 +85,26 @@ def run_one(run: dict, out: Path, env) -> None:
         if env.is_main:
             torch.save(full, out / f"{run['name']}.pt")
     if run["mode"] == "step":
-        from mtp_pretrain.loss import mtp_loss
+        from mtp_pretrain.loss import evaluate_loss, mtp_loss
 
         n, T, B = cfg.model.n_future, cfg.data.seq_len, cfg.train.micro_batch_size
         # The same tokens on every data-parallel rank, so the loss does not depend on the layout.
         tokens = torch.randint(0, cfg.model.vocab_size, (B, T + n), generator=torch.Generator().manual_seed(7))
         t1 = time.perf_counter()
-        hooks = strategy.grad_sync_hooks(model, last_micro_batch=True)
-        with strategy.loss_context():
-            loss = mtp_loss(cfg.loss.impl, model, tokens, seq_len=T, weights=[1.0] * n,
-                            chunk_size=cfg.loss.chunk_size, hooks=hooks)
-        strategy.finish_backward(model)
-        per_head = strategy.all_reduce_mean(torch.stack(loss.per_head).detach().float())
-        result["losses"] = per_head.tolist()
-        result["grad_norm"] = float(strategy.clip_grad_norm(model, 0.0))
+        if run.get("backward", True):
+            hooks = strategy.grad_sync_hooks(model, last_micro_batch=True)
+            with strategy.loss_context():
+                loss = mtp_loss(cfg.loss.impl, model, tokens, seq_len=T, weights=[1.0] * n,
+                                chunk_size=cfg.loss.chunk_size, hooks=hooks)
+            strategy.finish_backward(model)
+            per_head = torch.stack(loss.per_head).detach().float()
+            result["grad_norm"] = float(strategy.clip_grad_norm(model, 0.0))
+        else:  # the forward alone (the trainer's validation path): no gradients held
+            with torch.no_grad(), strategy.loss_context():
+                sums, counts = evaluate_loss(model, tokens, seq_len=T, chunk_size=cfg.loss.chunk_size)
+            per_head = torch.stack([s.float() / c for s, c in zip(sums, counts)])
+            result["grad_norm"] = None
+        result["losses"] = strategy.all_reduce_mean(per_head).tolist()
         result["step_s"] = time.perf_counter() - t1
         result["time_to_first_step_s"] = time.perf_counter() - t0
         result["peak_rss_bytes"] = gather_all(peak_rss_bytes())
