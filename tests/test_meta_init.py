@@ -177,10 +177,13 @@ def test_1b_first_step_on_meta_equals_the_host_path(tmp_path):
     buffers got a rank killed for memory (and AdamW's state would add 13 GB more); the backward's
     equality is covered at tiny scale (the init parity above and tests/test_parallel.py).
     Set-up memory (``ru_maxrss`` after the model is built, sharded and initialised; the whole
-    process, Python and torch included): on the meta device each rank stays below 3/4 of the
-    full float32 size (its shards are half of it, plus one parameter's full value while it is
-    initialised), while the host path holds the whole model on every rank (above the full size)."""
-    full = count_parameters(model_config("1b"))["total"] * 4
+    process, Python and torch included): on the meta device each rank stays below its shards
+    (half the float32 model) + twice the largest parameter (its full value while it is
+    initialised, and the slice cut from it) + 0.5 GiB for the process (measured: 4.96 GiB of a
+    6.26 GiB model), while the host path holds the whole model on every rank (measured: 7.57 GiB)."""
+    cfg = model_config("1b")
+    full = count_parameters(cfg)["total"] * 4
+    largest = cfg.vocab_size * cfg.dim * 4
     results = {}
     for variant in ("host", "meta"):
         overrides = ["model=1b", "parallel=fsdp", f"parallel.meta_init={str(variant == 'meta').lower()}",
@@ -190,5 +193,5 @@ def test_1b_first_step_on_meta_equals_the_host_path(tmp_path):
     host, meta = results["host"], results["meta"]
     assert len(meta["losses"]) == 4 and all(5 < x < 20 for x in meta["losses"]), meta["losses"]
     assert meta["losses"] == host["losses"], (meta["losses"], host["losses"])
-    assert max(meta["setup_peak_rss_bytes"]) < 0.75 * full, (meta["setup_peak_rss_bytes"], full)
+    assert max(meta["setup_peak_rss_bytes"]) < full / 2 + 2 * largest + 2**29, (meta["setup_peak_rss_bytes"], full)
     assert min(host["setup_peak_rss_bytes"]) > full, (host["setup_peak_rss_bytes"], full)
