@@ -1,6 +1,6 @@
 """The job's typed configuration: one dataclass per component, validated once at start-up.
 
-Hydra composes ``conf/`` onto these dataclasses (registered in its ConfigStore as the schema),
+Hydra composes ``mtp_pretrain/conf/`` onto these dataclasses (registered in its ConfigStore as the schema),
 so an unknown key fails at composition and a bad value fails in ``__post_init__`` with the
 field's dotted name, before anything expensive happens.
 """
@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 
 from mtp_pretrain.model.config import ModelConfig
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The shipped configs: package data, so an installed copy has them too (``pip install .``).
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -188,6 +189,7 @@ class TrainConfig:
 class ParallelConfig:
     strategy: str = "none"  # none | ddp | fsdp | tp | fsdp_tp | deepspeed | megatron
     tp_size: int = 1
+    pp_size: int = 1  # pipeline stages (parallel/layout.py: rank order pp, dp, tp)
     zero_stage: int = 0  # deepspeed: 1-3; megatron: 0-2
     activation_checkpointing: str = "none"  # none | full | every_k
     ac_every: int = 2  # every_k: checkpoint every k-th block
@@ -202,6 +204,7 @@ class ParallelConfig:
         _choice("parallel.strategy", self.strategy,
                 ("none", "ddp", "fsdp", "tp", "fsdp_tp", "deepspeed", "megatron"))
         _at_least("parallel.tp_size", self.tp_size, 1)
+        _at_least("parallel.pp_size", self.pp_size, 1)
         _choice("parallel.activation_checkpointing", self.activation_checkpointing, ("none", "full", "every_k"))
         _at_least("parallel.ac_every", self.ac_every, 1)
         _at_least("parallel.timeout_s", self.timeout_s, 1)
@@ -352,8 +355,8 @@ def to_job_config(cfg) -> JobConfig:
     # it without a word: reject it here instead of training with a silently ignored setting.
     unknown = unknown_keys(cfg)
     if unknown:
-        raise ValueError(f"unknown config key(s): {', '.join(unknown)} (not fields of JobConfig; see conf/ "
-                         f"and mtp_pretrain/config.py)")
+        raise ValueError(f"unknown config key(s): {', '.join(unknown)} (not fields of JobConfig; see "
+                         f"mtp_pretrain/conf/ and mtp_pretrain/config.py)")
     return OmegaConf.to_object(cfg)
 
 
@@ -380,7 +383,7 @@ def unknown_keys(node, prefix: str = "") -> list[str]:
 
 
 def compose_job_config(overrides: list[str] | tuple = ()) -> JobConfig:
-    """Compose conf/ with overrides outside a Hydra app (tests, tools)."""
+    """Compose mtp_pretrain/conf/ with overrides outside a Hydra app (tests, tools)."""
     from hydra import compose, initialize_config_dir
 
     register_configs()

@@ -155,7 +155,7 @@ def test_init_from_loads_into_the_shards(two_rank_launch, reference_run, train_o
     """A DCP checkpoint (fsdp, n=4 -> 2 heads) and a single-file export (tp, n=4 -> 6 heads) read
     into the shards equal ``load_model_weights`` on one process; heads the source lacks keep
     their seed's init."""
-    from mtp_pretrain.export import load_model_weights
+    from mtp_pretrain.checkpoint_reader import load_model_weights
 
     out, export, results = two_rank_launch
     for name, extra in init_from_cases(reference_run, export).items():

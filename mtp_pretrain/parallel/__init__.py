@@ -11,9 +11,6 @@ from mtp_pretrain.parallel.setup import DistEnv, destroy_distributed, init_distr
 
 def build_strategy(cfg: ParallelConfig, env: DistEnv, param_dtype: torch.dtype | None = None) -> Strategy:
     if cfg.strategy == "none":
-        if env.world_size > 1:
-            raise ValueError(f"parallel.strategy=none runs one process, but the launcher started "
-                             f"{env.world_size}; choose ddp, fsdp, tp, fsdp_tp, deepspeed or megatron")
         return Strategy(cfg, env)
     if cfg.strategy == "ddp":
         from mtp_pretrain.parallel.ddp import DDPStrategy

@@ -15,13 +15,12 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from mtp_pretrain.loss import GradSyncHooks
 from mtp_pretrain.parallel.base import Strategy
-from mtp_pretrain.parallel.materialize import is_meta, to_device
 from mtp_pretrain.parallel.blocks import apply_block_options
+from mtp_pretrain.parallel.materialize import to_device, when_materialized
 
 
 class FSDPGradSync(GradSyncHooks):
@@ -95,15 +94,7 @@ def _make_root_of(model: nn.Module, members: list[nn.Module], kw: dict) -> None:
     root = _UnitRoot(members)
     fully_shard(root, **kw)
     model.__dict__["_fsdp_unit_root"] = root
-    if not is_meta(model):  # FSDP's lazy init refuses meta parameters: materialize runs it later
-        run_unit_root(model)
-
-
-def run_unit_root(model: nn.Module) -> None:
-    """The one forward that makes the tied unit's root its root (see ``_make_root_of``)."""
-    root = model.__dict__.get("_fsdp_unit_root")
-    if root is not None:
-        root()
+    when_materialized(model, root)  # FSDP's lazy init (the first forward) refuses meta parameters
 
 
 class FSDPStrategy(Strategy):
@@ -113,18 +104,31 @@ class FSDPStrategy(Strategy):
     def __init__(self, cfg, env, param_dtype: torch.dtype | None = None):
         super().__init__(cfg, env)
         self.param_dtype = param_dtype
+        self._gathered = None  # the main rank's full copy for validation decoding
 
     def validate(self, model_cfg, seq_len: int | None = None) -> None:
+        super().validate(model_cfg, seq_len)
         refuse_tied_causal(model_cfg, self.name)
-
-    def mesh(self):
-        return init_device_mesh(self.env.device.type, (self.env.world_size,), mesh_dim_names=("dp",))
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         to_device(model, self.env.device)  # a meta-device model stays there until materialised
         apply_block_options(model, self.cfg)
-        shard_units(model, self.mesh(), self.param_dtype, self.cfg.cpu_offload)
+        shard_units(model, self.dims.mesh["dp"], self.param_dtype, self.cfg.cpu_offload)
         return model
+
+    def full_model(self, model: nn.Module, model_cfg) -> nn.Module | None:
+        """A full copy gathered on the main rank (kept between calls; its weights refreshed)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from mtp_pretrain.model import MTPTransformer
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.env.is_main:
+            return None
+        if self._gathered is None:
+            self._gathered = MTPTransformer(model_cfg).to(self.env.device)
+        self._gathered.load_state_dict(full)
+        return self._gathered
 
     def grad_sync_hooks(self, model: nn.Module, last_micro_batch: bool) -> GradSyncHooks:
         model.set_requires_gradient_sync(last_micro_batch)

@@ -52,6 +52,15 @@ def to_device(model: nn.Module, device: torch.device) -> nn.Module:
     return model if is_meta(model) else model.to(device)
 
 
+def when_materialized(model: nn.Module, fn: Callable[[], object]) -> None:
+    """Run ``fn`` now, or at the end of ``materialize`` while ``model`` is on the meta device
+    (what a strategy must do once parameters have storage, e.g. FSDP's first forward)."""
+    if is_meta(model):
+        model.__dict__.setdefault("_when_materialized", []).append(fn)
+    else:
+        fn()
+
+
 def local_part(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
     """This rank's part of ``full`` (the parameter's global value) in the layout of ``param``."""
     if isinstance(param, DTensor):
@@ -122,19 +131,18 @@ def materialize(model: nn.Module, device: torch.device, seed: int,
         _copy_into(p, local_part(p, full))
         del full
         progress.add(p.numel())
-    from mtp_pretrain.parallel.fsdp import run_unit_root
-
-    run_unit_root(model)  # fsdp with tied embeddings: the unit root's first forward needs storage
+    for fn in model.__dict__.pop("_when_materialized", []):
+        fn()
     return model
 
 
 # --- init_from: read into the shards --------------------------------------------------------------
 @torch.no_grad()
 def load_into_shards(model: nn.Module, path: str | Path, log: Callable[[str], None] = print) -> None:
-    """``train.init_from`` for a sharded model: the same rules as ``export.load_model_weights``
+    """``train.init_from`` for a sharded model: the same rules as ``checkpoint_reader.load_model_weights``
     (heads the source lacks keep their initialisation, the source's extra heads are dropped,
     shapes must agree), without a full copy of the model on any rank."""
-    from mtp_pretrain.export import WEIGHTS_FILE, read_model_config, resolve_checkpoint
+    from mtp_pretrain.checkpoint_reader import WEIGHTS_FILE, head_index, read_model_config, resolve_checkpoint
 
     path = resolve_checkpoint(path)
     src_cfg = read_model_config(path)
@@ -144,15 +152,15 @@ def load_into_shards(model: nn.Module, path: str | Path, log: Callable[[str], No
         source_shapes = _export_shapes(path / WEIGHTS_FILE, src_cfg)
     else:
         source_shapes = _dcp_shapes(path)
-    kept = {k: s for k, s in source_shapes.items()
-            if not k.startswith("heads.") or int(k.split(".")[1]) < n_dst}
+    kept = {k: s for k, s in source_shapes.items() if head_index(k) is None or head_index(k) < n_dst}
     for k, shape in kept.items():
         if k not in params and not (src_cfg.tie_embeddings and k == "unembed.weight"):
             raise ValueError(f"init_from {path}: parameter {k} has no counterpart in this model "
                              f"(head_type {src_cfg.head_type} vs {model.cfg.head_type}?)")
         if k in params and tuple(params[k].shape) != tuple(shape):
             raise ValueError(f"init_from {path}: {k} has shape {tuple(shape)} there, {tuple(params[k].shape)} here")
-    missing = [k for k in params if k not in kept and not k.startswith("heads.")]
+    complete_heads = min(n_src, n_dst)  # as checkpoint_reader.load_partial_state_dict requires
+    missing = [k for k in params if k not in kept and (head_index(k) is None or head_index(k) < complete_heads)]
     if missing:
         raise ValueError(f"init_from {path}: missing parameters {missing[:5]}")
     wanted = [k for k in params if k in kept]
@@ -199,17 +207,18 @@ def _dcp_shapes(path: Path) -> dict[str, tuple]:
 
 def _read_dcp(path: Path, names: Iterable[str], params: dict) -> None:
     """DCP reads each rank's slices straight into the (DTensor) parameters."""
-    from mtp_pretrain.checkpoint import load_dcp
+    from mtp_pretrain.checkpoint_reader import load_dcp
 
     load_dcp(path, {"model": {name: params[name] for name in names}})
 
 
-def build_model(cfg, strategy, device: torch.device, log: Callable[[str], None]) -> nn.Module:
+def build_model(cfg, strategy, device: torch.device, log: Callable[[str], None],
+                before_parallelize: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
     """The Trainer's model: built, parallelised by ``strategy`` and initialised (``train.seed``,
     then ``train.init_from`` / ``train.init_from_hf``), on the meta device where the strategy shards
-    parameters (``builds_on_meta``), else on the host."""
-    from mtp_pretrain.train import freeze_next_token_path
-
+    parameters (``builds_on_meta``), else on the host. ``before_parallelize`` gets the plain model
+    (on meta or not) before the strategy wraps it: what must hold before sharding (frozen
+    parameters) goes there."""
     on_meta = builds_on_meta(strategy.name, cfg.parallel.meta_init) and not cfg.train.init_from_hf
     t0 = time.perf_counter()
     if on_meta:
@@ -218,10 +227,8 @@ def build_model(cfg, strategy, device: torch.device, log: Callable[[str], None])
     else:
         model = MTPTransformer(cfg.model, init_seed=cfg.train.seed)
         _load_on_host(model, cfg, log)
-    if cfg.train.freeze == "trunk":
-        frozen = freeze_next_token_path(model)
-        log(f"train.freeze=trunk: {frozen / 1e6:.2f}M parameters frozen (embeddings, trunk, head 1, "
-            f"unembedding); heads 2..{cfg.model.n_future} train")
+    if before_parallelize is not None:
+        before_parallelize(model)
     model = strategy.parallelize(model)
     if on_meta:
         materialize(model, device, cfg.train.seed, log)
@@ -234,7 +241,7 @@ def build_model(cfg, strategy, device: torch.device, log: Callable[[str], None])
 
 def _load_on_host(model: MTPTransformer, cfg, log: Callable[[str], None]) -> None:
     if cfg.train.init_from:
-        from mtp_pretrain.export import load_model_weights
+        from mtp_pretrain.checkpoint_reader import load_model_weights
 
         load_model_weights(model, cfg.train.init_from, log=log)
     if cfg.train.init_from_hf:
