@@ -31,6 +31,7 @@ from mtp_pretrain.model import MTPTransformer, count_parameters
 from mtp_pretrain.model.config import check_vocab
 from mtp_pretrain.optim import build_adamw, build_scheduler, init_adamw_state
 from mtp_pretrain.parallel import build_strategy, destroy_distributed, init_distributed
+from mtp_pretrain.parallel.materialize import build_model
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; run again to resume
 EXIT_NONFINITE = 3
@@ -103,22 +104,10 @@ class Trainer:
         self.pad_id = self.train_stream.pad_id
         self.document_end_id = self.train_stream.eos_id if cfg.data.document_masking else None
 
-        torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
-        model = MTPTransformer(cfg.model)
-        if cfg.train.init_from:
-            from mtp_pretrain.checkpoint_reader import load_model_weights
-
-            load_model_weights(model, cfg.train.init_from, log=self.log)
-        if cfg.train.init_from_hf:
-            from mtp_pretrain.interop.hf import load_hf_weights
-
-            load_hf_weights(model, cfg.train.init_from_hf, extra_heads=cfg.train.init_from_hf_heads, log=self.log)
-        if cfg.train.freeze == "trunk":
-            frozen = freeze_next_token_path(model)
-            self.log(f"train.freeze=trunk: {frozen / 1e6:.2f}M parameters frozen (embeddings, trunk, head 1, "
-                     f"unembedding); heads 2..{n} train")
+        # Initial weights: a function of train.seed and each parameter's name (model/init.py), built
+        # on the meta device and initialised shard by shard where the strategy shards parameters.
+        self.model = build_model(cfg, self.strategy, self.env.device, self.log, self._freeze)
         self.param_counts = count_parameters(cfg.model)
-        self.model = self.strategy.parallelize(model)
         self.optimizer = self.strategy.build_optimizer(self.model, lambda m: build_adamw(m, cfg.optim))
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
         self.head_weights = HeadWeights(cfg.loss, n, cfg.train.max_steps)
@@ -145,6 +134,12 @@ class Trainer:
     def log(self, msg: str) -> None:
         if self.env.is_main:
             print(f"[mtp] {msg}", flush=True)
+
+    def _freeze(self, model: MTPTransformer) -> None:
+        if self.cfg.train.freeze == "trunk":
+            frozen = freeze_next_token_path(model)
+            self.log(f"train.freeze=trunk: {frozen / 1e6:.2f}M parameters frozen (embeddings, trunk, head 1, "
+                     f"unembedding); heads 2..{self.cfg.model.n_future} train")
 
     def _stream(self, split: str, infinite: bool, prefetch: int) -> ArrowTokenStream:
         return ArrowTokenStream(

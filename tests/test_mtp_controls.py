@@ -178,10 +178,9 @@ FROZEN = ("tok_embeddings.", "trunk.", "heads.0.", "unembed.")
 
 
 def initial_weights(overrides: list[str]) -> dict[str, torch.Tensor]:
-    """The weights the trainer starts from (it seeds with train.seed before building the model)."""
+    """The weights the trainer starts from (a function of train.seed: mtp_pretrain/model/init.py)."""
     cfg = compose_job_config(overrides)
-    torch.manual_seed(cfg.train.seed)
-    return MTPTransformer(cfg.model).state_dict()
+    return MTPTransformer(cfg.model, init_seed=cfg.train.seed).state_dict()
 
 
 def assert_heads_only_checkpoint(ckpt, start: dict[str, torch.Tensor]) -> None:

@@ -14,7 +14,6 @@ a two-method protocol, so the same blocks serve training and incremental decodin
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Optional, Protocol
 
@@ -23,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from mtp_pretrain.model.config import ModelConfig
+from mtp_pretrain.model.init import initial_value
 from mtp_pretrain.ops import linear_cross_entropy
 
 
@@ -204,7 +204,10 @@ class Unembedding(nn.Module):
 
 
 class MTPTransformer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, init_seed: Optional[int] = None):
+        """Built under ``torch.device("meta")`` the model holds no storage and is not
+        initialised (see ``mtp_pretrain/parallel/materialize.py``); otherwise its weights are
+        ``init_weights(init_seed)``."""
         super().__init__()
         self.cfg = cfg
         self.tok_embeddings = nn.Embedding(cfg.vocab_size, cfg.dim)
@@ -225,7 +228,8 @@ class MTPTransformer(nn.Module):
         cos, sin = rope_tables(cfg.head_dim, cfg.max_seq_len, cfg.rope_theta)
         self.register_buffer("rope_cos", cos, persistent=False)
         self.register_buffer("rope_sin", sin, persistent=False)
-        self.init_weights()
+        if not self.rope_cos.is_meta:
+            self.init_weights(init_seed)
 
     @property
     def n_future(self) -> int:
@@ -238,21 +242,21 @@ class MTPTransformer(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: Optional[int] = None) -> None:
-        """(Re)initialise every parameter and the RoPE tables; also used after building on the
-        meta device. Output projections are scaled down with depth (GPT-2)."""
-        gen = torch.Generator().manual_seed(seed) if seed is not None else None
-        depth = self.cfg.trunk_layers + self.cfg.head_layers
+        """(Re)initialise every parameter from (seed, its name) alone (``model/init.py``) and
+        recompute the RoPE tables. ``seed=None`` draws the seed from torch's global generator,
+        so ``torch.manual_seed`` still decides the weights of a model built without one."""
+        if seed is None:
+            seed = int(torch.randint(0, 2**62, ()).item())
+        self.init_buffers()
+        for name, p in self.named_parameters():
+            p.copy_(initial_value(self.cfg, name, p.shape, seed).to(p.dtype))
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """The RoPE tables (not saved in checkpoints: a function of the config)."""
         cos, sin = rope_tables(self.cfg.head_dim, self.cfg.max_seq_len, self.cfg.rope_theta)
         self.rope_cos.copy_(cos)
         self.rope_sin.copy_(sin)
-        for name, p in self.named_parameters():
-            if name.endswith("norm.weight"):
-                p.fill_(1.0)
-                continue
-            std = self.cfg.init_std
-            if name.endswith(("o_proj.weight", "down_proj.weight")):
-                std = std / math.sqrt(2 * depth)
-            p.copy_(torch.randn(p.shape, generator=gen, dtype=torch.float32).mul_(std).to(p.dtype))
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos/sin [B, T, hd/2] for absolute positions [B, T] (or [T])."""

@@ -20,6 +20,7 @@ from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, Offlo
 from mtp_pretrain.loss import GradSyncHooks
 from mtp_pretrain.parallel.base import Strategy
 from mtp_pretrain.parallel.blocks import apply_block_options
+from mtp_pretrain.parallel.materialize import to_device, when_materialized
 
 
 class FSDPGradSync(GradSyncHooks):
@@ -95,8 +96,8 @@ def _make_root_of(model: nn.Module, members: list[nn.Module], kw: dict) -> None:
     here, after every unit exists. It is kept outside the module tree (plain attribute), so parameter names do not change."""
     root = _UnitRoot(members)
     fully_shard(root, **kw)
-    root()
     model.__dict__["_fsdp_unit_root"] = root
+    when_materialized(model, root)  # FSDP's lazy init (the first forward) refuses meta parameters
 
 
 class FSDPStrategy(Strategy):
@@ -113,7 +114,7 @@ class FSDPStrategy(Strategy):
         refuse_tied_causal(model_cfg, self.name)
 
     def parallelize(self, model: nn.Module) -> nn.Module:
-        model.to(self.env.device)
+        to_device(model, self.env.device)  # a meta-device model stays there until materialised
         apply_block_options(model, self.cfg)
         shard_units(model, self.dims.mesh["dp"], self.param_dtype, self.cfg.cpu_offload)
         return model

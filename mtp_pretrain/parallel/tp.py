@@ -40,6 +40,7 @@ from mtp_pretrain.parallel import tp_plan
 from mtp_pretrain.parallel.base import Strategy
 from mtp_pretrain.parallel.blocks import apply_block_options
 from mtp_pretrain.parallel.grad_norm import clip_grads_
+from mtp_pretrain.parallel.materialize import to_device
 from mtp_pretrain.parallel.tp_plan import SEQUENCE_DIM
 
 SEQ = Shard(SEQUENCE_DIM)
@@ -150,7 +151,7 @@ class TPStrategy(Strategy):
         tp_plan.check_divisible(model_cfg, self.dims.tp, seq_len)
 
     def parallelize(self, model: nn.Module) -> nn.Module:
-        model.to(self.env.device)
+        to_device(model, self.env.device)  # a meta-device model stays there until materialised
         apply_tp(model, self.dims.mesh["tp"])
         apply_block_options(model, self.cfg)
         return model
@@ -177,7 +178,7 @@ class FSDPTPStrategy(TPStrategy):
     def parallelize(self, model: nn.Module) -> nn.Module:
         from mtp_pretrain.parallel.fsdp import shard_units
 
-        model.to(self.env.device)
+        to_device(model, self.env.device)  # a meta-device model stays there until materialised
         apply_tp(model, self.dims.mesh["tp"])
         apply_block_options(model, self.cfg)
         shard_units(model, self.dims.mesh["dp"], self.param_dtype, self.cfg.cpu_offload)

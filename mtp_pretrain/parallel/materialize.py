@@ -1,0 +1,250 @@
+"""Build the model on the meta device, shard it, then give each rank storage for its own shards only.
+
+    with torch.device("meta"): model = MTPTransformer(cfg)     # shapes only, no storage
+    model = strategy.parallelize(model)                          # fully_shard / parallelize_module
+    materialize(model, device, seed)                             # to_empty + per-shard init
+
+``materialize`` initialises one parameter at a time: its full value comes from
+``model/init.py`` (a function of ``train.seed`` and the parameter's name), and the rank keeps
+the slice its placement gives it (``distribute_tensor(..., src_data_rank=None)``: every rank
+cuts its own slice from its own copy, no communication). Peak host memory is the rank's shards
+plus the largest single parameter, never the whole model, and the weights are exactly those of a
+one-process run (``tests/test_meta_init.py``).
+
+``train.init_from`` then reads into the shards: a DCP checkpoint through DCP itself (each rank
+reads the byte ranges of its own slices), a single-file export one tensor at a time.
+
+Strategies that shard on the meta device: fsdp, tp, fsdp_tp (``parallel.meta_init``, default
+on). The others build the whole model on the host, initialise it with the same per-parameter
+rule, then wrap it: ddp and none hold full replicas anyway; DeepSpeed partitions inside
+``deepspeed.initialize`` (ZeRO-3 would need ``deepspeed.zero.Init`` around the model's
+construction, not wired up); megatron converts the plain modules by copying slices of their
+full weights (``parallel/megatron.py``). See docs/parallelism.md.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Iterable, Optional
+
+import torch
+from torch import nn
+from torch.distributed.tensor import DTensor, distribute_tensor
+
+from mtp_pretrain.model import MTPTransformer
+from mtp_pretrain.model.init import initial_value
+
+META_STRATEGIES = ("fsdp", "tp", "fsdp_tp")
+
+
+def builds_on_meta(strategy_name: str, meta_init: bool) -> bool:
+    return meta_init and strategy_name in META_STRATEGIES
+
+
+def is_meta(model: nn.Module) -> bool:
+    return any(t.is_meta for t in (*model.parameters(), *model.buffers()))
+
+
+def to_device(model: nn.Module, device: torch.device) -> nn.Module:
+    """``model.to(device)``, except for a model on the meta device: ``materialize`` gives it
+    storage after sharding."""
+    return model if is_meta(model) else model.to(device)
+
+
+def when_materialized(model: nn.Module, fn: Callable[[], object]) -> None:
+    """Run ``fn`` now, or at the end of ``materialize`` while ``model`` is on the meta device
+    (what a strategy must do once parameters have storage, e.g. FSDP's first forward)."""
+    if is_meta(model):
+        model.__dict__.setdefault("_when_materialized", []).append(fn)
+    else:
+        fn()
+
+
+def local_part(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+    """This rank's part of ``full`` (the parameter's global value) in the layout of ``param``."""
+    if isinstance(param, DTensor):
+        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements,
+                                 src_data_rank=None).to_local()
+    return full
+
+
+def _copy_into(param: torch.Tensor, local: torch.Tensor) -> None:
+    target = param.to_local() if isinstance(param, DTensor) else param
+    if target.shape != local.shape:
+        raise RuntimeError(f"local shard shape {tuple(target.shape)} != slice {tuple(local.shape)}")
+    target.copy_(local.to(target.dtype))
+
+
+class Progress:
+    """A line every ``every_s`` seconds on the main rank: parameters done, rate, ETA."""
+
+    def __init__(self, what: str, total: int, log: Optional[Callable[[str], None]], every_s: float = 10.0):
+        self.what, self.total, self.log, self.every_s = what, total, log, every_s
+        self.t0 = self.last = time.perf_counter()
+        self.done = 0
+
+    def add(self, numel: int) -> None:
+        self.done += numel
+        now = time.perf_counter()
+        if self.log is not None and now - self.last >= self.every_s:
+            rate = self.done / (now - self.t0)
+            self.log(f"{self.what}: {self.done / 1e6:.0f}M / {self.total / 1e6:.0f}M parameters, "
+                     f"{rate / 1e6:.1f}M/s, ETA {(self.total - self.done) / max(rate, 1):.0f}s")
+            self.last = now
+
+
+def _shared_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Every parameter registered in more than one place (tied embeddings, shared heads), as the
+    (module, attribute) pairs holding it."""
+    places: dict[int, list[tuple[nn.Module, str]]] = {}
+    for module in model.modules():
+        for name, p in module._parameters.items():
+            if p is not None:
+                places.setdefault(id(p), []).append((module, name))
+    return [group for group in places.values() if len(group) > 1]
+
+
+def _retie(shared: list[list[tuple[nn.Module, str]]]) -> None:
+    """``to_empty`` gives each module a new Parameter of its own (a meta tensor cannot change its
+    device in place), which unties shared ones: point every place back at the first one's."""
+    for (owner, name), *others in shared:
+        first = owner._parameters[name]
+        for module, attr in others:
+            if module._parameters[attr] is not first:
+                setattr(module, attr, first)
+
+
+@torch.no_grad()
+def materialize(model: nn.Module, device: torch.device, seed: int,
+                log: Optional[Callable[[str], None]] = None) -> nn.Module:
+    """Give a (possibly sharded) meta-device ``MTPTransformer`` storage on ``device`` and
+    initialise each rank's shards to exactly what ``MTPTransformer(cfg, init_seed=seed)`` holds."""
+    shared = _shared_parameters(model)
+    model.to_empty(device=device)
+    _retie(shared)
+    model.init_buffers()
+    params = list(model.named_parameters())  # a tied / shared parameter once, under its first name
+    progress = Progress("initialising", sum(p.numel() for _, p in params), log)
+    for name, p in params:
+        full = initial_value(model.cfg, name, p.shape, seed)
+        _copy_into(p, local_part(p, full))
+        del full
+        progress.add(p.numel())
+    for fn in model.__dict__.pop("_when_materialized", []):
+        fn()
+    return model
+
+
+# --- init_from: read into the shards --------------------------------------------------------------
+@torch.no_grad()
+def load_into_shards(model: nn.Module, path: str | Path, log: Callable[[str], None] = print) -> None:
+    """``train.init_from`` for a sharded model: the same rules as ``checkpoint_reader.load_model_weights``
+    (heads the source lacks keep their initialisation, the source's extra heads are dropped,
+    shapes must agree), without a full copy of the model on any rank."""
+    from mtp_pretrain.checkpoint_reader import WEIGHTS_FILE, head_index, read_model_config, resolve_checkpoint
+
+    path = resolve_checkpoint(path)
+    src_cfg = read_model_config(path)
+    n_src, n_dst = src_cfg.n_future, model.cfg.n_future
+    params = dict(model.named_parameters())
+    if (path / WEIGHTS_FILE).is_file():
+        source_shapes = _export_shapes(path / WEIGHTS_FILE, src_cfg)
+    else:
+        source_shapes = _dcp_shapes(path)
+    kept = {k: s for k, s in source_shapes.items() if head_index(k) is None or head_index(k) < n_dst}
+    for k, shape in kept.items():
+        if k not in params and not (src_cfg.tie_embeddings and k == "unembed.weight"):
+            raise ValueError(f"init_from {path}: parameter {k} has no counterpart in this model "
+                             f"(head_type {src_cfg.head_type} vs {model.cfg.head_type}?)")
+        if k in params and tuple(params[k].shape) != tuple(shape):
+            raise ValueError(f"init_from {path}: {k} has shape {tuple(shape)} there, {tuple(params[k].shape)} here")
+    complete_heads = min(n_src, n_dst)  # as checkpoint_reader.load_partial_state_dict requires
+    missing = [k for k in params if k not in kept and (head_index(k) is None or head_index(k) < complete_heads)]
+    if missing:
+        raise ValueError(f"init_from {path}: missing parameters {missing[:5]}")
+    wanted = [k for k in params if k in kept]
+    if (path / WEIGHTS_FILE).is_file():
+        _read_export(model, path / WEIGHTS_FILE, wanted, params)
+    else:
+        _read_dcp(path, wanted, params)
+    log(f"initialised from {path} into the shards: trunk + heads 1..{min(n_src, n_dst)} copied"
+        + (f"; heads {n_src + 1}..{n_dst} freshly initialised" if n_dst > n_src else "")
+        + (f"; source heads {n_dst + 1}..{n_src} dropped" if n_src > n_dst else ""))
+
+
+def _export_shapes(file: Path, src_cfg) -> dict[str, tuple]:
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    if src_cfg.tie_embeddings and "tok_embeddings.weight" in shapes:
+        shapes["unembed.weight"] = shapes["tok_embeddings.weight"]
+    return shapes
+
+
+def _read_export(model: nn.Module, file: Path, names: Iterable[str], params: dict) -> None:
+    """One tensor at a time from the safetensors file, each rank keeping its slice."""
+    from safetensors import safe_open
+
+    with safe_open(str(file), "pt") as f:
+        stored = set(f.keys())
+        for name in names:
+            key = name if name in stored else "tok_embeddings.weight"  # a tied unembedding is stored once
+            full = f.get_tensor(key).to(torch.float32)
+            _copy_into(params[name], local_part(params[name], full))
+
+
+def _dcp_shapes(path: Path) -> dict[str, tuple]:
+    from torch.distributed.checkpoint import FileSystemReader
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
+
+    meta = FileSystemReader(str(path)).read_metadata().state_dict_metadata
+    prefix = "model."
+    return {k[len(prefix):]: tuple(m.size) for k, m in meta.items()
+            if k.startswith(prefix) and isinstance(m, TensorStorageMetadata)}
+
+
+def _read_dcp(path: Path, names: Iterable[str], params: dict) -> None:
+    """DCP reads each rank's slices straight into the (DTensor) parameters."""
+    from mtp_pretrain.checkpoint_reader import load_dcp
+
+    load_dcp(path, {"model": {name: params[name] for name in names}})
+
+
+def build_model(cfg, strategy, device: torch.device, log: Callable[[str], None],
+                before_parallelize: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
+    """The Trainer's model: built, parallelised by ``strategy`` and initialised (``train.seed``,
+    then ``train.init_from`` / ``train.init_from_hf``), on the meta device where the strategy shards
+    parameters (``builds_on_meta``), else on the host. ``before_parallelize`` gets the plain model
+    (on meta or not) before the strategy wraps it: what must hold before sharding (frozen
+    parameters) goes there."""
+    on_meta = builds_on_meta(strategy.name, cfg.parallel.meta_init) and not cfg.train.init_from_hf
+    t0 = time.perf_counter()
+    if on_meta:
+        with torch.device("meta"):
+            model = MTPTransformer(cfg.model)
+    else:
+        model = MTPTransformer(cfg.model, init_seed=cfg.train.seed)
+        _load_on_host(model, cfg, log)
+    if before_parallelize is not None:
+        before_parallelize(model)
+    model = strategy.parallelize(model)
+    if on_meta:
+        materialize(model, device, cfg.train.seed, log)
+        if cfg.train.init_from:
+            load_into_shards(model, cfg.train.init_from, log=log)
+    log(f"model built {'on the meta device, sharded, then materialised' if on_meta else 'on the host'} "
+        f"in {time.perf_counter() - t0:.1f}s")
+    return model
+
+
+def _load_on_host(model: MTPTransformer, cfg, log: Callable[[str], None]) -> None:
+    if cfg.train.init_from:
+        from mtp_pretrain.checkpoint_reader import load_model_weights
+
+        load_model_weights(model, cfg.train.init_from, log=log)
+    if cfg.train.init_from_hf:
+        from mtp_pretrain.interop.hf import load_hf_weights
+
+        load_hf_weights(model, cfg.train.init_from_hf, extra_heads=cfg.train.init_from_hf_heads, log=log)
