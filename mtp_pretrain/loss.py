@@ -199,10 +199,12 @@ def naive_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len: Optional
 @torch.no_grad()
 def evaluate_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len: Optional[int] = None,
                   chunk_size: int = 0, pad_id: Optional[int] = None,
-                  document_end_id: Optional[int] = None) -> tuple[list[torch.Tensor], list[int]]:
-    """Per-head summed cross-entropy and target counts, no gradients (validation)."""
+                  document_end_id: Optional[int] = None,
+                  trunk_output: Optional[torch.Tensor] = None) -> tuple[list[torch.Tensor], list[int]]:
+    """Per-head summed cross-entropy and target counts, no gradients (validation).
+    ``trunk_output``: z computed elsewhere (a pipeline's last stage)."""
     T, _, targets, counts, documents, _ = _setup(model, tokens, seq_len, None, pad_id, document_end_id)
-    z = model.trunk_forward(tokens[:, :T], documents=documents)
+    z = model.trunk_forward(tokens[:, :T], documents=documents) if trunk_output is None else trunk_output
     x, sums = z, []
     for i in range(1, model.n_future + 1):
         h, y = model.head_forward(i, x if model.heads_chain else z, shifted_tokens(tokens, i, T), documents=documents)
