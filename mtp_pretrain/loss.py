@@ -157,7 +157,10 @@ def head_sequential_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len
     has_grad = z.requires_grad and z_leaf.grad is not None
     if trunk_output is not None:
         # Zero when no head sent z a gradient; still a function of z so the caller's backward runs.
-        trunk_loss = (z * z_leaf.grad).sum() if has_grad else (z * 0).sum()
+        # (with a DTensor z, of the local parts: its backward hands each rank's part its gradient)
+        zl = z.to_local() if hasattr(z, "to_local") else z
+        g = z_leaf.grad.to_local() if has_grad and hasattr(z_leaf.grad, "to_local") else z_leaf.grad
+        trunk_loss = (zl * g).sum() if has_grad else (zl * 0).sum()
         return _result(per_head, weights, counts, trunk_loss)
     if has_grad:
         z.backward(z_leaf.grad)

@@ -14,7 +14,8 @@ def build_strategy(cfg: ParallelConfig, env: DistEnv, param_dtype: torch.dtype |
     if cfg.pp_size > 1:
         from mtp_pretrain.parallel.pipeline import build_pipeline
 
-        strategy.pipeline = build_pipeline(cfg, env.rank, env.world_size, env.device, dp=strategy.dp_size)
+        strategy.pipeline = build_pipeline(cfg, env.rank, env.world_size, env.device, dp=strategy.dp_size,
+                                           tp=getattr(strategy, "tp", 1))
     return strategy
 
 

@@ -52,10 +52,11 @@ class Strategy:
 
         return apply_block_options(self.keep_own_stages(model).to(self.env.device), self.cfg)
 
-    def keep_own_stages(self, model: nn.Module) -> nn.Module:
+    def keep_own_stages(self, model: nn.Module, **boundary) -> nn.Module:
         """Under pipeline parallelism, the model reduced to this rank's stages (first thing in
-        ``parallelize``, before any sharding); otherwise the model."""
-        return model if self.pipeline is None else self.pipeline.split(model)
+        ``parallelize``, before any sharding); otherwise the model. ``boundary``: how hidden
+        states enter and leave a stage (``Pipeline.split``)."""
+        return model if self.pipeline is None else self.pipeline.split(model, **boundary)
 
     def build_optimizer(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]):
         return make_optimizer(model)

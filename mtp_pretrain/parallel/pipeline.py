@@ -138,7 +138,8 @@ class StageModule(nn.Module):
             x = self.model.tok_embeddings(x)
         else:
             x = self.to_stage_input(x)
-        return self.from_stage_output(self.model.trunk_segment(x, self.block_ids, documents=documents))
+        z = self.model.trunk_segment(x, self.block_ids, documents=documents)
+        return z if self.last else self.from_stage_output(z)  # the last stage's z goes to the loss
 
 
 class _Stage(PipelineStage):
@@ -235,7 +236,7 @@ class Pipeline:
         if any(s.shape_pass for s in self._stages):
             # Shape inference on uninitialised tensors: no head runs, no gradient is touched;
             # the result only needs z's shape for the input gradients' metadata.
-            return (z * 0).sum()
+            return (_local(z) * 0).sum()
         st = self._step_state
         k = len(st["per_head"])
         out = st["loss"](tokens, st["hooks"](k == self._n_microbatches - 1), z)
@@ -354,6 +355,11 @@ class Pipeline:
 
 
 _DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local part (a scalar built from it backpropagates as a plain tensor)."""
+    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def clip_pipeline_grads_(pipeline: Pipeline, model: MTPTransformer, max_norm: float) -> torch.Tensor:

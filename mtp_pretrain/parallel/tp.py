@@ -105,7 +105,10 @@ def vocab_parallel_unembed(self, h: torch.Tensor, targets=None, *, chunk_size: i
 def apply_tp(model: nn.Module, mesh) -> dict[str, str]:
     """Shard ``model`` in place over the 1-D TP ``mesh`` following ``tp_plan.TP_PLAN``; returns
     the {module: style} assignment."""
-    assignment = tp_plan.assign(name for name, _ in model.named_modules())
+    from mtp_pretrain.parallel.pipeline import AbsentModule
+
+    # (modules of other pipeline stages are absent here)
+    assignment = tp_plan.assign(name for name, m in model.named_modules() if not isinstance(m, AbsentModule))
     modules = dict(model.named_modules())
     dtensor_plan = {}
     for name, style in assignment.items():
@@ -126,7 +129,7 @@ def apply_tp(model: nn.Module, mesh) -> dict[str, str]:
         elif style == tp_plan.REPLICATE:
             _replicate(mod, mesh)
         elif style == tp_plan.VOCAB_COLUMN:
-            if model.cfg.tie_embeddings:
+            if model.cfg.tie_embeddings and not isinstance(model.tok_embeddings, AbsentModule):
                 mod.weight = model.tok_embeddings.weight  # already vocab-sharded, same layout
             else:
                 _vocab_shard(mod, mesh)
@@ -148,37 +151,49 @@ class TPStrategy(Strategy):
         self._mesh = None
 
     def _tp_degree(self) -> int:
-        return self.cfg.tp_size if self.cfg.tp_size > 1 else self.env.world_size
+        return self.cfg.tp_size if self.cfg.tp_size > 1 else self.env.world_size // self.cfg.pp_size
 
     @property
     def dp_size(self) -> int:
-        return self.env.world_size // self.tp
+        return self.env.world_size // (self.tp * self.cfg.pp_size)
 
     @property
     def dp_rank(self) -> int:
-        return self.env.rank // self.tp
+        return (self.env.rank // self.tp) % self.dp_size
 
     @property
     def mesh(self):
+        if self.pipeline is not None:  # (pp, dp, tp): this rank's stage is mesh["dp"] x mesh["tp"]
+            return self.pipeline.mesh
         if self._mesh is None:
             self._mesh = init_device_mesh(self.env.device.type, (self.dp_size, self.tp), mesh_dim_names=("dp", "tp"))
         return self._mesh
 
     def validate(self, model_cfg, seq_len: int | None = None) -> None:
-        ws = self.env.world_size
+        ws = self.env.world_size // self.cfg.pp_size  # ranks of one pipeline stage
         if self.name == "tp" and self.cfg.tp_size > 1 and self.cfg.tp_size != ws:
-            raise ValueError(f"parallel.strategy=tp uses every rank for tensor parallelism, but parallel.tp_size="
-                             f"{self.cfg.tp_size} and the launcher started {ws} processes; set tp_size={ws} "
-                             f"(or 1 = all ranks), or use parallel.strategy=fsdp_tp for data x tensor parallelism")
+            stage = f" of each of the parallel.pp_size={self.cfg.pp_size} stages" if self.cfg.pp_size > 1 else ""
+            raise ValueError(f"parallel.strategy=tp uses every rank{stage} for tensor parallelism, but parallel.tp_size="
+                             f"{self.cfg.tp_size} and the launcher started {ws} processes{stage and ' per stage'}; "
+                             f"set tp_size={ws} (or 1 = all ranks), or use parallel.strategy=fsdp_tp for data x "
+                             f"tensor parallelism")
         if ws % self.tp:
             raise ValueError(f"world size {ws} is not divisible by parallel.tp_size={self.tp}")
         tp_plan.check_divisible(model_cfg, self.tp, seq_len)
 
     def parallelize(self, model: nn.Module) -> nn.Module:
-        model.to(self.env.device)
+        self._keep_own_stages_tp(model).to(self.env.device)
         apply_tp(model, self.mesh["tp"])
         apply_block_options(model, self.cfg)
         return model
+
+    def _keep_own_stages_tp(self, model: nn.Module) -> nn.Module:
+        """Pipeline stages: hidden states cross stages as local tensors (each rank's part of the
+        sequence), the residual stream's sequence-sharded DTensor again inside the stage."""
+        tp_mesh = self.mesh["tp"]
+        return self.keep_own_stages(model, to_stage_input=lambda x: DTensor.from_local(x, tp_mesh, (SEQ,),
+                                                                                      run_check=False),
+                                    from_stage_output=lambda x: x.to_local())
 
     def loss_context(self):
         return loss_parallel()
@@ -213,16 +228,19 @@ class FSDPTPStrategy(TPStrategy):
         super().validate(model_cfg, seq_len)
 
     def parallelize(self, model: nn.Module) -> nn.Module:
-        from mtp_pretrain.parallel.fsdp import shard_units
+        from mtp_pretrain.parallel.fsdp import shard_stage_units, shard_units
 
-        model.to(self.env.device)
+        self._keep_own_stages_tp(model).to(self.env.device)
         apply_tp(model, self.mesh["tp"])
         apply_block_options(model, self.cfg)
-        shard_units(model, self.mesh["dp"], self.param_dtype, self.cfg.cpu_offload)
+        if self.pipeline is not None:
+            shard_stage_units(model, self.pipeline.stage_modules, self.mesh["dp"], self.param_dtype,
+                              self.cfg.cpu_offload)
+        else:
+            shard_units(model, self.mesh["dp"], self.param_dtype, self.cfg.cpu_offload)
         return model
 
     def grad_sync_hooks(self, model: nn.Module, last_micro_batch: bool) -> GradSyncHooks:
-        from mtp_pretrain.parallel.fsdp import FSDPGradSync
+        from mtp_pretrain.parallel.fsdp import fsdp_grad_sync_hooks
 
-        model.set_requires_gradient_sync(last_micro_batch)
-        return FSDPGradSync(model, last_micro_batch, self.defer_shared_grad_sync)
+        return fsdp_grad_sync_hooks(self, model, last_micro_batch)
