@@ -288,9 +288,11 @@ class Pipeline:
             return
         if p.grad is None:
             p.grad = torch.zeros_like(p)
-        g = p.grad
-        local = g.to_local() if hasattr(g, "to_local") else g
-        dist.all_reduce(local, group=self.shared_group)
+        if hasattr(p, "placements") and p.grad.placements != p.placements:
+            # (a vocab-parallel embedding's gradient can come replicated): both ranks' local
+            # parts must be the same slice of the matrix
+            p.grad = p.grad.redistribute(p.device_mesh, p.placements)
+        dist.all_reduce(_local(p.grad), group=self.shared_group)
 
     def grad_norm_squares(self, model: MTPTransformer) -> torch.Tensor:
         """This rank's share of the global squared gradient norm: its local gradients' squares,
