@@ -244,7 +244,7 @@ def main(argv=None) -> None:
         if checkpoint is None:
             raise SystemExit("no checkpoint: pass --checkpoint (make train prints its run dir), "
                              "or --random-init / --train-steps N for a smoke test")
-        from mtp_pretrain.export import load_model
+        from mtp_pretrain.checkpoint_reader import load_model
 
         model, tokenizer = load_model(checkpoint)
         source = checkpoint

@@ -39,13 +39,13 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 from data_tools.tokenize_corpus import tokenize_to_dataset  # noqa: E402
-from mtp_pretrain.checkpoint import find_latest  # noqa: E402
+from mtp_pretrain.checkpoint_reader import find_latest  # noqa: E402
 from mtp_pretrain.config import compose_job_config  # noqa: E402
 from mtp_pretrain.data.tokenizer import BPETokenizer, ByteTokenizer, load_tokenizer  # noqa: E402
 from mtp_pretrain.eval import induction, polynomial  # noqa: E402
 from mtp_pretrain.eval.adapters import make_batch_logits, make_generate  # noqa: E402
 from mtp_pretrain.eval.per_head import evaluate_per_head  # noqa: E402
-from mtp_pretrain.export import load_model  # noqa: E402
+from mtp_pretrain.checkpoint_reader import load_model  # noqa: E402
 from mtp_pretrain.loss import head_sequential_loss  # noqa: E402
 from mtp_pretrain.model import MTPTransformer  # noqa: E402
 from mtp_pretrain.model.config import ModelConfig, count_parameters  # noqa: E402

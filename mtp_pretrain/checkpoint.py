@@ -20,260 +20,34 @@ untouched. Model and optimizer state are saved with FQN keys via
 ``torch.distributed.checkpoint.state_dict``, so a checkpoint written under one strategy and world
 size loads under another (DCP reshards on load).
 
-Every reader (resume, ``train.init_from``, ``mtp-export``, ``mtp-generate``, ``mtp-eval``) checks
-the files against the manifest before loading (sizes; crc32 too with ``checkpoint.verify=checksum``,
-and always after a failed load, to name the file at fault) and parses ``train_state.json`` with
-:func:`read_train_state`, so damage is reported as :class:`DamagedCheckpointError` naming the
-checkpoint and the file. ``train.resume=auto`` then falls back to the newest undamaged checkpoint.
+Reading lives in :mod:`mtp_pretrain.checkpoint_reader`, which every reader (resume here,
+``train.init_from``, ``mtp-export``, ``mtp-generate``, ``mtp-eval``) goes through: the files are
+checked against the manifest before loading (sizes; crc32 too with ``checkpoint.verify=checksum``,
+and always after a failed load, to name the file at fault) and ``train_state.json`` is parsed in one
+place, so damage is reported as ``DamagedCheckpointError`` naming the checkpoint and the file.
+``train.resume=auto`` then falls back to the newest undamaged checkpoint
+(:meth:`CheckpointManager.load_newest`).
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-import sys
+import tempfile
 import time
-import warnings
-import zlib
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Iterator, Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint.api import CheckpointException as DCPException
 
+from mtp_pretrain.checkpoint_reader import (MANIFEST, STEP_DIR, TRAIN_STATE, CheckpointError, DamagedCheckpointError,
+                                            Log, check_model_config, complete_checkpoints, from_main, is_complete,
+                                            load_dcp, read_train_state, shared_digests, verify_checkpoint)
 from mtp_pretrain.parallel.setup import DistEnv
-
-# One process without a process group is a supported case of DCP, not a mistake worth a warning.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
-
-STEP_DIR = re.compile(r"^step-(\d+)$")
-TRAIN_STATE = "train_state.json"
-MANIFEST = "manifest.json"
-VERIFY_MODES = ("size", "checksum")
-_READ_CHUNK = 16 << 20
-_PROGRESS_EVERY_S = 10.0
-
-Log = Callable[[str], None]
-
-
-class CheckpointError(ValueError):
-    """A checkpoint that cannot be used here; the message names the checkpoint (and the file or
-    the config fields at fault)."""
-
-
-class DamagedCheckpointError(CheckpointError):
-    """A file of the checkpoint is missing, truncated, altered or unparsable: an older checkpoint
-    of the same run may still be good."""
-
-
-def _stderr(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
-def is_complete(path: Path) -> bool:
-    return path.is_dir() and (path / ".metadata").is_file() and (path / TRAIN_STATE).is_file()
-
-
-def complete_checkpoints(root: Path) -> list[Path]:
-    """The complete checkpoints under ``root``, newest first: the one ``latest`` names (the newest
-    published), then the other step-N folders by decreasing step."""
-    root = Path(root)
-    if not root.is_dir():
-        return []
-    steps = sorted(((int(m.group(1)), p) for p in root.iterdir() if (m := STEP_DIR.match(p.name)) and is_complete(p)),
-                   reverse=True)
-    found = [p for _, p in steps]
-    pointer = root / "latest"
-    if pointer.is_file():
-        named = root / pointer.read_text().strip()
-        if named in found:
-            found.remove(named)
-            found.insert(0, named)
-    return found
-
-
-def find_latest(root: Path) -> Optional[Path]:
-    """The newest complete checkpoint under ``root`` (the ``latest`` pointer if it names a
-    complete one, else the highest complete step-N), or None."""
-    found = complete_checkpoints(root)
-    return found[0] if found else None
-
-
-# --- train_state.json and the model config in it ---------------------------------------------------
-def read_train_state(path: Path, required: tuple[str, ...] = ()) -> dict:
-    """``path/train_state.json`` as a dict. Every reader of a checkpoint's train state calls this,
-    so a truncated or garbled file gives this one error, naming the file."""
-    file = Path(path) / TRAIN_STATE
-    try:
-        state = json.loads(file.read_bytes())
-    except FileNotFoundError:
-        raise CheckpointError(f"{path} is not a complete checkpoint: it has no {TRAIN_STATE}") from None
-    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError
-        raise DamagedCheckpointError(f"checkpoint {path} is damaged: {TRAIN_STATE} is not valid JSON "
-                                     f"(truncated or overwritten?): {e}") from None
-    if not isinstance(state, dict):
-        raise DamagedCheckpointError(f"checkpoint {path} is damaged: {TRAIN_STATE} holds a JSON "
-                                     f"{type(state).__name__}, expected an object")
-    missing = [k for k in required if k not in state]
-    if missing:
-        raise DamagedCheckpointError(f"checkpoint {path} is damaged: {TRAIN_STATE} lacks {', '.join(missing)}")
-    return state
-
-
-def model_config_of(path: Path, train_state: Optional[dict] = None):
-    """The ModelConfig a checkpoint was trained with (from its train_state.json)."""
-    from mtp_pretrain.model import ModelConfig
-
-    saved = (train_state if train_state is not None else read_train_state(path, ("model_config",)))["model_config"]
-    try:
-        return ModelConfig(**saved)
-    except (TypeError, ValueError) as e:  # an unknown field (a newer version's checkpoint) or a bad value
-        raise CheckpointError(f"checkpoint {path}: the model_config in its {TRAIN_STATE} is not one this "
-                              f"version can build: {e}") from None
-
-
-def check_model_config(path: Path, train_state: dict, current, log: Log = _stderr) -> None:
-    """Refuse to load a checkpoint whose parameters do not fit a model of config ``current``,
-    naming the fields that differ (``model.dim: checkpoint 128, config 64``). Differences that
-    keep every parameter's shape (rope_theta, max_seq_len, the name...) are allowed and logged."""
-    from dataclasses import asdict
-
-    from mtp_pretrain.model import MTPTransformer
-
-    if "model_config" not in train_state:
-        return  # written by a version that did not record it: DCP's own shape checks remain
-    saved_cfg = model_config_of(path, train_state)
-    saved, now = asdict(saved_cfg), asdict(current)
-    diffs = [f"model.{k}: checkpoint {saved[k]!r}, config {now[k]!r}" for k in now if saved[k] != now[k]]
-    if not diffs:
-        return
-    with torch.device("meta"):
-        shapes = [{k: tuple(v.shape) for k, v in MTPTransformer(c).state_dict().items()} for c in (saved_cfg, current)]
-    if shapes[0] != shapes[1]:
-        raise CheckpointError(f"checkpoint {path} was saved from an incompatible model config: " + "; ".join(diffs))
-    log(f"checkpoint {path}: model config differs in fields that keep every parameter's shape: " + "; ".join(diffs))
-
-
-# --- the manifest ---------------------------------------------------------------------------------
-def _file_digests(root: Path, names: list[str], log: Optional[Log]) -> dict[str, Optional[dict]]:
-    """{name: {"size", "crc32"}} of files under ``root`` (None for a missing one). crc32 (zlib)
-    reads ~3 GB/s on one core, against ~0.5 GB/s for blake2b: it is here to catch truncation and
-    bit rot, not tampering. Shows progress every ~10 s when ``log`` is given."""
-    sizes = {n: (root / n).stat().st_size for n in names if (root / n).is_file()}
-    total, done = sum(sizes.values()), 0
-    t0 = last = time.monotonic()
-    out: dict[str, Optional[dict]] = {}
-    for name in names:
-        if name not in sizes:
-            out[name] = None
-            continue
-        crc, size = 0, 0
-        with open(root / name, "rb") as f:
-            while chunk := f.read(_READ_CHUNK):
-                crc, size, done = zlib.crc32(chunk, crc), size + len(chunk), done + len(chunk)
-                if log is not None and time.monotonic() - last > _PROGRESS_EVERY_S:
-                    last = time.monotonic()
-                    rate = done / (last - t0)
-                    log(f"checksums of {root.name}: {done / 2**30:.1f}/{total / 2**30:.1f} GiB "
-                        f"({rate / 2**20:.0f} MiB/s, ETA {(total - done) / max(rate, 1):.0f}s)")
-        out[name] = {"size": size, "crc32": f"{crc:08x}"}
-    return out
-
-
-def _shared_digests(root: Path, names: list[str], env: Optional[DistEnv], log: Optional[Log]) -> dict:
-    """Digests of ``names``, each file read by one rank (round-robin), the result on every rank."""
-    if env is None or not env.distributed:
-        return _file_digests(root, names, log)
-    mine = _file_digests(root, names[env.rank::env.world_size], log if env.is_main else None)
-    parts: list = [None] * env.world_size
-    dist.all_gather_object(parts, mine)
-    return {k: v for part in parts for k, v in part.items()}
-
-
-def _from_main(value: Any, env: Optional[DistEnv]) -> Any:
-    """Rank 0's ``value`` on every rank."""
-    if env is None or not env.distributed:
-        return value
-    box = [value]
-    dist.broadcast_object_list(box, src=0)
-    return box[0]
-
-
-def read_manifest(path: Path) -> Optional[dict]:
-    """{file: {"size", "crc32"}} of a checkpoint, or None for one written before manifests."""
-    file = Path(path) / MANIFEST
-    if not file.is_file():
-        return None
-    try:
-        files = json.loads(file.read_bytes())["files"]
-        if not all(isinstance(v.get("size"), int) and isinstance(v.get("crc32"), str) for v in files.values()):
-            raise ValueError("an entry lacks size or crc32")
-    except (ValueError, KeyError, TypeError, AttributeError) as e:
-        raise DamagedCheckpointError(f"checkpoint {path} is damaged: {MANIFEST} is unreadable ({e})") from None
-    return files
-
-
-_noted_without_manifest: set[Path] = set()
-
-
-def verify_checkpoint(path: Path, checksums: bool = False, env: Optional[DistEnv] = None,
-                      log: Log = _stderr) -> None:
-    """Raise DamagedCheckpointError naming the first file of ``path``'s manifest that is missing or
-    has another size (with ``checksums``: other content). Collective under a process group: rank 0
-    checks sizes, the ranks share the reading for checksums, every rank gets the same verdict.
-    A checkpoint without a manifest (written before this check existed) passes, said once."""
-    path = Path(path)
-    problem, files = None, None
-    if env is None or env.is_main:
-        try:
-            files = read_manifest(path)
-        except DamagedCheckpointError as e:
-            problem = str(e)
-        if files is not None:
-            for name, want in sorted(files.items()):
-                file = path / name
-                if not file.is_file():
-                    problem = f"checkpoint {path} is damaged: {name} is missing"
-                    break
-                if (size := file.stat().st_size) != want["size"]:
-                    problem = (f"checkpoint {path} is damaged: {name} has {size} bytes, its manifest "
-                               f"says {want['size']} (truncated or partly copied?)")
-                    break
-    problem, files = _from_main((problem, files), env)
-    if problem:
-        raise DamagedCheckpointError(problem)
-    if files is None:
-        if path.resolve() not in _noted_without_manifest:
-            _noted_without_manifest.add(path.resolve())
-            log(f"checkpoint {path} has no {MANIFEST} (written before manifests): its files are not verified")
-        return
-    if checksums:
-        got = _shared_digests(path, sorted(files), env, log)
-        for name, want in sorted(files.items()):
-            if got[name] != want:
-                raise DamagedCheckpointError(
-                    f"checkpoint {path} is damaged: {name} has crc32 {got[name] and got[name]['crc32']}, "
-                    f"its manifest says {want['crc32']} (altered after the save)")
-
-
-def load_dcp(path: Path, state: dict, env: Optional[DistEnv] = None, log: Log = _stderr) -> None:
-    """``dcp.load(state)`` from ``path``; if it fails, the checksums are verified so that damage
-    is reported as such, naming the file, instead of DCP's error."""
-    try:
-        dcp.load(state, checkpoint_id=str(path))
-    # DCP gathers every rank's failure (zip, pickle, shapes) into a CheckpointException, which
-    # derives from BaseException, not Exception.
-    except (Exception, DCPException) as e:
-        verify_checkpoint(path, checksums=True, env=env, log=log)
-        cause = ("every file matches its manifest" if (Path(path) / MANIFEST).is_file()
-                 else f"it has no {MANIFEST} to check its files against")
-        raise CheckpointError(f"checkpoint {path} could not be loaded ({cause}): "
-                              f"{type(e).__name__}: {e}") from e
-
 
 # --- saving and loading in training -----------------------------------------------------------------
 def _barrier(env: DistEnv) -> None:
@@ -308,9 +82,9 @@ class CheckpointManager:
         torch.save(rng_state(), tmp / "rng" / f"rank-{self.env.rank:05d}.pt")
         _barrier(self.env)
         t0 = time.perf_counter()
-        names = _from_main(sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
+        names = from_main(sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
                            if self.env.is_main else None, self.env)
-        digests = _shared_digests(tmp, names, self.env, self.log)
+        digests = shared_digests(tmp, names, self.env, self.log)
         self.last_manifest_s = time.perf_counter() - t0
         if self.env.is_main:
             _fsync_write(tmp / MANIFEST, json.dumps({"checksum": "crc32", "files": digests}, indent=1))
@@ -390,3 +164,24 @@ def set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
+
+
+@contextmanager
+def publish_directory(out_dir: str | Path) -> Iterator[Path]:
+    """Write a directory all or nothing (the exports): fill the temporary sibling this yields;
+    when the block ends without an error it takes ``out_dir``'s place (an existing one is moved
+    aside first and removed after), else it is removed and ``out_dir`` stays as it was."""
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
+    try:
+        yield tmp
+        old = None
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
+            os.replace(out_dir, old / "d")
+        os.replace(tmp, out_dir)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)

@@ -1,6 +1,6 @@
 """The job's typed configuration: one dataclass per component, validated once at start-up.
 
-Hydra composes ``conf/`` onto these dataclasses (registered in its ConfigStore as the schema),
+Hydra composes ``mtp_pretrain/conf/`` onto these dataclasses (registered in its ConfigStore as the schema),
 so an unknown key fails at composition and a bad value fails in ``__post_init__`` with the
 field's dotted name, before anything expensive happens.
 """
@@ -15,7 +15,8 @@ from omegaconf import OmegaConf
 
 from mtp_pretrain.model.config import ModelConfig
 
-CONF_DIR = Path(__file__).resolve().parent.parent / "conf"
+# The shipped configs: package data, so an installed copy has them too (``pip install .``).
+CONF_DIR = Path(__file__).resolve().parent / "conf"
 
 
 def _choice(name: str, value: Any, allowed: tuple) -> None:
@@ -189,16 +190,16 @@ class TrainConfig:
 class ParallelConfig:
     strategy: str = "none"  # none | ddp | fsdp | tp | fsdp_tp | deepspeed | megatron
     tp_size: int = 1
+    pp_size: int = 1  # pipeline stages (parallel/layout.py: rank order pp, dp, tp)
     zero_stage: int = 0  # deepspeed: 1-3; megatron: 0-2
     activation_checkpointing: str = "none"  # none | full | every_k
     ac_every: int = 2  # every_k: checkpoint every k-th block
     compile: bool = False
     cpu_offload: bool = False  # fsdp: keep sharded parameters and optimizer state on CPU
     timeout_s: int = 600  # collective timeout: a dead rank fails the job instead of hanging it
-    # Pipeline parallelism (mtp_pretrain/parallel/pipeline.py): pp_size stages, outermost in the
-    # rank order; composes with none, fsdp, tp and fsdp_tp. Micro-batches are the gradient
-    # accumulation's (train.global_batch_tokens / train.micro_batch_size / seq_len / dp ranks).
-    pp_size: int = 1
+    # Pipeline parallelism (mtp_pretrain/parallel/pipeline.py): composes with none, fsdp, tp and
+    # fsdp_tp. Micro-batches are the gradient accumulation's (train.global_batch_tokens /
+    # train.micro_batch_size / seq_len / dp ranks).
     pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b (pp_virtual_stages per rank) | zbv
     pp_virtual_stages: int = 2  # interleaved_1f1b: stages per rank (zbv: always 2)
     # Trunk blocks of each stage, first to last (pp_size x stages per rank entries, summing to the
@@ -215,9 +216,6 @@ class ParallelConfig:
         if self.pp_schedule == "interleaved_1f1b" and self.pp_virtual_stages < 2:
             raise ValueError(f"parallel.pp_schedule=interleaved_1f1b needs parallel.pp_virtual_stages >= 2, "
                              f"got {self.pp_virtual_stages} (use 1f1b for one stage per rank)")
-        if self.pp_size > 1 and self.strategy in ("ddp", "deepspeed", "megatron"):
-            raise ValueError(f"parallel.pp_size={self.pp_size} is not supported with parallel.strategy="
-                             f"{self.strategy}; pipeline stages compose with none, fsdp, tp and fsdp_tp")
         if self.pp_layout is not None:
             stages = self.pp_size * self.pp_stages_per_rank
             if len(self.pp_layout) != stages:
@@ -399,8 +397,8 @@ def to_job_config(cfg) -> JobConfig:
     # it without a word: reject it here instead of training with a silently ignored setting.
     unknown = unknown_keys(cfg)
     if unknown:
-        raise ValueError(f"unknown config key(s): {', '.join(unknown)} (not fields of JobConfig; see conf/ "
-                         f"and mtp_pretrain/config.py)")
+        raise ValueError(f"unknown config key(s): {', '.join(unknown)} (not fields of JobConfig; see "
+                         f"mtp_pretrain/conf/ and mtp_pretrain/config.py)")
     return OmegaConf.to_object(cfg)
 
 
@@ -427,7 +425,7 @@ def unknown_keys(node, prefix: str = "") -> list[str]:
 
 
 def compose_job_config(overrides: list[str] | tuple = ()) -> JobConfig:
-    """Compose conf/ with overrides outside a Hydra app (tests, tools)."""
+    """Compose mtp_pretrain/conf/ with overrides outside a Hydra app (tests, tools)."""
     from hydra import compose, initialize_config_dir
 
     register_configs()

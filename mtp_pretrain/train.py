@@ -20,7 +20,7 @@ import torch
 from omegaconf import OmegaConf
 
 from mtp_pretrain.checkpoint import CheckpointManager
-from mtp_pretrain.config import JobConfig, register_configs, to_job_config
+from mtp_pretrain.config import CONF_DIR, JobConfig, register_configs, to_job_config
 from mtp_pretrain.data import ArrowTokenStream, DataSource
 from mtp_pretrain.eval.per_head import per_head_sums
 from mtp_pretrain.flops import device_peak_flops, training_flops_per_token
@@ -34,9 +34,6 @@ from mtp_pretrain.parallel import build_strategy, destroy_distributed, init_dist
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped by SIGTERM/SIGUSR1 after saving; run again to resume
 EXIT_NONFINITE = 3
-# Validation decoding: on the model itself (every rank holds all of it) or on a gathered copy.
-DECODE_ON_MODEL, DECODE_ON_GATHERED = ("none", "ddp"), ("fsdp",)
-ZERO_STRATEGIES = ("deepspeed", "megatron")  # the optimizer is stepped by DeepSpeed's ZeRO (megatron: at stage > 0)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -111,7 +108,7 @@ class Trainer:
         torch.manual_seed(cfg.train.seed)  # identical initial weights on every rank
         model = MTPTransformer(cfg.model)
         if cfg.train.init_from:
-            from mtp_pretrain.export import load_model_weights
+            from mtp_pretrain.checkpoint_reader import load_model_weights
 
             load_model_weights(model, cfg.train.init_from, log=self.log)
         if cfg.train.init_from_hf:
@@ -127,7 +124,7 @@ class Trainer:
         self.optimizer = self.strategy.build_optimizer(self.model, lambda m: build_adamw(m, cfg.optim))
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
         self.head_weights = HeadWeights(cfg.loss, n, cfg.train.max_steps)
-        if self.strategy.name not in ZERO_STRATEGIES:  # those keep the state in their own partitions
+        if not self.strategy.zero_optimizer:  # ZeRO keeps the state in its own partitions
             init_adamw_state(self.optimizer)
         torch.manual_seed(cfg.train.seed + 1000 * self.env.rank)
 
@@ -139,11 +136,10 @@ class Trainer:
                                      OmegaConf.to_container(OmegaConf.structured(cfg)), wandb_run_id)
         self.flops_per_token = training_flops_per_token(cfg.model, self.seq_len)
         self.decode_prompts = self._decode_prompts()
-        self._gathered: Optional[MTPTransformer] = None  # fsdp: rank 0's full copy for validation decoding
         self.peak_flops = device_peak_flops(self.env.device, cfg.hardware.peak_flops)
         self.log(f"model {cfg.model.name}: n_future={n} head_type={cfg.model.head_type} "
                  + " ".join(f"{k}={v / 1e6:.2f}M" for k, v in self.param_counts.items()))
-        self.log(f"strategy={self.strategy.name} world_size={self.env.world_size} dp={self.strategy.dp_size} "
+        self.log(f"strategy={self.strategy.name} world_size={self.env.world_size} {self.strategy.dims} "
                  f"device={self.env.device} dtype={self.amp_dtype or torch.float32} grad_accum={self.grad_accum} "
                  f"tokens/step={self.tokens_per_step} loss={cfg.loss.impl} run_dir={self.run_dir}")
 
@@ -244,7 +240,7 @@ class Trainer:
         cfg, n = self.cfg, self.cfg.model.n_future
         if not (cfg.logging.decode_prompts and cfg.logging.val_interval and n > 1):
             return None
-        if self.strategy.name not in DECODE_ON_MODEL + DECODE_ON_GATHERED or self.strategy.pipeline is not None:
+        if not self.strategy.decodes:
             self.log(f"validation decoding (logging.decode_prompts) is not measured under parallel.strategy="
                      f"{self.strategy.name}: run mtp-generate on a checkpoint instead")
             return None
@@ -277,7 +273,7 @@ class Trainer:
         stream = self._stream("val", infinite=False, prefetch=0)
         n = self.cfg.model.n_future
         # Top-1 accuracy needs full logits: not under tensor parallelism (vocab-sharded unembedding).
-        accuracy = self.strategy.name in DECODE_ON_MODEL + DECODE_ON_GATHERED and self.strategy.pipeline is None
+        accuracy = self.strategy.full_logits
         sums, correct, counts = (torch.zeros(n, dtype=torch.float64) for _ in range(3))
         for k, tokens in enumerate(stream):
             if k >= self.cfg.logging.val_batches:
@@ -307,22 +303,12 @@ class Trainer:
         return out
 
     def _decode(self) -> dict:
-        """Validation decoding on the main rank; under FSDP on a copy gathered there (every rank
-        takes part in the gather). Other ranks return {} (metrics are logged by the main rank)."""
+        """Validation decoding on the main rank, on the strategy's whole model (every rank takes
+        part: fsdp gathers a copy). Other ranks return {} (metrics are logged by the main rank)."""
         from mtp_pretrain.decode_metrics import measure_decoding
 
-        model = self.model
-        if self.strategy.name in DECODE_ON_GATHERED:
-            from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-            full = get_model_state_dict(self.model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-            if not self.env.is_main:
-                return {}
-            if self._gathered is None:
-                self._gathered = MTPTransformer(self.cfg.model).to(self.env.device)
-            self._gathered.load_state_dict(full)
-            model = self._gathered
-        elif not self.env.is_main:
+        model = self.strategy.full_model(self.model, self.cfg.model)
+        if model is None:
             return {}
         return measure_decoding(model, self.decode_prompts, self.cfg.logging.decode_new_tokens)
 
@@ -420,7 +406,9 @@ def main() -> None:
     if not OmegaConf.has_resolver("run_id"):
         OmegaConf.register_new_resolver("run_id", _run_id, use_cache=True)
 
-    @hydra.main(config_path="../conf", config_name="config", version_base=None)
+    # An absolute path: the package's own conf/ wherever it is installed. Users add their own
+    # config directories with --config-dir or hydra.searchpath (README cookbook).
+    @hydra.main(config_path=str(CONF_DIR), config_name="config", version_base=None)
     def _app(dict_cfg) -> None:
         cfg = to_job_config(dict_cfg)
         try:

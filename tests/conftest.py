@@ -111,7 +111,7 @@ def reference_run(train_overrides, tmp_path_factory) -> Path:
 
 # --- running the job -------------------------------------------------------------------------------
 def run_inprocess(overrides: Sequence[str], run_dir: Path) -> tuple[int, list[dict]]:
-    """Compose conf/ + overrides and run the Trainer here (no Hydra app, no subprocess)."""
+    """Compose mtp_pretrain/conf/ + overrides and run the Trainer here (no Hydra app, no subprocess)."""
     from mtp_pretrain.config import compose_job_config
     from mtp_pretrain.train import run
 

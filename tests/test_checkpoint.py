@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from conftest import REF_STEPS, read_metrics, run_inprocess, train_records
-from mtp_pretrain.checkpoint import TRAIN_STATE, find_latest, is_complete
+from mtp_pretrain.checkpoint_reader import TRAIN_STATE, find_latest, is_complete
 
 
 def fake_checkpoint(root: Path, name: str, metadata: bool = True, train_state: bool = True) -> Path:
@@ -103,7 +103,8 @@ def test_resume_with_explicit_path_and_never(reference_run, train_overrides, tmp
 @pytest.mark.parametrize("tie", [False, True], ids=["untied", "tied"])
 def test_export_then_load_model_gives_the_trained_weights(train_overrides, tmp_path, tie):
     from mtp_pretrain.config import compose_job_config
-    from mtp_pretrain.export import WEIGHTS_FILE, export_single_file, load_model
+    from mtp_pretrain.checkpoint_reader import WEIGHTS_FILE, load_model
+    from mtp_pretrain.export import export_single_file
     from mtp_pretrain.train import Trainer
 
     cfg = compose_job_config(train_overrides + ["train.max_steps=3", f"model.tie_embeddings={tie}",
@@ -136,7 +137,7 @@ def test_init_from_other_n_future_copies_trunk_and_shared_heads(reference_run, t
     1..min(4, n') are copied exactly; extra heads keep their fresh initialisation; training from
     there starts at step 0."""
     from mtp_pretrain.config import compose_job_config
-    from mtp_pretrain.export import read_model_config, read_state_dict, resolve_checkpoint
+    from mtp_pretrain.checkpoint_reader import read_model_config, read_state_dict, resolve_checkpoint
     from mtp_pretrain.train import Trainer
 
     src = resolve_checkpoint(reference_run / "checkpoints")

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import REF_STEPS, read_metrics, run_inprocess, train_records
-from mtp_pretrain.checkpoint import MANIFEST, TRAIN_STATE, CheckpointError, DamagedCheckpointError
+from mtp_pretrain.checkpoint_reader import MANIFEST, TRAIN_STATE, CheckpointError, DamagedCheckpointError, find_latest
 
 SHARD = "__0_0.distcp"  # the one DCP data file of a one-process save
 
@@ -86,17 +86,17 @@ def test_death_while_writing_the_manifest_publishes_nothing(run_copy, train_over
         raise Killed
 
     root = run_copy / "checkpoints"
-    monkeypatch.setattr(checkpoint, "_file_digests", die)
+    monkeypatch.setattr(checkpoint, "shared_digests", die)
     with pytest.raises(Killed):
         run_inprocess(train_overrides + [f"train.max_steps={REF_STEPS + 4}"], run_copy)
     tmp = root / f".tmp-step-{REF_STEPS + 4:08d}"
     assert (tmp / SHARD).is_file() and not (tmp / MANIFEST).exists() and not (tmp / TRAIN_STATE).exists()
-    assert checkpoint.find_latest(root) == root / f"step-{REF_STEPS:08d}"
+    assert find_latest(root) == root / f"step-{REF_STEPS:08d}"
     monkeypatch.undo()
     capsys.readouterr()
     code, _ = run_inprocess(train_overrides + [f"train.max_steps={REF_STEPS + 4}"], run_copy)
     assert code == 0 and f"resumed from {root / f'step-{REF_STEPS:08d}'} at step {REF_STEPS}" in capsys.readouterr().out
-    assert checkpoint.find_latest(root) == root / f"step-{REF_STEPS + 4:08d}" and not tmp.exists()
+    assert find_latest(root) == root / f"step-{REF_STEPS + 4:08d}" and not tmp.exists()
 
 
 # --- resume ----------------------------------------------------------------------------------------
@@ -181,7 +181,7 @@ def test_checkpoint_without_manifest_still_loads(run_copy, reference_run, train_
     assert sorted(train_records(records)) == list(range(1, REF_STEPS + 3))
     assert (root / f"step-{REF_STEPS + 2:08d}" / MANIFEST).is_file()  # the next save has one
     # readers: mtp-eval resolves a checkpoint several times; the note still comes once
-    from mtp_pretrain.export import load_model, resolve_checkpoint
+    from mtp_pretrain.checkpoint_reader import load_model, resolve_checkpoint
 
     old = root / "step-00000008"
     assert resolve_checkpoint(old) == old

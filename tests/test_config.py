@@ -1,4 +1,4 @@
-"""The job's configuration: every YAML in conf/ composes into a valid JobConfig, and invalid
+"""The job's configuration: every YAML in mtp_pretrain/conf/ composes into a valid JobConfig, and invalid
 configs fail at composition, fast, naming the offending field, before any data or model work."""
 
 from __future__ import annotations

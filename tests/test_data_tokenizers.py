@@ -63,9 +63,9 @@ def write_tiktoken_file(path: Path) -> dict[bytes, int]:
 
 
 def _byte_chars() -> list[str]:
-    from mtp_pretrain.interop.hf import _bytes_to_unicode
+    from mtp_pretrain.data.tokenizer import bytes_to_unicode
 
-    table = _bytes_to_unicode()
+    table = bytes_to_unicode()
     return [table[b] for b in range(256)]
 
 

@@ -19,7 +19,8 @@ from mtp_pretrain.eval import cli, induction
 from mtp_pretrain.eval.adapters import (full_recompute_greedy, generate_ids,
                                         make_batch_logits, make_generate)
 from mtp_pretrain.eval.per_head import evaluate_per_head, per_head_sums
-from mtp_pretrain.export import export_single_file, load_model
+from mtp_pretrain.checkpoint_reader import load_model
+from mtp_pretrain.export import export_single_file
 from mtp_pretrain.loss import evaluate_loss
 from mtp_pretrain.model import MTPTransformer
 from mtp_pretrain.model.config import ModelConfig

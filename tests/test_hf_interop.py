@@ -20,7 +20,7 @@ from transformers import (AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llam
                           PreTrainedTokenizerFast)
 
 from mtp_pretrain.data.tokenizer import BOS, EOS, PAD, BPETokenizer, ByteTokenizer  # noqa: E402
-from mtp_pretrain.export import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE  # noqa: E402
+from mtp_pretrain.checkpoint_reader import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE  # noqa: E402
 from mtp_pretrain.inference import generate  # noqa: E402
 from mtp_pretrain.interop.hf import (SIDE_CONFIG, SIDE_WEIGHTS, HFInteropError, export_hf,  # noqa: E402
                                      hydra_overrides_from_hf, load_hf_model, load_hf_weights,
@@ -261,7 +261,7 @@ def test_init_from_hf_through_trainer_then_export(tmp_path):
     from mtp_pretrain.config import (CheckpointConfig, DataConfig, DataSourceConfig, JobConfig, LoggingConfig,
                                      OptimConfig, TrainConfig, WandbConfig)
     from mtp_pretrain.data.synthetic import write_random_dataset
-    from mtp_pretrain.export import read_model_config
+    from mtp_pretrain.checkpoint_reader import read_model_config
     from mtp_pretrain.train import Trainer
 
     hf, path = tiny_llama(tmp_path, vocab_size=VOCAB)

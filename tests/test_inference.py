@@ -710,7 +710,7 @@ def test_tp_checkpoint_decodes_on_one_process(tmp_path, capsys):
 
     from conftest import launch_worker
     from mtp_pretrain.data.synthetic import write_random_dataset
-    from mtp_pretrain.export import load_model
+    from mtp_pretrain.checkpoint_reader import load_model
     from mtp_pretrain.inference import cli
 
     data = tmp_path / "data"

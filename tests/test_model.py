@@ -166,7 +166,7 @@ def test_causal_heads_chain_and_embed_shifted_tokens():
 
 @pytest.mark.parametrize("size", sorted(MODEL_SIZES))
 def test_count_parameters_named_sizes_on_meta(size):
-    # as configured (conf/model/<size>.yaml), as the NTP baseline, and baseline-matched MTP
+    # as configured (mtp_pretrain/conf/model/<size>.yaml), as the NTP baseline, and baseline-matched MTP
     for overrides in ({}, dict(n_future=1), dict(n_future=4, match_baseline_params=True),
                       dict(n_future=2, head_type="causal", tie_embeddings=True)):
         cfg = model_config(size, **overrides)

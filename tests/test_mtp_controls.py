@@ -189,7 +189,7 @@ def assert_heads_only_checkpoint(ckpt, start: dict[str, torch.Tensor]) -> None:
     the trained parameters only."""
     from torch.distributed.checkpoint import FileSystemReader
 
-    from mtp_pretrain.export import read_model_config, read_state_dict
+    from mtp_pretrain.checkpoint_reader import read_model_config, read_state_dict
 
     sd = read_state_dict(ckpt, read_model_config(ckpt))
     frozen = [k for k in start if k.startswith(FROZEN)]
@@ -380,7 +380,7 @@ def test_validation_decoding_equals_mtp_generate(tmp_path, capsys):
     import shutil
 
     from conftest import tiny_overrides
-    from mtp_pretrain.checkpoint import TRAIN_STATE
+    from mtp_pretrain.checkpoint_reader import TRAIN_STATE
     from mtp_pretrain.data.synthetic import write_random_dataset
     from mtp_pretrain.inference.cli import main as mtp_generate
 

@@ -90,7 +90,7 @@ def base_overrides(data: Path) -> list[str]:
 
 
 def final_params(run_dir: str | Path) -> dict[str, torch.Tensor]:
-    from mtp_pretrain.export import read_model_config, read_state_dict, resolve_checkpoint
+    from mtp_pretrain.checkpoint_reader import read_model_config, read_state_dict, resolve_checkpoint
 
     path = resolve_checkpoint(Path(run_dir) / "checkpoints")
     return read_state_dict(path, read_model_config(path))
@@ -279,7 +279,8 @@ def test_fsdp_checkpoint_resumes_under_zero2(data, workdir, reference):
 def test_zero3_checkpoint_exports_to_one_file(data, workdir, reference, tmp_path):
     from safetensors.torch import load_file
 
-    from mtp_pretrain.export import export_single_file, load_model
+    from mtp_pretrain.checkpoint_reader import load_model
+    from mtp_pretrain.export import export_single_file
 
     zero3 = strategy_runs("zero3", data, workdir)["hs"]
     out = export_single_file(Path(zero3["dir"]) / "checkpoints", tmp_path / "export")

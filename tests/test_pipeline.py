@@ -275,10 +275,6 @@ def test_the_shape_pass_guard_hooks_into_this_torch():
     (["parallel.pp_size=2", "parallel.pp_layout=[1,2]"], "places 3 trunk blocks; the model has 4"),
     (["parallel.pp_size=2", "parallel.pp_layout=[4]"], "pp_layout has 1 entries; parallel.pp_size=2"),
     (["parallel.pp_size=3", "parallel.pp_layout=[2,0,2]"], "and >= 1 for a middle stage"),
-    (["parallel.pp_size=2", "parallel=deepspeed", "parallel.zero_stage=1"],
-     "parallel.pp_size=2 is not supported with parallel.strategy=deepspeed"),
-    (["parallel.pp_size=2", "parallel=megatron"], "not supported with parallel.strategy=megatron"),
-    (["parallel.pp_size=2", "parallel=ddp"], "not supported with parallel.strategy=ddp"),
     (["parallel.pp_size=2", "parallel.pp_schedule=interleaved_1f1b", "parallel.pp_virtual_stages=1"],
      "needs parallel.pp_virtual_stages >= 2"),
     (["parallel.pp_size=2", "parallel.pp_schedule=zero"], "parallel.pp_schedule must be one of"),
@@ -289,6 +285,17 @@ def test_bad_pipeline_settings_are_refused(overrides, msg, data):
 
     with pytest.raises(Exception, match=re.escape(msg)):
         compose_job_config(base_overrides(data) + overrides)
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "deepspeed", "megatron"])
+def test_pipeline_with_a_strategy_it_does_not_compose_with_is_refused(strategy):
+    from mtp_pretrain.config import ParallelConfig
+    from mtp_pretrain.parallel import DistEnv
+    from mtp_pretrain.parallel.layout import ParallelDims
+
+    env = DistEnv(rank=0, world_size=4, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    with pytest.raises(ValueError, match=f"parallel.pp_size=2 does not combine with parallel.strategy={strategy}"):
+        ParallelDims.from_config(strategy, ParallelConfig(strategy=strategy, pp_size=2, zero_stage=1), env)
 
 
 @pytest.mark.parametrize("schedule,microbatches,ok", [("1f1b", 1, False), ("1f1b", 2, True), ("zbv", 3, False),

@@ -82,8 +82,7 @@ def test_2_rank_checkpoint_resumes_on_4_ranks(fsdp_overrides, fsdp_reference, tm
     # ... and its own checkpoint, written by 4 ranks: a manifest covering every rank's files, the
     # reference's step-12 weights up to reduction order, and model + optimizer state that continue
     # on 1 rank as the reference's checkpoint does (step 14's loss follows step 13's AdamW update).
-    from mtp_pretrain.checkpoint import read_manifest, verify_checkpoint
-    from mtp_pretrain.export import read_model_config, read_state_dict
+    from mtp_pretrain.checkpoint_reader import read_manifest, read_model_config, read_state_dict, verify_checkpoint
 
     four, ref = tmp_path / "run" / "checkpoints" / "step-00000012", fsdp_reference / "checkpoints" / "step-00000012"
     files = set(read_manifest(four))

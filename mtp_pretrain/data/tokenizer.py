@@ -310,6 +310,21 @@ def open_tokenizer_source(source: str | Path, eos_token: Optional[str] = None, b
     return HFTokenizer(raw, "", roles, source=str(source)), store
 
 
+def bytes_to_unicode() -> dict[int, str]:
+    """The byte -> printable character table of byte-level BPE: printable Latin-1 bytes map to
+    themselves, the others to code points from 256 on, in byte order. Read by the tiktoken import
+    here and by the Hugging Face export of the byte tokenizer."""
+    keep = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
+    table, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            table[b] = chr(b)
+        else:
+            table[b] = chr(256 + extra)
+            extra += 1
+    return table
+
+
 def tiktoken_to_tokenizers(path: Path, pattern: str = LLAMA3_SPLIT_PATTERN,
                            special_tokens: Optional[list[str]] = None):
     """A tiktoken BPE file as an equivalent `tokenizers` byte-level BPE (same ids for every text).
@@ -323,15 +338,13 @@ def tiktoken_to_tokenizers(path: Path, pattern: str = LLAMA3_SPLIT_PATTERN,
     from tokenizers import AddedToken, Regex, decoders, models, pre_tokenizers
     from tokenizers import Tokenizer as RustTokenizer
 
-    from mtp_pretrain.interop.hf import _bytes_to_unicode
-
     try:
         ranks = tiktoken.load.load_tiktoken_bpe(str(path))
     except Exception as e:  # base64/ValueError from a file of another format
         raise DataError(f"{path}: neither a tokenizer.json nor a tiktoken BPE file (lines 'base64-token rank'): {e}") from e
     if sorted(ranks.values()) != list(range(len(ranks))):
         raise DataError(f"{path}: tiktoken ranks are not 0..{len(ranks) - 1} without gaps")
-    byte_chars = _bytes_to_unicode()
+    byte_chars = bytes_to_unicode()
 
     def as_text(token: bytes) -> str:
         return "".join(byte_chars[b] for b in token)

@@ -18,26 +18,9 @@ from typing import Optional
 
 import torch
 
+from mtp_pretrain.checkpoint_reader import CheckpointError, find_latest, load_model, resolve_checkpoint, train_state_of
+
 TASKS = ("per_head", "polynomial", "induction", "humaneval")
-
-
-# ---------------------------------------------------------------------------------------------
-# Checkpoint metadata
-
-
-def checkpoint_train_state(path: Path) -> dict:
-    """The train_state.json of a checkpoint, or of the checkpoint an export came from ({} if none)."""
-    from mtp_pretrain.checkpoint import is_complete, read_train_state
-    from mtp_pretrain.export import CONFIG_FILE, WEIGHTS_FILE, resolve_checkpoint
-
-    path = resolve_checkpoint(path)
-    if is_complete(path):
-        return read_train_state(path)
-    if (path / WEIGHTS_FILE).is_file() and (path / CONFIG_FILE).is_file():
-        source = json.loads((path / CONFIG_FILE).read_text()).get("source")
-        if source and is_complete(Path(source)):
-            return read_train_state(Path(source))
-    return {}
 
 
 def _parse_ops(text: str) -> list[int]:
@@ -70,7 +53,7 @@ def _decode_kwargs(args) -> dict:
 def run_per_head(args, model, tokenizer) -> tuple[dict, str]:
     from mtp_pretrain.eval.per_head import evaluate_per_head
 
-    sources = args.data or checkpoint_train_state(args.checkpoint).get("data_sources")
+    sources = args.data or train_state_of(args.checkpoint).get("data_sources")
     if not sources:
         raise SystemExit("per_head: no --data given and the checkpoint does not name its data sources")
     seq_len = min(args.seq_len, model.cfg.max_seq_len)
@@ -204,11 +187,9 @@ def log_to_wandb(args, task: str, result: dict, train_state: dict) -> Optional[s
 
         run_id = args.wandb_run_id or train_state.get("wandb_run_id")
         if args.wandb_run_dir and not run_id:
-            from mtp_pretrain.checkpoint import find_latest
-
             latest = find_latest(Path(args.wandb_run_dir) / "checkpoints")
             if latest is not None:
-                run_id = checkpoint_train_state(latest).get("wandb_run_id")
+                run_id = train_state_of(latest).get("wandb_run_id")
         if not run_id:
             print("[mtp-eval] wandb: no run id found (give --wandb-run-id); not logging", file=sys.stderr)
             return None
@@ -282,8 +263,6 @@ def build_parser() -> argparse.ArgumentParser:
 def evaluate(argv: Optional[list[str]] = None) -> dict:
     """Run ``mtp-eval`` with these arguments; returns the record written to ``<task>.json``."""
     args = build_parser().parse_args(argv)
-    from mtp_pretrain.export import load_model, resolve_checkpoint
-
     defaults = {"polynomial": (50, 24), "induction": (100, None), "humaneval": (None, 256), "per_head": (None, None)}
     limit, max_new = defaults[args.task]
     args.limit = args.limit if args.limit is not None else limit
@@ -296,7 +275,7 @@ def evaluate(argv: Optional[list[str]] = None) -> dict:
     model, tokenizer = load_model(path, device=device)
     if tokenizer is None and args.task != "per_head":
         raise SystemExit(f"{path}: no tokenizer (export with its tokenizer.json, or train on a dataset that has one)")
-    train_state = checkpoint_train_state(path)
+    train_state = train_state_of(path)
     t0 = time.perf_counter()
     result, md = RUNNERS[args.task](args, model, tokenizer)
     seconds = time.perf_counter() - t0
@@ -321,8 +300,6 @@ def evaluate(argv: Optional[list[str]] = None) -> dict:
 
 def main(argv: Optional[list[str]] = None) -> None:
     """The ``mtp-eval`` console script (exit status 0 on success)."""
-    from mtp_pretrain.checkpoint import CheckpointError
-
     try:
         evaluate(argv)
     except (CheckpointError, FileNotFoundError) as e:  # an unusable checkpoint: say why, no traceback

@@ -4,7 +4,7 @@
     mtp-generate CHECKPOINT --prompts-file prompts.txt --batch-size 8 --json
 
 CHECKPOINT is an export directory (``mtp-export``) or a training checkpoint (a ``step-N``
-folder or a checkpoint root), loaded by ``mtp_pretrain.export.load_model``. Prompts come from
+folder or a checkpoint root), loaded by ``mtp_pretrain.checkpoint_reader.load_model``. Prompts come from
 ``--prompt`` (repeatable) and ``--prompts-file`` (one prompt per line; a ``.jsonl`` file holds
 one JSON string or ``{"prompt": ...}`` per line, for prompts with newlines). Without a tokenizer,
 prompts are comma-separated token ids. Plain output prints each prompt with its completion and
@@ -22,18 +22,10 @@ from typing import Optional
 
 import torch
 
+from mtp_pretrain.checkpoint_reader import CheckpointError, load_model
 from mtp_pretrain.inference.decode import MODES, Decoder, GenerationConfig
 
 
-def load_checkpoint(path: str, device: str = "cpu"):
-    """(model, tokenizer or None). Imported lazily: export pulls in the checkpoint machinery."""
-    from mtp_pretrain.checkpoint import CheckpointError
-    from mtp_pretrain.export import load_model
-
-    try:
-        return load_model(path, device=device)
-    except (CheckpointError, FileNotFoundError) as e:  # an unusable checkpoint: say why, no traceback
-        raise SystemExit(f"mtp-generate: {e}")
 
 
 def read_prompts(args) -> list[str]:
@@ -112,7 +104,10 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[list[str]] = None) -> None:
     args = parse_args(argv)
     prompts = read_prompts(args)
-    model, tokenizer = load_checkpoint(args.checkpoint, args.device)
+    try:
+        model, tokenizer = load_model(args.checkpoint, device=args.device)
+    except (CheckpointError, FileNotFoundError) as e:  # an unusable checkpoint: say why, no traceback
+        raise SystemExit(f"mtp-generate: {e}")
     model = model.to(dtype=getattr(torch, args.dtype)).eval()
     eos_id = None if args.no_eos else (args.eos_id if args.eos_id is not None
                                        else getattr(tokenizer, "eos_id", None))

@@ -48,9 +48,7 @@ Import (``train.init_from_hf=DIR`` / :func:`load_hf_weights`)
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, Callable, Optional
@@ -59,6 +57,10 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
+from mtp_pretrain.checkpoint import publish_directory
+from mtp_pretrain.checkpoint_reader import (load_partial_state_dict, read_model_config, read_state_dict,
+                                            resolve_checkpoint, tokenizer_source, train_state_of)
+from mtp_pretrain.data.tokenizer import bytes_to_unicode
 from mtp_pretrain.model import ModelConfig, MTPTransformer
 
 SIDE_CONFIG = "mtp_config.json"
@@ -168,26 +170,12 @@ def split_state_dict(sd: dict[str, torch.Tensor], cfg: ModelConfig
     return llama, side
 
 
-def _bytes_to_unicode() -> dict[int, str]:
-    """The byte -> printable character table of byte-level BPE: printable Latin-1 bytes map to
-    themselves, the others to code points from 256 on, in byte order."""
-    keep = set(range(ord("!"), ord("~") + 1)) | set(range(0xA1, 0xAD)) | set(range(0xAE, 0x100))
-    table, extra = {}, 0
-    for b in range(256):
-        if b in keep:
-            table[b] = chr(b)
-        else:
-            table[b] = chr(256 + extra)
-            extra += 1
-    return table
-
-
 def byte_tokenizer_as_tokenizers(pad: str, bos: str, eos: str):
     """Our ByteTokenizer as a ``tokenizers`` Tokenizer with the same ids: byte b -> id b (a
     byte-level BPE with no merges), then PAD, BOS, EOS as 256, 257, 258."""
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
 
-    vocab = {ch: b for b, ch in _bytes_to_unicode().items()}
+    vocab = {ch: b for b, ch in bytes_to_unicode().items()}
     tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     tok.decoder = decoders.ByteLevel()
@@ -221,37 +209,18 @@ def write_hf_tokenizer(src: Path, out_dir: Path, model_max_length: int) -> dict[
     return {"bos_id": ours.bos_id, "eos_id": ours.eos_id, "pad_id": ours.pad_id}
 
 
-def _publish(tmp: Path, out_dir: Path) -> None:
-    """Move a finished temporary directory to out_dir, replacing an existing one."""
-    old = None
-    if out_dir.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old.", dir=out_dir.parent))
-        os.replace(out_dir, old / "d")
-    os.replace(tmp, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
-
-
 def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Export a checkpoint or single-file export to a transformers Llama directory (see the module
     docstring). Atomic: written to a temporary sibling directory and renamed into place, so a
     failure leaves no partial directory (and an existing out_dir untouched)."""
-    from mtp_pretrain.checkpoint import is_complete, read_train_state
-    from mtp_pretrain.export import read_model_config, read_state_dict, resolve_checkpoint, tokenizer_source
-
     path = resolve_checkpoint(checkpoint)
     cfg = read_model_config(path)
     check_llama_expressible(cfg)  # before reading weights or creating anything
     sd = read_state_dict(path, cfg)
     llama, side = split_state_dict(sd, cfg)
     dtype = sd["tok_embeddings.weight"].dtype
-    state = read_train_state(path) if is_complete(path) else {}
-    if not state and (path / "config.json").is_file():  # a single-file export keeps them in config.json
-        state = json.loads((path / "config.json").read_text())
-    out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
-    try:
+    state = train_state_of(path)
+    with publish_directory(out_dir) as tmp:
         ids: dict[str, Optional[int]] = {"bos_id": None, "eos_id": None, "pad_id": None}
         tok = tokenizer_source(path)
         if tok is not None:
@@ -276,10 +245,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path) -> Path:
                        "heads_2_to_n": "mtp_heads.safetensors, names as in MTPTransformer.state_dict()"},
             "step": state.get("step"), "tokens_seen": state.get("tokens_seen"), "source": str(path)},
             indent=1) + "\n")
-        _publish(tmp, out_dir)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return out_dir
+    return Path(out_dir)
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,23 +439,20 @@ def next_token_state_dict(hf_sd: dict[str, torch.Tensor], cfg: ModelConfig, wher
     return out
 
 
-@torch.no_grad()
 def load_hf_weights(model: MTPTransformer, path: str | Path, extra_heads: str = "copy",
                     log: Callable[[str], None] = print) -> None:
     """Initialise ``model`` from a local Hugging Face Llama directory (see the module docstring):
     trunk + head 1 + embedding + unembedding exactly; heads 2..n from the directory's side file
-    when it has one, else (and beyond the side file's heads) by ``extra_heads`` (copy | fresh)."""
+    when it has one, else (and beyond the side file's heads) by ``extra_heads`` (copy | fresh).
+    The tensors, renamed to ours, are loaded by the checkpoint reader's partial loading, as
+    ``train.init_from`` loads a checkpoint with another number of heads."""
     if extra_heads not in EXTRA_HEAD_RULES:
         raise ValueError(f"extra_heads must be one of {EXTRA_HEAD_RULES}, got {extra_heads!r}")
     path = Path(path)
     cfg = model.cfg
     hf = read_hf_config(path)
     check_compatible(cfg, hf, str(path))
-    own = model.state_dict()
     sd = next_token_state_dict(read_hf_state_dict(path), cfg, str(path))
-    for k, v in sd.items():
-        if own[k].shape != v.shape:
-            raise HFInteropError(f"init_from_hf {path}: {k} has shape {tuple(v.shape)} there, {tuple(own[k].shape)} here")
     n = cfg.n_future
     n_side = 1
     if n > 1 and (path / SIDE_CONFIG).is_file():
@@ -501,26 +464,14 @@ def load_hf_weights(model: MTPTransformer, path: str | Path, extra_heads: str = 
                     f"init_from_hf {path}: its extra heads are head_type={src['head_type']!r} head_layers="
                     f"{src['head_layers']}, this model has model.head_type={cfg.head_type!r} model.head_layers="
                     f"{cfg.head_layers}")
-            side = load_file(path / side_cfg["extra_heads_file"])
+            sd.update(load_file(path / side_cfg["extra_heads_file"]))
             n_side = min(n, src["n_future"])
-            for k, v in side.items():
-                if int(k.split(".")[1]) >= n_side:
-                    continue
-                if k not in own:
-                    raise HFInteropError(f"init_from_hf {path}: side-file tensor {k} has no counterpart in this model")
-                if own[k].shape != v.shape:
-                    raise HFInteropError(f"init_from_hf {path}: {k} has shape {tuple(v.shape)} there, "
-                                         f"{tuple(own[k].shape)} here")
-                sd[k] = v
-            absent = [k for k in own if k.startswith("heads.") and 1 <= int(k.split(".")[1]) < n_side and k not in sd]
-            if absent:
-                raise HFInteropError(f"init_from_hf {path}: side file lacks {absent[:5]}")
     if extra_heads == "copy":
         head1 = {k.split(".", 2)[2]: v for k, v in sd.items() if k.startswith("heads.0.")}
         for i in range(n_side, n):
             for rest, v in head1.items():
                 sd[f"heads.{i}.{rest}"] = v.clone()
-    model.load_state_dict(sd, strict=False)
+    load_partial_state_dict(model, sd, complete_heads=n_side, where=f"init_from_hf {path}", error=HFInteropError)
     if cfg.tie_embeddings:
         assert model.unembed.weight is model.tok_embeddings.weight
     msg = f"initialised from Hugging Face checkpoint {path}: embedding, trunk, head 1, unembedding"

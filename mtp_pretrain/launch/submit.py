@@ -4,7 +4,7 @@ One run:   mtp-submit --nodes 2 --ntasks-per-node 8 --gpus-per-node 8 model=tiny
            renders slurm/train.sbatch.template into <run_dir>/slurm/train.sbatch, calls sbatch and
            prints the job id on stdout (everything else goes to stderr).
 A sweep:   mtp-submit --multirun model.n_future=1,2,4
-           runs the trainer with Hydra's submitit launcher (conf/hydra/launcher/slurm.yaml), one
+           runs the trainer with Hydra's submitit launcher (mtp_pretrain/conf/hydra/launcher/slurm.yaml), one
            SLURM job per point of the sweep; it stays in the foreground until they finish.
 
 The trainer always gets `hydra.run.dir=<run_dir>`, `checkpoint.dir=<run_dir>/checkpoints` and

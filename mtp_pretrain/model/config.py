@@ -90,9 +90,10 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
-# Named sizes live in conf/model/<size>.yaml (the one place they are written down); this reads
-# them for code that builds models outside a Hydra job (tests, benchmarks, tools).
-SIZES_DIR = Path(__file__).resolve().parents[2] / "conf" / "model"
+# Named sizes live in mtp_pretrain/conf/model/<size>.yaml (the one place they are written down,
+# shipped as package data); this reads them for code that builds models outside a Hydra job
+# (tests, benchmarks, tools).
+SIZES_DIR = Path(__file__).resolve().parents[1] / "conf" / "model"
 
 
 def _load_sizes() -> dict[str, dict]:

@@ -10,21 +10,7 @@ from mtp_pretrain.parallel.setup import DistEnv, destroy_distributed, init_distr
 
 
 def build_strategy(cfg: ParallelConfig, env: DistEnv, param_dtype: torch.dtype | None = None) -> Strategy:
-    strategy = _build_strategy(cfg, env, param_dtype)
-    if cfg.pp_size > 1:
-        from mtp_pretrain.parallel.pipeline import build_pipeline
-
-        strategy.pipeline = build_pipeline(cfg, env.rank, env.world_size, env.device, dp=strategy.dp_size,
-                                           tp=getattr(strategy, "tp", 1))
-    return strategy
-
-
-def _build_strategy(cfg: ParallelConfig, env: DistEnv, param_dtype: torch.dtype | None = None) -> Strategy:
     if cfg.strategy == "none":
-        if env.world_size > cfg.pp_size:
-            raise ValueError(f"parallel.strategy=none runs one process (one per pipeline stage: parallel.pp_size="
-                             f"{cfg.pp_size}), but the launcher started {env.world_size}; choose ddp, fsdp, tp, "
-                             f"fsdp_tp, deepspeed or megatron")
         return Strategy(cfg, env)
     if cfg.strategy == "ddp":
         from mtp_pretrain.parallel.ddp import DDPStrategy

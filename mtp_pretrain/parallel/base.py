@@ -10,6 +10,7 @@ norm is non-finite, gradients cleared either way).
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from typing import Callable
 
@@ -22,29 +23,53 @@ from torch.distributed.checkpoint.stateful import Stateful
 
 from mtp_pretrain.config import ParallelConfig
 from mtp_pretrain.loss import GradSyncHooks
+from mtp_pretrain.parallel.layout import ParallelDims
 from mtp_pretrain.parallel.setup import DistEnv
 
 
 class Strategy:
     name = "none"
-    pipeline = None  # a parallel.pipeline.Pipeline when parallel.pp_size > 1 (set by build_strategy)
+    # What validation can do on this strategy's model: top-1 accuracy needs full logits on a rank
+    # (not where the unembedding is vocab-sharded); decoding needs the whole model (``full_model``).
+    full_logits = True
+    decodes = True
+    # The optimizer state lives in DeepSpeed's ZeRO partitions, not in the torch optimizer.
+    zero_optimizer = False
 
     def __init__(self, cfg: ParallelConfig, env: DistEnv):
         self.cfg = cfg
         self.env = env
+        if cfg.pp_size > 1:  # no rank holds the whole model (validation passes run through the stages)
+            self.full_logits = self.decodes = False
 
     # --- layout -------------------------------------------------------------------------------
+    @functools.cached_property
+    def dims(self) -> ParallelDims:
+        """The parallel layout (derived and validated on first use: ``validate`` asks first)."""
+        return ParallelDims.from_config(self.name, self.cfg, self.env)
+
     @property
     def dp_size(self) -> int:
         """Ranks that see different data (gradient accumulation and data sharding use it)."""
-        return self.env.world_size // self.cfg.pp_size
+        return self.dims.dp
 
     @property
     def dp_rank(self) -> int:
-        return self.env.rank % self.dp_size
+        return self.dims.dp_rank
+
+    @functools.cached_property
+    def pipeline(self):
+        """This rank's pipeline stages and their schedule (``parallel/pipeline.py``) when
+        parallel.pp_size > 1, else None (built on first use: a collective, every rank asks)."""
+        if self.cfg.pp_size == 1:
+            return None
+        from mtp_pretrain.parallel.pipeline import build_pipeline
+
+        return build_pipeline(self.cfg, self.dims, self.env.device)
 
     def validate(self, model_cfg, seq_len: int | None = None) -> None:
-        """Fail at start-up on a layout this strategy cannot run (override)."""
+        """Fail at start-up on a layout or model this strategy cannot run (overrides call this first)."""
+        self.dims  # noqa: B018 - derives and validates the degrees
 
     # --- model and optimizer -------------------------------------------------------------------
     def parallelize(self, model: nn.Module) -> nn.Module:
@@ -61,6 +86,13 @@ class Strategy:
     def build_optimizer(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]):
         return make_optimizer(model)
 
+    def full_model(self, model: nn.Module, model_cfg) -> nn.Module | None:
+        """The whole model as one plain module on the main rank (None on the others), for
+        validation decoding. Every rank must call it (fsdp gathers)."""
+        if self.pipeline is not None:
+            raise NotImplementedError("the whole model on one rank under pipeline parallelism (decodes=False)")
+        return model if self.env.is_main else None
+
     # --- one step -----------------------------------------------------------------------------
     def loss_context(self):
         """Entered around each loss call (forward *and* its backward passes): TP's
@@ -75,8 +107,9 @@ class Strategy:
         """Forward and backward of one step's micro-batches: ``loss(tokens, hooks, trunk_output=None)``
         is the trainer's loss of one micro-batch (an ``MTPLoss``; it runs its own backward, scaled
         by 1 / len(batches)). Returns the per-head losses averaged over the micro-batches
-        (float64, CPU), on every rank. Under pipeline parallelism the schedule runs them (its
-        stages read ``seq_len`` and ``document_end_id``: the loss is not the only one to need them)."""
+        (float64, CPU), on every rank of a data-parallel replica. Under pipeline parallelism the
+        schedule runs them (its stages read ``seq_len`` and ``document_end_id``: the loss is not
+        the only one to need them)."""
         if self.pipeline is not None:
             with autocast, self.loss_context():
                 return self.pipeline.forward_backward(
@@ -138,9 +171,11 @@ class Strategy:
 
     # --- collectives over the data-parallel ranks ---------------------------------------------
     def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.env.distributed:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM)
-            t /= self.env.world_size
+        """Average over the data-parallel ranks (TP ranks of one group hold the same values)."""
+        if self.dims.dp > 1:
+            group = None if self.dims.dp == self.env.world_size else self.dims.mesh["dp"].get_group()
+            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=group)
+            t /= self.dims.dp
         return t
 
     def all_reduce_max(self, t: torch.Tensor) -> torch.Tensor:

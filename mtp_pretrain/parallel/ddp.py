@@ -32,8 +32,8 @@ class DDPStrategy(Strategy):
         return model
 
     def finish_backward(self, model: nn.Module) -> None:
-        if self.env.distributed:
-            all_reduce_mean_grads(model, self.env.world_size)
+        if self.dp_size > 1:
+            all_reduce_mean_grads(model, self.dp_size)
 
 
 def all_reduce_mean_grads(model: nn.Module, world_size: int, group=None) -> None:

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from mtp_pretrain.loss import GradSyncHooks
@@ -143,27 +142,39 @@ class FSDPStrategy(Strategy):
     def __init__(self, cfg, env, param_dtype: torch.dtype | None = None):
         super().__init__(cfg, env)
         self.param_dtype = param_dtype
+        self._gathered = None  # the main rank's full copy for validation decoding
 
     def validate(self, model_cfg, seq_len: int | None = None) -> None:
+        super().validate(model_cfg, seq_len)
         refuse_tied_causal(model_cfg, self.name)
         if self.pipeline is not None and self.cfg.pp_schedule == "zbv" and model_cfg.tie_embeddings:
             raise ValueError("parallel.pp_schedule=zbv with model.tie_embeddings=true is not supported under "
                              "parallel.strategy=fsdp (rank 0's two stages would shard the one matrix twice); use "
                              "1f1b, gpipe or interleaved_1f1b")
 
-    def mesh(self):
-        if self.pipeline is not None:  # this rank's stage: its data-parallel ranks
-            return self.pipeline.mesh["dp"]
-        return init_device_mesh(self.env.device.type, (self.env.world_size,), mesh_dim_names=("dp",))
-
     def parallelize(self, model: nn.Module) -> nn.Module:
         self.keep_own_stages(model).to(self.env.device)
         apply_block_options(model, self.cfg)
         if self.pipeline is not None:
-            shard_stage_units(model, self.pipeline.stage_modules, self.mesh(), self.param_dtype, self.cfg.cpu_offload)
+            shard_stage_units(model, self.pipeline.stage_modules, self.dims.mesh["dp"], self.param_dtype,
+                              self.cfg.cpu_offload)
         else:
-            shard_units(model, self.mesh(), self.param_dtype, self.cfg.cpu_offload)
+            shard_units(model, self.dims.mesh["dp"], self.param_dtype, self.cfg.cpu_offload)
         return model
+
+    def full_model(self, model: nn.Module, model_cfg) -> nn.Module | None:
+        """A full copy gathered on the main rank (kept between calls; its weights refreshed)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        from mtp_pretrain.model import MTPTransformer
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if not self.env.is_main:
+            return None
+        if self._gathered is None:
+            self._gathered = MTPTransformer(model_cfg).to(self.env.device)
+        self._gathered.load_state_dict(full)
+        return self._gathered
 
     def grad_sync_hooks(self, model: nn.Module, last_micro_batch: bool) -> GradSyncHooks:
         return fsdp_grad_sync_hooks(self, model, last_micro_batch)

@@ -59,10 +59,11 @@ from torch.distributed.checkpoint.stateful import Stateful
 from mtp_pretrain.loss import GradSyncHooks
 from mtp_pretrain.ops import checkpointed_chunk_sum
 from mtp_pretrain.optim import group_param_names
-from mtp_pretrain.parallel import tp_plan
+from mtp_pretrain.parallel import tp_plan, zero
 from mtp_pretrain.parallel.base import Strategy
-from mtp_pretrain.parallel.blocks import apply_block_options, scale_grads_to_norm_
+from mtp_pretrain.parallel.blocks import apply_block_options
 from mtp_pretrain.parallel.ddp import all_reduce_mean_grads
+from mtp_pretrain.parallel.grad_norm import scale_grads_to_norm_
 
 # Styles this executor runs as plain replicated modules (no sequence parallelism, see above).
 _REPLICATED_STYLES = (tp_plan.SEQUENCE, tp_plan.REPLICATE, tp_plan.GATHER_INPUT)
@@ -262,6 +263,7 @@ class ZeroGradSync(GradSyncHooks):
 # --- the strategy -------------------------------------------------------------------------------
 class MegatronStrategy(Strategy):
     name = "megatron"
+    full_logits = decodes = False  # the unembedding is vocab-sharded
 
     def __init__(self, cfg, env, param_dtype: torch.dtype | None = None):
         super().__init__(cfg, env)
@@ -270,69 +272,49 @@ class MegatronStrategy(Strategy):
             raise ValueError(f"parallel.zero_stage={cfg.zero_stage} is not supported by parallel.strategy=megatron: "
                              f"0 = plain data parallelism, 1 or 2 = DeepSpeed ZeRO over megatron's data-parallel "
                              f"group (ZeRO-3 would partition the TP shards again: use fsdp_tp)")
-        self.tp = cfg.tp_size
         self.param_dtype = param_dtype
         self.engine = None
         self.layout: dict[str, Optional[int]] = {}
-        self._mesh = None
+
+    @property
+    def zero_optimizer(self) -> bool:
+        return self.cfg.zero_stage > 0
 
     # --- layout ---------------------------------------------------------------------------------
     @property
-    def dp_size(self) -> int:
-        return self.env.world_size // self.tp
-
-    @property
-    def dp_rank(self) -> int:
-        return self.env.rank // self.tp  # megatron's order: tp innermost
+    def tp(self) -> int:
+        return self.dims.tp
 
     @property
     def tp_rank(self) -> int:
-        return self.env.rank % self.tp
+        return self.dims.tp_rank
+
+    @property
+    def ps(self):
+        """megatron-core's parallel_state, initialised by the layout."""
+        return self.dims.megatron_state
+
+    @property
+    def mesh(self):
+        """The (dp, tp) DeviceMesh in megatron's rank order, for the checkpoint's DTensors."""
+        return self.dims.mesh["dp", "tp"]
 
     def validate(self, model_cfg, seq_len: int | None = None) -> None:
-        ws = self.env.world_size
-        if ws % self.tp:
-            raise ValueError(f"world size {ws} is not divisible by parallel.tp_size={self.tp} "
-                             f"(parallel.strategy=megatron runs world_size / tp_size data-parallel groups)")
+        super().validate(model_cfg, seq_len)
         tp_plan.check_divisible(model_cfg, self.tp)  # no sequence parallelism: seq_len is free
         dropout = getattr(model_cfg, "dropout", 0.0) or 0.0
         if dropout > 0 and self.env.device.type != "cuda":
             raise ValueError(f"model.dropout={dropout} under parallel.strategy=megatron needs CUDA (megatron's RNG "
                              f"tracker seeds dropout inside tensor-parallel regions); on CPU set model.dropout=0")
-        self._groups()
-
-    def _groups(self):
-        """Initialise megatron's parallel_state once (re-initialised if a different TP size asks)."""
-        ps, _ = require_megatron()
-        if not dist.is_initialized():  # one process: a one-rank group so parallel_state works
-            dist.init_process_group(self.env.backend, store=dist.HashStore(), rank=0, world_size=1)
-        world = dist.distributed_c10d._get_default_group()
-        if ps.model_parallel_is_initialized() and (getattr(ps, "_mtp_world", None) is not world
-                                                   or ps.get_tensor_model_parallel_world_size() != self.tp):
-            ps.destroy_model_parallel()  # groups of an earlier process group, or another TP size
-        if not ps.model_parallel_is_initialized():
-            ps.initialize_model_parallel(tensor_model_parallel_size=self.tp)
-            ps._mtp_world = world
-        assert ps.get_data_parallel_rank() == self.dp_rank and ps.get_tensor_model_parallel_rank() == self.tp_rank
-        return ps
-
-    @property
-    def mesh(self):
-        """(dp, tp) DeviceMesh with megatron's rank order, for the checkpoint's DTensors."""
-        if self._mesh is None:
-            from torch.distributed.device_mesh import init_device_mesh
-
-            self._mesh = init_device_mesh(self.env.device.type, (self.dp_size, self.tp), mesh_dim_names=("dp", "tp"))
-        return self._mesh
+        self.ps  # noqa: B018 - the groups now, at start-up
 
     # --- model and optimizer --------------------------------------------------------------------
     def parallelize(self, model: nn.Module) -> nn.Module:
-        ps = self._groups()
         if self.env.device.type == "cuda":
             from megatron.core.tensor_parallel import model_parallel_cuda_manual_seed
 
             model_parallel_cuda_manual_seed(torch.initial_seed())
-        self.layout = convert_model(model, self.tp, ps.get_tensor_model_parallel_rank())
+        self.layout = convert_model(model, self.tp, self.tp_rank)
         model.to(self.env.device)
         apply_block_options(model, self.cfg)
         self.mesh  # noqa: B018 - collective set-up now, not in the middle of a save
@@ -343,38 +325,10 @@ class MegatronStrategy(Strategy):
         self.group_fqns = group_param_names(model, optimizer)  # before ZeRO flattens the groups
         if self.cfg.zero_stage == 0:
             return optimizer
-        import os
-
-        import deepspeed
-
-        os.environ.setdefault("LOCAL_RANK", str(self.env.local_rank))  # srun / one process: DeepSpeed asks
-        ps = self._groups()
-        ds_config = {
-            "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 1,
-            "zero_optimization": {"stage": self.cfg.zero_stage, "overlap_comm": False, "contiguous_gradients": False,
-                                  "reduce_scatter": True, "reduce_bucket_size": 5e7, "allgather_bucket_size": 5e7},
-            "gradient_clipping": 0.0, "zero_allow_untested_optimizer": True,
-            "steps_per_print": 2**62, "wall_clock_breakdown": False,
-        }
-        self.engine, self.ds_optimizer, _, _ = deepspeed.initialize(model=model, optimizer=optimizer,
-                                                                    config=ds_config, mpu=MegatronMPU(ps))
-        self._init_zero_optimizer_state(optimizer)
+        self.engine, self.ds_optimizer = zero.zero_initialize(model, optimizer, zero.zero_config(self.cfg.zero_stage),
+                                                              self.env.local_rank, mpu=MegatronMPU(self.ps))
+        zero.ensure_adam_state(self.engine, optimizer)
         return optimizer  # the torch optimizer: the LR scheduler drives its param_groups
-
-    def _init_zero_optimizer_state(self, optimizer) -> None:
-        """Create AdamW's state (zeros, step 0: what its first step would create) on DeepSpeed's
-        flat fp32 partitions now and link it to the parameters' fragments, so that checkpoints can
-        be loaded before the first step (DeepSpeed otherwise links lazily after the first group's
-        step, missing the later groups' state)."""
-        for group in optimizer.param_groups:
-            for flat in group["params"]:
-                st = optimizer.state[flat]
-                if not st:
-                    st["step"] = torch.zeros((), dtype=torch.float32)
-                    for k in _ADAM_KEYS:
-                        st[k] = torch.zeros_like(flat, memory_format=torch.preserve_format)
-        self.ds_optimizer._hp_optimizer_states_linked = False
-        self.ds_optimizer._lazy_init_hp_params_optimizer_state()
 
     # --- one step -------------------------------------------------------------------------------
     def grad_sync_hooks(self, model: nn.Module, last_micro_batch: bool) -> GradSyncHooks:
@@ -388,20 +342,17 @@ class MegatronStrategy(Strategy):
             return
         if self.dp_size == 1:
             return
-        all_reduce_mean_grads(model, self.dp_size, self._groups().get_data_parallel_group())
+        all_reduce_mean_grads(model, self.dp_size, self.ps.get_data_parallel_group())
 
     def step(self, model: nn.Module, optimizer, max_norm: float, loss_is_finite: bool) -> tuple[float, bool]:
-        if self.engine is not None:  # ZeRO: DeepSpeed clips, steps and skips (zero_engine_step)
-            from mtp_pretrain.parallel.deepspeed import zero_engine_step
-
-            grad_norm, stepped = zero_engine_step(self.engine, model, max_norm, loss_is_finite)
+        if self.engine is not None:  # ZeRO: DeepSpeed clips, steps and skips
+            grad_norm, stepped = zero.zero_engine_step(self.engine, model, max_norm, loss_is_finite)
             for p in model.parameters():
                 p.grad = None
             return grad_norm, stepped
         return super().step(model, optimizer, max_norm, loss_is_finite)
 
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
-        ps = self._groups()
         sharded = torch.zeros((), dtype=torch.float64, device=self.env.device)
         replicated = torch.zeros((), dtype=torch.float64, device=self.env.device)
         params = []
@@ -415,17 +366,10 @@ class MegatronStrategy(Strategy):
             else:
                 sharded += sq
         if self.tp > 1:
-            dist.all_reduce(sharded, group=ps.get_tensor_model_parallel_group())
+            dist.all_reduce(sharded, group=self.ps.get_tensor_model_parallel_group())
         norm = (sharded + replicated).sqrt().float()
         scale_grads_to_norm_(params, norm, max_norm)
         return norm.cpu()
-
-    # --- collectives over the data-parallel ranks -------------------------------------------------
-    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        if self.dp_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self._groups().get_data_parallel_group())
-            t /= self.dp_size
-        return t
 
     # --- checkpoints ------------------------------------------------------------------------------
     def checkpoint_state(self, model: nn.Module, optimizer) -> dict:
@@ -460,14 +404,12 @@ class MegatronModelState(Stateful):
         with torch.no_grad():
             for fqn, p in self.model.named_parameters(remove_duplicate=False):
                 v = sd[fqn]
-                v = v.to_local() if hasattr(v, "to_local") else shard_of(v, self.s.layout[fqn], self.s.tp, self.s.tp_rank)
+                v = v.to_local() if hasattr(v, "to_local") else shard_of(v, self.s.layout[fqn], self.s.tp,
+                                                                         self.s.tp_rank)
                 if v.data_ptr() != p.data_ptr():
                     p.copy_(v)
         if self.s.engine is not None:  # ZeRO keeps its own fp32 partitions of the weights
             self.s.ds_optimizer.refresh_fp32_params()
-
-
-_ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 
 
 class MegatronOptimState(Stateful):
@@ -478,79 +420,47 @@ class MegatronOptimState(Stateful):
     def __init__(self, strategy: MegatronStrategy, model: nn.Module, optimizer):
         self.s, self.model, self.optimizer = strategy, model, optimizer
 
-    def _params(self):
-        return list(self.model.named_parameters())
-
     def _local_state(self, p) -> dict:
-        if self.s.engine is None:
-            st = self.optimizer.state.get(p)
-            if not st:  # before the first step: zeros, so a load has tensors to fill
-                st = self.optimizer.state[p]
-                st["step"] = torch.zeros((), dtype=torch.float32)
-                for k in _ADAM_KEYS:
-                    st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            return st
-        from deepspeed.utils import safe_get_full_optimizer_state
+        if self.s.engine is not None:
+            return {"step": zero.adam_step_count(self.optimizer), **zero.get_adam_moments(p)}
+        st = self.optimizer.state.get(p)
+        if not st:  # before the first step: zeros, so a load has tensors to fill
+            st = self.optimizer.state[p]
+            st["step"] = torch.zeros((), dtype=torch.float32)
+            for k in zero.ADAM_KEYS:
+                st[k] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        return st
 
-        out = {}
-        for k in _ADAM_KEYS:
-            v = safe_get_full_optimizer_state(p, k)
-            out[k] = torch.zeros_like(p) if v is None else v.reshape(p.shape).to(p.dtype)
-        out["step"] = self._zero_step().clone()
-        return out
-
-    def _zero_step(self) -> torch.Tensor:
-        for st in self.optimizer.state.values():
-            if "step" in st:
-                return torch.as_tensor(st["step"], dtype=torch.float32).cpu()
-        return torch.zeros((), dtype=torch.float32)
-
-    def _groups(self) -> list[dict]:
-        return [{**{k: v for k, v in g.items() if k != "params"}, "params": list(fqns)}
-                for g, fqns in zip(self.optimizer.param_groups, self.s.group_fqns)]
+    def _local(self, fqn: str, v) -> torch.Tensor:
+        """This rank's TP shard of a loaded tensor (a DTensor, or a full tensor from a plain checkpoint)."""
+        return v.to_local() if hasattr(v, "to_local") else shard_of(v, self.s.layout[fqn], self.s.tp, self.s.tp_rank)
 
     def state_dict(self):
         state = {}
-        for fqn, p in self._params():
+        for fqn, p in self.model.named_parameters():
             st = self._local_state(p)
             state[fqn] = {"step": torch.as_tensor(st["step"], dtype=torch.float32).detach().clone().cpu()}
-            for k in _ADAM_KEYS:
-                state[fqn][k] = self.s.as_dtensor(st[k].detach(), self.s.layout[fqn])
-        return {"state": state, "param_groups": self._groups()}
+            for k in zero.ADAM_KEYS:
+                state[fqn][k] = self.s.as_dtensor(st[k].detach().to(p.dtype), self.s.layout[fqn])
+        return {"state": state, "param_groups": zero.named_param_groups(self.optimizer, self.s.group_fqns)}
 
     def load_state_dict(self, sd):
-        by_fqns = {frozenset(g["params"]): g for g in sd["param_groups"]}
-        for group, fqns in zip(self.optimizer.param_groups, self.s.group_fqns):
-            saved = by_fqns.get(frozenset(fqns))
-            if saved is None:
-                raise ValueError(f"checkpoint optimizer param groups do not match this model's ({len(fqns)} params)")
-            for k, v in saved.items():
-                if k != "params":
-                    group[k] = v
-        from deepspeed.utils import safe_set_full_optimizer_state
-
+        zero.load_named_param_groups(self.optimizer, self.s.group_fqns, sd["param_groups"])
         step = None
-        for fqn, p in self._params():
+        for fqn, p in self.model.named_parameters():
             saved = sd["state"][fqn]
             step = saved["step"]
-            if self.s.engine is None:
-                st = self.optimizer.state[p]
-                st["step"] = torch.as_tensor(step, dtype=torch.float32).clone()
-                for k in _ADAM_KEYS:
-                    v = saved[k]
-                    v = v.to_local() if hasattr(v, "to_local") else shard_of(v, self.s.layout[fqn], self.s.tp,
-                                                                              self.s.tp_rank)
-                    if k not in st or st[k].data_ptr() != v.data_ptr():
-                        st[k] = v.detach().clone().to(p.device)
-            else:
-                for k in _ADAM_KEYS:
-                    v = saved[k]
-                    v = v.to_local() if hasattr(v, "to_local") else shard_of(v, self.s.layout[fqn], self.s.tp,
-                                                                              self.s.tp_rank)
-                    safe_set_full_optimizer_state(p, v.to(p.device), k)
+            moments = {k: self._local(fqn, saved[k]) for k in zero.ADAM_KEYS}
+            if self.s.engine is not None:
+                zero.set_adam_moments(p, moments)
+                continue
+            st = self.optimizer.state[p]
+            st["step"] = torch.as_tensor(step, dtype=torch.float32).clone()
+            for k, v in moments.items():
+                if k not in st or st[k].data_ptr() != v.data_ptr():
+                    st[k] = v.detach().clone().to(p.device)
         if self.s.engine is not None and step is not None:
-            for st in self.optimizer.state.values():
-                st["step"] = torch.as_tensor(step, dtype=torch.float32).clone()
+            zero.set_adam_step_count(self.optimizer, step)
 
 
 __all__ = ["MegatronStrategy", "MegatronMPU", "convert_model", "require_megatron", "shard_of"]

@@ -367,7 +367,7 @@ def _local(t: torch.Tensor) -> torch.Tensor:
 def clip_pipeline_grads_(pipeline: Pipeline, model: MTPTransformer, max_norm: float) -> torch.Tensor:
     """Global pre-clip gradient norm over every stage (one all-reduce over all ranks); gradients
     scaled down to ``max_norm`` (0 = off), the same factor on every stage."""
-    from mtp_pretrain.parallel.blocks import scale_grads_to_norm_
+    from mtp_pretrain.parallel.grad_norm import scale_grads_to_norm_
 
     sq = pipeline.grad_norm_squares(model)
     dist.all_reduce(sq)
@@ -376,22 +376,13 @@ def clip_pipeline_grads_(pipeline: Pipeline, model: MTPTransformer, max_norm: fl
     return norm.float()
 
 
-def build_pipeline(cfg: ParallelConfig, rank: int, world_size: int, device: torch.device, dp: int = 1,
-                   tp: int = 1) -> Pipeline:
-    """The pipeline of this rank in a (pp, dp, tp) layout, tp innermost and pp outermost."""
-    from torch.distributed.device_mesh import init_device_mesh
-
-    pp = cfg.pp_size
-    if world_size != pp * dp * tp:
-        raise ValueError(f"parallel.pp_size={pp} x {dp} data-parallel x {tp} tensor-parallel ranks = "
-                         f"{pp * dp * tp}, but the launcher started {world_size} processes")
-    mesh = init_device_mesh(device.type, (pp, dp, tp), mesh_dim_names=("pp", "dp", "tp"))
-    pp_rank = mesh.get_local_rank("pp")
-    pipe = Pipeline(cfg, pp_rank, mesh["pp"].get_group(), dp * tp, device)
+def build_pipeline(cfg: ParallelConfig, dims, device: torch.device) -> Pipeline:
+    """The pipeline of this rank in the layout ``dims`` (``parallel.layout.ParallelDims``)."""
+    mesh = dims.mesh
+    pipe = Pipeline(cfg, dims.pp_rank, mesh["pp"].get_group(), dims.dp * dims.tp, device)
     if cfg.pp_schedule != "zbv":  # V-shaped: rank 0 holds the first and the last stage
-        columns = mesh.mesh.reshape(pp, -1)
+        columns = mesh.mesh.reshape(dims.pp, -1)
         pairs = [[int(columns[0, c]), int(columns[-1, c])] for c in range(columns.shape[1])]
         group, _ = dist.new_subgroups_by_enumeration(pairs)
-        pipe.set_shared_group(group if pp_rank in (0, pp - 1) else None)
-    pipe.mesh = mesh
+        pipe.set_shared_group(group if dims.pp_rank in (0, dims.pp - 1) else None)
     return pipe

@@ -28,10 +28,8 @@ from __future__ import annotations
 import types
 
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
-from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_module, distribute_tensor
 from torch.distributed.tensor.parallel import (ColwiseParallel, RowwiseParallel, SequenceParallel, loss_parallel,
                                                parallelize_module)
@@ -40,7 +38,8 @@ from mtp_pretrain.loss import GradSyncHooks
 from mtp_pretrain.ops import checkpointed_chunk_sum
 from mtp_pretrain.parallel import tp_plan
 from mtp_pretrain.parallel.base import Strategy
-from mtp_pretrain.parallel.blocks import apply_block_options, clip_grads_
+from mtp_pretrain.parallel.blocks import apply_block_options
+from mtp_pretrain.parallel.grad_norm import clip_grads_
 from mtp_pretrain.parallel.tp_plan import SEQUENCE_DIM
 
 SEQ = Shard(SEQUENCE_DIM)
@@ -143,54 +142,26 @@ class TPStrategy(Strategy):
     """``tp``: all ranks form one TP group (dp = 1). ``fsdp_tp`` subclasses it with dp > 1."""
 
     name = "tp"
+    full_logits = decodes = False  # the unembedding is vocab-sharded
 
     def __init__(self, cfg, env, param_dtype: torch.dtype | None = None):
         super().__init__(cfg, env)
         self.param_dtype = param_dtype
-        self.tp = self._tp_degree()
-        self._mesh = None
-
-    def _tp_degree(self) -> int:
-        return self.cfg.tp_size if self.cfg.tp_size > 1 else self.env.world_size // self.cfg.pp_size
-
-    @property
-    def dp_size(self) -> int:
-        return self.env.world_size // (self.tp * self.cfg.pp_size)
-
-    @property
-    def dp_rank(self) -> int:
-        return (self.env.rank // self.tp) % self.dp_size
-
-    @property
-    def mesh(self):
-        if self.pipeline is not None:  # (pp, dp, tp): this rank's stage is mesh["dp"] x mesh["tp"]
-            return self.pipeline.mesh
-        if self._mesh is None:
-            self._mesh = init_device_mesh(self.env.device.type, (self.dp_size, self.tp), mesh_dim_names=("dp", "tp"))
-        return self._mesh
 
     def validate(self, model_cfg, seq_len: int | None = None) -> None:
-        ws = self.env.world_size // self.cfg.pp_size  # ranks of one pipeline stage
-        if self.name == "tp" and self.cfg.tp_size > 1 and self.cfg.tp_size != ws:
-            stage = f" of each of the parallel.pp_size={self.cfg.pp_size} stages" if self.cfg.pp_size > 1 else ""
-            raise ValueError(f"parallel.strategy=tp uses every rank{stage} for tensor parallelism, but parallel.tp_size="
-                             f"{self.cfg.tp_size} and the launcher started {ws} processes{stage and ' per stage'}; "
-                             f"set tp_size={ws} (or 1 = all ranks), or use parallel.strategy=fsdp_tp for data x "
-                             f"tensor parallelism")
-        if ws % self.tp:
-            raise ValueError(f"world size {ws} is not divisible by parallel.tp_size={self.tp}")
-        tp_plan.check_divisible(model_cfg, self.tp, seq_len)
+        super().validate(model_cfg, seq_len)
+        tp_plan.check_divisible(model_cfg, self.dims.tp, seq_len)
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         self._keep_own_stages_tp(model).to(self.env.device)
-        apply_tp(model, self.mesh["tp"])
+        apply_tp(model, self.dims.mesh["tp"])
         apply_block_options(model, self.cfg)
         return model
 
     def _keep_own_stages_tp(self, model: nn.Module) -> nn.Module:
         """Pipeline stages: hidden states cross stages as local tensors (each rank's part of the
         sequence), the residual stream's sequence-sharded DTensor again inside the stage."""
-        tp_mesh = self.mesh["tp"]
+        tp_mesh = self.dims.mesh["tp"]
         return self.keep_own_stages(model, to_stage_input=lambda x: DTensor.from_local(x, tp_mesh, (SEQ,),
                                                                                       run_check=False),
                                     from_stage_output=lambda x: x.to_local())
@@ -201,13 +172,6 @@ class TPStrategy(Strategy):
     def clip_grad_norm(self, model: nn.Module, max_norm: float) -> torch.Tensor:
         return clip_grads_(model.parameters(), max_norm)
 
-    def all_reduce_mean(self, t: torch.Tensor) -> torch.Tensor:
-        # TP ranks of one group hold the same values: average over the data-parallel ranks only.
-        if self.dp_size > 1:
-            dist.all_reduce(t, op=dist.ReduceOp.SUM, group=self.mesh["dp"].get_group())
-            t /= self.dp_size
-        return t
-
 
 class FSDPTPStrategy(TPStrategy):
     """``fsdp_tp``: TP inside each group of ``tp_size`` neighbouring ranks, FSDP2 across groups."""
@@ -215,29 +179,23 @@ class FSDPTPStrategy(TPStrategy):
     name = "fsdp_tp"
     defer_shared_grad_sync = True
 
-    def _tp_degree(self) -> int:
-        return self.cfg.tp_size
-
     def validate(self, model_cfg, seq_len: int | None = None) -> None:
         from mtp_pretrain.parallel.fsdp import refuse_tied_causal
 
-        refuse_tied_causal(model_cfg, self.name)
-        if self.cfg.tp_size < 2:
-            raise ValueError(f"parallel.strategy=fsdp_tp needs parallel.tp_size >= 2, got {self.cfg.tp_size} "
-                             f"(use parallel.strategy=fsdp for data parallelism alone)")
         super().validate(model_cfg, seq_len)
+        refuse_tied_causal(model_cfg, self.name)
 
     def parallelize(self, model: nn.Module) -> nn.Module:
         from mtp_pretrain.parallel.fsdp import shard_stage_units, shard_units
 
         self._keep_own_stages_tp(model).to(self.env.device)
-        apply_tp(model, self.mesh["tp"])
+        apply_tp(model, self.dims.mesh["tp"])
         apply_block_options(model, self.cfg)
         if self.pipeline is not None:
-            shard_stage_units(model, self.pipeline.stage_modules, self.mesh["dp"], self.param_dtype,
+            shard_stage_units(model, self.pipeline.stage_modules, self.dims.mesh["dp"], self.param_dtype,
                               self.cfg.cpu_offload)
         else:
-            shard_units(model, self.mesh["dp"], self.param_dtype, self.cfg.cpu_offload)
+            shard_units(model, self.dims.mesh["dp"], self.param_dtype, self.cfg.cpu_offload)
         return model
 
     def grad_sync_hooks(self, model: nn.Module, last_micro_batch: bool) -> GradSyncHooks:

@@ -90,7 +90,7 @@ def test_preempted_job_checkpoints_requeues_and_resumes_exactly(tmp_path, datase
 
 
 def test_dead_rank_fails_fast_and_resubmission_resumes(tmp_path, dataset):
-    from mtp_pretrain.checkpoint import find_latest
+    from mtp_pretrain.checkpoint_reader import find_latest
 
     run_dir = tmp_path / "run"
     job = submit(*TWO_RANKS, "--job-name", "deadrank", "--run-dir", str(run_dir), *tiny_overrides(dataset, 30))
@@ -146,7 +146,7 @@ def test_torchrun_launcher_preempts_and_resumes(tmp_path, dataset, baseline):
 
 
 def test_multirun_sweep_through_the_submitit_launcher(tmp_path, dataset):
-    """`mtp-submit --multirun`: one 2-rank job per point, through conf/hydra/launcher/slurm.yaml."""
+    """`mtp-submit --multirun`: one 2-rank job per point, through mtp_pretrain/conf/hydra/launcher/slurm.yaml."""
     sweep_dir = tmp_path / "sweep"
     overrides = [o for o in tiny_overrides(dataset, 3) if not o.startswith("checkpoint.")]
     proc = subprocess.run([sys.executable, "-m", "mtp_pretrain.launch.submit", "--multirun", *TWO_RANKS,

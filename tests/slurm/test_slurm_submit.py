@@ -114,10 +114,10 @@ def test_multirun_command_uses_the_submitit_launcher(tmp_path, capsys):
 def test_hydra_launcher_config_composes():
     from hydra import compose, initialize_config_dir
 
-    from mtp_pretrain.config import register_configs
+    from mtp_pretrain.config import CONF_DIR, register_configs
 
     register_configs()
-    with initialize_config_dir(config_dir=str(REPO_ROOT / "conf"), version_base=None):
+    with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
         cfg = compose("config", overrides=["hydra/launcher=slurm", "hydra.launcher.nodes=2"], return_hydra_config=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("SlurmLauncher") and launcher.nodes == 2
