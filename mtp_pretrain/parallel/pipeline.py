@@ -25,8 +25,8 @@ is the heads' accumulated gradient, so the schedule's backward hands the trunk e
 trainer's loss already divides by the number of micro-batches, so the schedule is built with
 ``scale_grads=False``. On its first ``step()`` (and after a forward-only use) the schedule infers
 the stages' tensor shapes by running the stage modules, and the loss function, on *uninitialised*
-tensors; the loss function must not run the heads then -- their backward would add garbage (it
-added 1e22 in a trial) to real gradients. ``_Stage`` tells it when that pass is on.
+tensors; the loss function must not run the heads then -- their backward would add garbage to
+the real gradients (the parity tests fail when it does). ``_Stage`` tells it when that pass is on.
 
 Every stage receives the whole micro-batch of tokens as a keyword argument: each stage builds the
 packed-document attention mask itself, and only hidden states travel between stages.
@@ -42,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 from torch.distributed.pipelining import (PipelineStage, Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
                                           ScheduleZBVZeroBubble)
+from torch.distributed.tensor import Replicate
 
 from mtp_pretrain.config import ParallelConfig
 from mtp_pretrain.loss import GradSyncHooks, MTPLoss
@@ -179,6 +180,7 @@ class Pipeline:
         self.stage_modules: list[StageModule] = []
         self.shared_group = None  # first and last stage's ranks, for the embedding replica's gradient
         self._schedule = None
+        self._n_microbatches = 0
         self._stages: list[_Stage] = []
         self._step_state: Optional[dict] = None
 
@@ -306,8 +308,6 @@ class Pipeline:
                 continue
             g = p.grad
             if hasattr(g, "to_local"):
-                from torch.distributed.tensor import Replicate
-
                 if any(pl.is_partial() for pl in g.placements):
                     g = g.redistribute(g.device_mesh, [Replicate() if pl.is_partial() else pl for pl in g.placements])
                 replicas = math.prod(n for n, pl in zip(g.device_mesh.shape, g.placements) if pl.is_replicate())
