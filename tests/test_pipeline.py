@@ -170,6 +170,22 @@ def test_pp2_checkpoint_resumes_in_one_process(data, workdir, reference):
     assert diff < TOL, f"pp=2 -> 1 process: {name} differs by {diff:.2e}"
 
 
+@pytest.mark.distributed
+def test_a_pp2_checkpoint_decodes_in_one_process(data, workdir, reference):
+    """``mtp-generate``'s loader reads the checkpoint both stages wrote: the same tokens as the
+    one-process run's checkpoint, greedy and self-speculative (every head drafts)."""
+    from mtp_pretrain.checkpoint_reader import load_model
+    from mtp_pretrain.inference.decode import generate
+
+    prompts = [[5, 17, 99, 3], [250, 1, 42]]
+    outs = []
+    for run in (pp2(data, workdir)["1f1b"], reference["hs"]):
+        model, _ = load_model(Path(run["dir"]) / "checkpoints")
+        outs.append([generate(model, prompts, mode=mode, max_new_tokens=12, num_drafts=None).tokens
+                     for mode in ("greedy", "self_speculative")])
+    assert outs[0] == outs[1] and outs[0][0] == outs[0][1] and len(outs[0][0][0]) == 12
+
+
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_fsdp_checkpoint_resumes_under_pp2(data, workdir, reference):
