@@ -19,7 +19,8 @@ running the real ``Trainer`` (``parallel.pp_size`` stages, no other parallelism)
   (v stages per rank), for balanced stages; the last stage here also runs n heads and the
   unembedding, so the other stages wait longer than the formula says (the per-rank figures show
   where). On a shared machine, time a rank spends descheduled counts as idle: the figures are an
-  upper bound there.
+  upper bound there. A run with ``parallel.pp_layout`` balancing the two stages of PP=2 shows how
+  much of the idle time is that imbalance.
 
     python bench/pipeline.py                # the documented run
     python bench/pipeline.py --quick        # a smoke run (small vocabulary, short sequences)
@@ -102,7 +103,11 @@ def launch(name: str, nproc: int, overrides: list[str], steps: int, work: Path) 
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
            __file__, "--worker", str(spec_path)]
     t0 = time.perf_counter()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), WANDB_MODE="disabled")
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), WANDB_MODE="disabled",
+               # Fixed (not dynamic) glibc thresholds, as in bench/loss_memory.py: every allocation of
+               # 1 MiB or more is its own mmap, returned on free, so the warm-up step's freed tensors
+               # do not stay in the heap and hide the timed step's peak from the RSS high-water mark.
+               MALLOC_MMAP_THRESHOLD_=str(2**20), MALLOC_TRIM_THRESHOLD_=str(2**20))
     p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
     if p.returncode:
         sys.exit(f"{name} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
@@ -163,12 +168,18 @@ def main() -> None:
 
     bubble = {}
     m = 8
-    for pp, schedule, v in ((2, "1f1b", 1), (2, "interleaved_1f1b", 2), (4, "1f1b", 1)):
-        out = launch(f"bubble_pp{pp}_{schedule}", pp, overrides(4096, m, f"parallel.pp_size={pp}",
-                                                                 f"parallel.pp_schedule={schedule}"),
+    # At vocabulary 4096 and dim 256 one unembedding costs about one trunk block, so the last stage
+    # (its blocks + n head blocks + n unembeddings) weighs 8 blocks more than its share: "balanced"
+    # gives the first stage all 8 trunk blocks (pp_layout=[8,0]) and the last the heads alone.
+    for name, pp, schedule, v, extra in (("pp2_1f1b", 2, "1f1b", 1, []),
+                                         ("pp2_1f1b_balanced", 2, "1f1b", 1, ["parallel.pp_layout=[8,0]"]),
+                                         ("pp2_interleaved_1f1b", 2, "interleaved_1f1b", 2, []),
+                                         ("pp4_1f1b", 4, "1f1b", 1, [])):
+        out = launch(f"bubble_{name}", pp, overrides(4096, m, f"parallel.pp_size={pp}",
+                                                     f"parallel.pp_schedule={schedule}", *extra),
                      max(args.steps, 2), work)
         idle = [round(r["idle_fraction"], 3) for r in sorted(out["ranks"], key=lambda r: r["rank"])]
-        bubble[f"pp{pp}_{schedule}"] = {"microbatches": out["grad_accum"], "idle_fraction_per_rank": idle,
+        bubble[name] = {"microbatches": out["grad_accum"], "idle_fraction_per_rank": idle,
                                         "idle_fraction_mean": round(sum(idle) / len(idle), 3),
                                         "theoretical": round(theoretical_bubble(pp, m, v), 3)}
     shutil.rmtree(work, ignore_errors=True)
