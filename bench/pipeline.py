@@ -9,8 +9,11 @@ running the real ``Trainer`` (``parallel.pp_size`` stages, no other parallelism)
   one warm-up step (the optimizer state exists, gradients are cleared), reads its resident set
   (the *baseline*: weights, optimizer state, interpreter), resets the kernel's RSS high-water mark
   (``/proc/self/clear_refs``) and takes one step; its *step delta* is the peak minus the baseline
-  (activations of the micro-batches in flight, gradients, the last stage's logits). The floor:
-  the last stage's delta with head-sequential <= 0.6 x with naive, for PP=2 and PP=4.
+  (activations of the micro-batches in flight, gradients, the last stage's logits, the optimizer
+  step's temporaries). The same delta is also read right after the micro-batches' forward and
+  backward, before the optimizer step (whose temporaries, the same for either loss, come after the
+  logits are gone): the floor is on that one -- the last stage's fwd/bwd delta with
+  head-sequential <= 0.6 x with naive, for PP=2 and PP=4.
 * bubble -- PP=2 and PP=4 (1f1b, and interleaved_1f1b with 2 stages per rank at PP=2), 8
   micro-batches, a small vocabulary. A rank's idle fraction over the timed steps is
   1 - (CPU time of its main thread) / (wall time): one intra-op thread per rank, so the main
@@ -77,6 +80,17 @@ def worker(spec_path: str) -> None:
     trainer = Trainer(cfg, Path(spec["out"]))
     trainer.train_iter = iter(trainer.train_stream)
     trainer.train_step()  # warm-up: optimizer state, schedule built (shape inference), gradients cleared
+    # The high-water mark right after the micro-batches' forward and backward (before the
+    # optimizer step, whose temporaries are the same whatever the loss).
+    after_backward = []
+    forward_backward = trainer.strategy.forward_backward
+
+    def measured(*args, **kwargs):
+        out = forward_backward(*args, **kwargs)
+        after_backward.append(max_rss())
+        return out
+
+    trainer.strategy.forward_backward = measured
     dist.barrier()
     baseline, exact = current_rss(), reset_peak_rss()
     wall0, cpu0 = time.perf_counter(), time.thread_time()
@@ -87,6 +101,7 @@ def worker(spec_path: str) -> None:
     pipe = trainer.strategy.pipeline
     mine = {"rank": trainer.env.rank, "stages": pipe.local, "last": pipe.has_last,
             "baseline_mb": baseline / 2**20, "peak_mb": peak / 2**20, "step_delta_mb": (peak - baseline) / 2**20,
+            "fwd_bwd_delta_mb": (max(after_backward) - baseline) / 2**20,
             "peak_reset": exact, "wall_s": wall, "busy_s": cpu, "idle_fraction": max(0.0, 1 - cpu / wall)}
     ranks = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, mine)
@@ -113,7 +128,8 @@ def launch(name: str, nproc: int, overrides: list[str], steps: int, work: Path) 
         sys.exit(f"{name} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
     out = json.loads(Path(spec["result"]).read_text())
     print(f"{name}: {time.perf_counter() - t0:.0f}s  " + "  ".join(
-        f"rank{r['rank']}{'(last)' if r['last'] else ''} delta {r['step_delta_mb']:.0f}MB idle {r['idle_fraction']:.2f}"
+        f"rank{r['rank']}{'(last)' if r['last'] else ''} fwd/bwd {r['fwd_bwd_delta_mb']:.0f}MB step "
+        f"{r['step_delta_mb']:.0f}MB idle {r['idle_fraction']:.2f}"
         for r in out["ranks"]), flush=True)
     return out
 
@@ -160,11 +176,17 @@ def main() -> None:
             memory[(pp, impl)] = out["ranks"]
     mem_out, floors = {}, {}
     for pp in (2, 4):
-        per_impl = {impl: [round(r["step_delta_mb"], 1) for r in sorted(memory[(pp, impl)], key=lambda r: r["rank"])]
-                    for impl in ("head_sequential", "naive")}
-        ratio = per_impl["head_sequential"][-1] / per_impl["naive"][-1]  # the last rank holds the last stage
-        mem_out[f"pp{pp}"] = {"step_delta_mb_per_rank": per_impl, "last_stage_ratio_hs_vs_naive": round(ratio, 3)}
-        floors[f"pp{pp}_last_stage_hs_le_{FLOOR_LAST_STAGE}x_naive"] = ratio <= FLOOR_LAST_STAGE
+        entry = {}
+        for key in ("fwd_bwd_delta_mb", "step_delta_mb"):
+            per_impl = {impl: [round(r[key], 1) for r in sorted(memory[(pp, impl)], key=lambda r: r["rank"])]
+                        for impl in ("head_sequential", "naive")}
+            # the last rank holds the last stage
+            entry[key + "_per_rank"] = per_impl
+            entry[key.replace("_delta_mb", "") + "_last_stage_ratio_hs_vs_naive"] = round(
+                per_impl["head_sequential"][-1] / per_impl["naive"][-1], 3)
+        mem_out[f"pp{pp}"] = entry
+        floors[f"pp{pp}_last_stage_hs_le_{FLOOR_LAST_STAGE}x_naive"] = (
+            entry["fwd_bwd_last_stage_ratio_hs_vs_naive"] <= FLOOR_LAST_STAGE)
 
     bubble = {}
     m = 8
