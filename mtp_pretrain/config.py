@@ -29,7 +29,8 @@ def _at_least(name: str, value: Any, low: float) -> None:
         raise ValueError(f"{name} must be >= {low}, got {value!r}")
 
 
-FREEZE_STRATEGIES = ("none", "ddp", "fsdp")  # where train.freeze=trunk is implemented and tested
+FREEZE_STRATEGIES = ("none", "ddp", "fsdp")
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "zbv")  # where train.freeze=trunk is implemented and tested
 WEIGHT_PRESETS = ("uniform", "harmonic", "exponential")
 WEIGHT_SCHEDULES = ("constant", "step", "linear", "cosine")
 
@@ -199,12 +200,39 @@ class ParallelConfig:
     # (false: the whole model on every rank's host first; same initial weights either way)
     meta_init: bool = True
     timeout_s: int = 600  # collective timeout: a dead rank fails the job instead of hanging it
+    # Pipeline parallelism (mtp_pretrain/parallel/pipeline.py): composes with none, fsdp, tp and
+    # fsdp_tp. Micro-batches are the gradient accumulation's (train.global_batch_tokens /
+    # train.micro_batch_size / seq_len / dp ranks).
+    pp_schedule: str = "1f1b"  # gpipe | 1f1b | interleaved_1f1b (pp_virtual_stages per rank) | zbv
+    pp_virtual_stages: int = 2  # interleaved_1f1b: stages per rank (zbv: always 2)
+    # Trunk blocks of each stage, first to last (pp_size x stages per rank entries, summing to the
+    # trunk's blocks); None = an even split. Embedding on the first stage, heads on the last.
+    pp_layout: Optional[list[int]] = None
 
     def __post_init__(self):
         _choice("parallel.strategy", self.strategy,
                 ("none", "ddp", "fsdp", "tp", "fsdp_tp", "deepspeed", "megatron"))
         _at_least("parallel.tp_size", self.tp_size, 1)
         _at_least("parallel.pp_size", self.pp_size, 1)
+        _choice("parallel.pp_schedule", self.pp_schedule, PP_SCHEDULES)
+        _at_least("parallel.pp_virtual_stages", self.pp_virtual_stages, 1)
+        if self.pp_schedule == "interleaved_1f1b" and self.pp_virtual_stages < 2:
+            raise ValueError(f"parallel.pp_schedule=interleaved_1f1b needs parallel.pp_virtual_stages >= 2, "
+                             f"got {self.pp_virtual_stages} (use 1f1b for one stage per rank)")
+        if self.pp_layout is not None:
+            stages = self.pp_size * self.pp_stages_per_rank
+            if len(self.pp_layout) != stages:
+                raise ValueError(f"parallel.pp_layout has {len(self.pp_layout)} entries; parallel.pp_size="
+                                 f"{self.pp_size} with pp_schedule={self.pp_schedule} has {stages} stages")
+            if any(not isinstance(k, int) or k < 0 for k in self.pp_layout) or any(
+                    k == 0 for k in self.pp_layout[1:-1]):
+                raise ValueError(f"parallel.pp_layout={list(self.pp_layout)}: every entry must be a block count "
+                                 f">= 0, and >= 1 for a middle stage (only the first and last stages hold "
+                                 f"something else)")
+
+    @property
+    def pp_stages_per_rank(self) -> int:
+        return {"interleaved_1f1b": self.pp_virtual_stages, "zbv": 2}.get(self.pp_schedule, 1)
         _choice("parallel.activation_checkpointing", self.activation_checkpointing, ("none", "full", "every_k"))
         _at_least("parallel.ac_every", self.ac_every, 1)
         _at_least("parallel.timeout_s", self.timeout_s, 1)
@@ -295,6 +323,8 @@ class JobConfig:
         if self.train.freeze == "trunk" and n < 2:
             raise ValueError("train.freeze=trunk trains heads 2..n only: it needs model.n_future >= 2, got 1")
         strategy = self.parallel.strategy
+        if self.parallel.pp_size > 1:
+            self._check_pipeline()
         if self.train.freeze != "none" and strategy not in FREEZE_STRATEGIES:
             raise ValueError(f"train.freeze={self.train.freeze} is not supported with parallel.strategy={strategy}; "
                              f"use one of {', '.join(FREEZE_STRATEGIES)}")
@@ -313,6 +343,21 @@ class JobConfig:
             if steps is not None and len(steps) != n - 1:
                 raise ValueError(f"loss.curriculum_steps has {len(steps)} boundaries; model.n_future={n} needs "
                                  f"n_future - 1 = {n - 1}")
+
+
+    def _check_pipeline(self) -> None:
+        par, trunk = self.parallel, self.model.trunk_layers
+        stages = par.pp_size * par.pp_stages_per_rank
+        if par.pp_layout is not None:
+            if sum(par.pp_layout) != trunk:
+                raise ValueError(f"parallel.pp_layout={list(par.pp_layout)} places {sum(par.pp_layout)} trunk blocks; "
+                                 f"the model has {trunk} (model.trunk_layers)")
+        elif trunk % stages:
+            raise ValueError(f"{trunk} trunk blocks (model.trunk_layers) do not divide evenly into {stages} pipeline "
+                             f"stages (parallel.pp_size={par.pp_size}, pp_schedule={par.pp_schedule}); set "
+                             f"parallel.pp_layout to a list of {stages} block counts")
+        if self.train.freeze != "none":
+            raise ValueError(f"train.freeze={self.train.freeze} is not supported with parallel.pp_size > 1")
 
 
 def register_configs() -> None:

@@ -51,6 +51,9 @@ class MTPLoss:
     loss: torch.Tensor  # detached weighted sum of the per-head mean losses
     per_head: list[torch.Tensor]  # detached mean cross-entropy of each head; NaN for a skipped head
     n_targets: list[int]  # valid target tokens of each head in this micro-batch
+    # With ``trunk_output`` given: the scalar whose backward sends the trunk output its gradient
+    # (a pipeline schedule backpropagates it through the earlier stages); None otherwise.
+    trunk_loss: Optional[torch.Tensor] = None
 
 
 def head_targets(tokens: torch.Tensor, seq_len: int, n_future: int,
@@ -99,20 +102,24 @@ def head_sequential_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len
                          weights: Optional[Sequence[float]] = None, chunk_size: int = 0,
                          pad_id: Optional[int] = None, loss_scale: float = 1.0,
                          hooks: Optional[GradSyncHooks] = None, document_end_id: Optional[int] = None,
-                         denominators: Optional[Sequence[float]] = None) -> MTPLoss:
+                         denominators: Optional[Sequence[float]] = None,
+                         trunk_output: Optional[torch.Tensor] = None) -> MTPLoss:
     """Forward and backward of the multi-token loss with one head's logits alive at a time.
 
     tokens [B, L]: inputs are tokens[:, :seq_len] (default L - 1); gradients of
     ``loss_scale * sum_i w_i * mean CE_i`` are accumulated into the parameters' ``.grad``.
     ``document_end_id``: windows are packed documents ended by this id; attention, positions and
     targets stay inside each document.
+    ``trunk_output``: z computed elsewhere (a pipeline's last stage): the trunk is neither run nor
+    backpropagated here; ``MTPLoss.trunk_loss`` is ``(z * g).sum()`` for the heads' accumulated
+    gradient g, whose backward gives z exactly that gradient.
     """
     hooks = hooks or GradSyncHooks()
     T, weights, targets, counts, documents, divisors = _setup(model, tokens, seq_len, weights, pad_id,
                                                               document_end_id, denominators)
     n = model.n_future
     run, last = _heads_to_run(weights, model.heads_chain)
-    z = model.trunk_forward(tokens[:, :T], documents=documents)
+    z = model.trunk_forward(tokens[:, :T], documents=documents) if trunk_output is None else trunk_output
     # A frozen trunk (train.freeze=trunk) yields z without a graph: then nothing backprops into it.
     z_leaf = z.detach().requires_grad_(z.requires_grad)
     per_head = []
@@ -147,7 +154,15 @@ def head_sequential_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len
         if pairs:
             torch.autograd.backward(*zip(*pairs))
     hooks.before_trunk_backward()
-    if z.requires_grad and z_leaf.grad is not None:
+    has_grad = z.requires_grad and z_leaf.grad is not None
+    if trunk_output is not None:
+        # Zero when no head sent z a gradient; still a function of z so the caller's backward runs.
+        # (with a DTensor z, of the local parts: its backward hands each rank's part its gradient)
+        zl = z.to_local() if hasattr(z, "to_local") else z
+        g = z_leaf.grad.to_local() if has_grad and hasattr(z_leaf.grad, "to_local") else z_leaf.grad
+        trunk_loss = (zl * g).sum() if has_grad else (zl * 0).sum()
+        return _result(per_head, weights, counts, trunk_loss)
+    if has_grad:
         z.backward(z_leaf.grad)
     return _result(per_head, weights, counts)
 
@@ -156,13 +171,16 @@ def naive_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len: Optional
                weights: Optional[Sequence[float]] = None, chunk_size: int = 0,
                pad_id: Optional[int] = None, loss_scale: float = 1.0,
                hooks: Optional[GradSyncHooks] = None, document_end_id: Optional[int] = None,
-               denominators: Optional[Sequence[float]] = None) -> MTPLoss:
-    """The reference: all heads forward, the weighted sum of their losses, one backward."""
+               denominators: Optional[Sequence[float]] = None,
+               trunk_output: Optional[torch.Tensor] = None) -> MTPLoss:
+    """The reference: all heads forward, the weighted sum of their losses, one backward.
+    With ``trunk_output`` that backward is left to the caller: ``MTPLoss.trunk_loss`` is the
+    scaled sum, still holding every head's graph."""
     hooks = hooks or GradSyncHooks()
     T, weights, targets, counts, documents, divisors = _setup(model, tokens, seq_len, weights, pad_id,
                                                               document_end_id, denominators)
     run, last = _heads_to_run(weights, model.heads_chain)
-    z = model.trunk_forward(tokens[:, :T], documents=documents)
+    z = model.trunk_forward(tokens[:, :T], documents=documents) if trunk_output is None else trunk_output
     x, per_head = z, []
     for i in range(1, model.n_future + 1):
         if not run[i - 1]:  # no forward, so no gradient (not even zeros) for its parameters
@@ -174,6 +192,8 @@ def naive_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len: Optional
     total = sum(w * l for w, l, r in zip(weights, per_head, run) if r)
     hooks.before_head_backward(last, last=True)
     hooks.before_trunk_backward()
+    if trunk_output is not None:
+        return _result([l.detach() for l in per_head], weights, counts, total * loss_scale)
     if total.requires_grad:
         (total * loss_scale).backward()
     return _result([l.detach() for l in per_head], weights, counts)
@@ -182,10 +202,12 @@ def naive_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len: Optional
 @torch.no_grad()
 def evaluate_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len: Optional[int] = None,
                   chunk_size: int = 0, pad_id: Optional[int] = None,
-                  document_end_id: Optional[int] = None) -> tuple[list[torch.Tensor], list[int]]:
-    """Per-head summed cross-entropy and target counts, no gradients (validation)."""
+                  document_end_id: Optional[int] = None,
+                  trunk_output: Optional[torch.Tensor] = None) -> tuple[list[torch.Tensor], list[int]]:
+    """Per-head summed cross-entropy and target counts, no gradients (validation).
+    ``trunk_output``: z computed elsewhere (a pipeline's last stage)."""
     T, _, targets, counts, documents, _ = _setup(model, tokens, seq_len, None, pad_id, document_end_id)
-    z = model.trunk_forward(tokens[:, :T], documents=documents)
+    z = model.trunk_forward(tokens[:, :T], documents=documents) if trunk_output is None else trunk_output
     x, sums = z, []
     for i in range(1, model.n_future + 1):
         h, y = model.head_forward(i, x if model.heads_chain else z, shifted_tokens(tokens, i, T), documents=documents)
@@ -219,6 +241,6 @@ def _heads_to_run(weights: Sequence[float], chain: bool) -> tuple[list[bool], in
     return run, max(i for i, r in enumerate(run, 1) if r)
 
 
-def _result(per_head, weights, counts) -> MTPLoss:
+def _result(per_head, weights, counts, trunk_loss=None) -> MTPLoss:
     total = sum(w * l for w, l in zip(weights, per_head) if w != 0)
-    return MTPLoss(loss=total.detach(), per_head=per_head, n_targets=counts)
+    return MTPLoss(loss=total.detach(), per_head=per_head, n_targets=counts, trunk_loss=trunk_loss)

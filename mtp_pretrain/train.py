@@ -25,7 +25,7 @@ from mtp_pretrain.data import ArrowTokenStream, DataSource
 from mtp_pretrain.eval.per_head import per_head_sums
 from mtp_pretrain.flops import device_peak_flops, training_flops_per_token
 from mtp_pretrain.head_schedule import HeadWeights
-from mtp_pretrain.loss import IGNORE_INDEX, evaluate_loss, head_targets, mtp_loss
+from mtp_pretrain.loss import IGNORE_INDEX, head_targets, mtp_loss
 from mtp_pretrain.metrics import MetricsLogger, peak_memory_mb
 from mtp_pretrain.model import MTPTransformer, count_parameters
 from mtp_pretrain.model.config import check_vocab
@@ -97,6 +97,8 @@ class Trainer:
             raise ValueError(f"train.global_batch_tokens={gbt} must be a multiple of micro_batch_size x seq_len x "
                              f"data-parallel ranks = {tokens_per_micro}")
         self.grad_accum = gbt // tokens_per_micro
+        if self.strategy.pipeline is not None:
+            self.strategy.pipeline.validate(self.grad_accum)
         self.tokens_per_step = gbt
 
         self.train_stream = self._stream("train", infinite=True, prefetch=cfg.data.prefetch)
@@ -195,18 +197,18 @@ class Trainer:
         cfg = self.cfg
         autocast = (torch.autocast(self.env.device.type, dtype=self.amp_dtype) if self.amp_dtype
                     else contextlib.nullcontext())
-        per_head = torch.zeros(cfg.model.n_future, dtype=torch.float64)
         weights = self.head_weights.weights(self.step, self.tokens_seen)
         batches = [next(self.train_iter).to(self.env.device, non_blocking=True) for _ in range(self.grad_accum)]
         denominators = self._mean_target_counts(batches)
-        for micro, tokens in enumerate(batches):
-            hooks = self.strategy.grad_sync_hooks(self.model, last_micro_batch=micro == self.grad_accum - 1)
-            with autocast, self.strategy.loss_context():
-                out = mtp_loss(cfg.loss.impl, self.model, tokens, seq_len=self.seq_len,
-                               weights=weights, chunk_size=cfg.loss.chunk_size,
-                               pad_id=self.pad_id, loss_scale=1.0 / self.grad_accum, hooks=hooks,
-                               document_end_id=self.document_end_id, denominators=denominators)
-            per_head += torch.stack(out.per_head).double().cpu() / self.grad_accum
+
+        def loss_of(tokens, hooks, trunk_output=None):
+            return mtp_loss(cfg.loss.impl, self.model, tokens, seq_len=self.seq_len, weights=weights,
+                            chunk_size=cfg.loss.chunk_size, pad_id=self.pad_id, loss_scale=1.0 / self.grad_accum,
+                            hooks=hooks, document_end_id=self.document_end_id, denominators=denominators,
+                            trunk_output=trunk_output)
+
+        per_head = self.strategy.forward_backward(self.model, batches, loss_of, autocast, self.seq_len,
+                                                  self.document_end_id)
         self.strategy.finish_backward(self.model)
         per_head = self.strategy.all_reduce_mean(per_head.to(torch.float32)).double()
         # Heads at weight 0 were skipped (their per-head loss is NaN): they add nothing.
@@ -278,10 +280,9 @@ class Trainer:
                                              document_end_id=self.document_end_id)
                     correct += ok
                 else:
-                    s, c = evaluate_loss(self.model, tokens, seq_len=self.seq_len,
-                                         chunk_size=self.cfg.loss.chunk_size, pad_id=self.pad_id,
-                                         document_end_id=self.document_end_id)
-                    s, c = torch.stack(s).double().cpu(), torch.tensor(c, dtype=torch.float64)
+                    s, c = self.strategy.evaluate_loss(self.model, tokens, seq_len=self.seq_len,
+                                                       chunk_size=self.cfg.loss.chunk_size, pad_id=self.pad_id,
+                                                       document_end_id=self.document_end_id)
             sums += s
             counts += c
         both = self.strategy.all_reduce_mean(torch.cat([sums, correct, counts]).float()).double()

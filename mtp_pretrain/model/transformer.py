@@ -273,16 +273,24 @@ class MTPTransformer(nn.Module):
                       documents: Optional[PackedDocuments] = None) -> torch.Tensor:
         """inputs [B, T] -> trunk output z [B, T, dim]. ``documents``: attention and positions
         stay inside each packed document (overrides ``positions``)."""
+        if documents is not None:
+            positions = documents.positions
+        self.check_length(inputs.shape[1] if positions is None else int(positions.max()) + 1)
+        return self.trunk_segment(self.tok_embeddings(inputs), range(len(self.trunk)), positions, cache, documents)
+
+    def trunk_segment(self, x: torch.Tensor, blocks: range, positions: Optional[torch.Tensor] = None,
+                      cache: Optional[AttentionCache] = None,
+                      documents: Optional[PackedDocuments] = None) -> torch.Tensor:
+        """Trunk blocks ``blocks`` (indices into ``trunk``) on hidden states x [B, T, dim]: the
+        whole trunk after the embedding, or one pipeline stage's share of it."""
         mask = None
         if documents is not None:
             positions, mask = documents.positions, documents.mask
-        self.check_length(inputs.shape[1] if positions is None else int(positions.max()) + 1)
         if positions is None:
-            positions = torch.arange(inputs.shape[1], device=inputs.device)
+            positions = torch.arange(x.shape[1], device=x.device)
         cos, sin = self.rope(positions)
-        x = self.tok_embeddings(inputs)
-        for block in self.trunk:
-            x = block(x, cos, sin, cache, mask)
+        for i in blocks:
+            x = self.trunk[i](x, cos, sin, cache, mask)
         return x
 
     def head_forward(self, i: int, x: torch.Tensor, shifted_tokens: Optional[torch.Tensor] = None,

@@ -39,6 +39,8 @@ class Strategy:
     def __init__(self, cfg: ParallelConfig, env: DistEnv):
         self.cfg = cfg
         self.env = env
+        if cfg.pp_size > 1:  # no rank holds the whole model (validation passes run through the stages)
+            self.full_logits = self.decodes = False
 
     # --- layout -------------------------------------------------------------------------------
     @functools.cached_property
@@ -55,6 +57,16 @@ class Strategy:
     def dp_rank(self) -> int:
         return self.dims.dp_rank
 
+    @functools.cached_property
+    def pipeline(self):
+        """This rank's pipeline stages and their schedule (``parallel/pipeline.py``) when
+        parallel.pp_size > 1, else None (built on first use: a collective, every rank asks)."""
+        if self.cfg.pp_size == 1:
+            return None
+        from mtp_pretrain.parallel.pipeline import build_pipeline
+
+        return build_pipeline(self.cfg, self.dims, self.env.device)
+
     def validate(self, model_cfg, seq_len: int | None = None) -> None:
         """Fail at start-up on a layout or model this strategy cannot run (overrides call this first)."""
         self.dims  # noqa: B018 - derives and validates the degrees
@@ -63,7 +75,13 @@ class Strategy:
     def parallelize(self, model: nn.Module) -> nn.Module:
         from mtp_pretrain.parallel.blocks import apply_block_options
 
-        return apply_block_options(model.to(self.env.device), self.cfg)
+        return apply_block_options(self.keep_own_stages(model).to(self.env.device), self.cfg)
+
+    def keep_own_stages(self, model: nn.Module, **boundary) -> nn.Module:
+        """Under pipeline parallelism, the model reduced to this rank's stages (first thing in
+        ``parallelize``, before any sharding); otherwise the model. ``boundary``: how hidden
+        states enter and leave a stage (``Pipeline.split``)."""
+        return model if self.pipeline is None else self.pipeline.split(model, **boundary)
 
     def build_optimizer(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]):
         return make_optimizer(model)
@@ -71,6 +89,8 @@ class Strategy:
     def full_model(self, model: nn.Module, model_cfg) -> nn.Module | None:
         """The whole model as one plain module on the main rank (None on the others), for
         validation decoding. Every rank must call it (fsdp gathers)."""
+        if self.pipeline is not None:
+            raise NotImplementedError("the whole model on one rank under pipeline parallelism (decodes=False)")
         return model if self.env.is_main else None
 
     # --- one step -----------------------------------------------------------------------------
@@ -82,14 +102,61 @@ class Strategy:
     def grad_sync_hooks(self, model: nn.Module, last_micro_batch: bool) -> GradSyncHooks:
         return GradSyncHooks()
 
+    def forward_backward(self, model: nn.Module, batches: list[torch.Tensor], loss: Callable, autocast,
+                         seq_len: int, document_end_id: int | None) -> torch.Tensor:
+        """Forward and backward of one step's micro-batches: ``loss(tokens, hooks, trunk_output=None)``
+        is the trainer's loss of one micro-batch (an ``MTPLoss``; it runs its own backward, scaled
+        by 1 / len(batches)). Returns the per-head losses averaged over the micro-batches
+        (float64, CPU), on every rank of a data-parallel replica. Under pipeline parallelism the
+        schedule runs them (its stages read ``seq_len`` and ``document_end_id``: the loss is not
+        the only one to need them)."""
+        if self.pipeline is not None:
+            with autocast, self.loss_context():
+                return self.pipeline.forward_backward(
+                    model, batches, loss, lambda last: self.grad_sync_hooks(model, last_micro_batch=last),
+                    seq_len, document_end_id)
+        per_head = None
+        for micro, tokens in enumerate(batches):
+            hooks = self.grad_sync_hooks(model, last_micro_batch=micro == len(batches) - 1)
+            with autocast, self.loss_context():
+                out = loss(tokens, hooks)
+            this = torch.stack(out.per_head).double().cpu() / len(batches)
+            per_head = this if per_head is None else per_head + this
+        return per_head
+
+    @torch.no_grad()
+    def evaluate_loss(self, model: nn.Module, tokens: torch.Tensor, *, seq_len: int, chunk_size: int,
+                      pad_id: int | None, document_end_id: int | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Per-head summed cross-entropy and target counts of one batch (float64, CPU), no
+        gradients; under pipeline parallelism through the stages, on every rank."""
+        from mtp_pretrain.loss import evaluate_loss
+
+        def sums_and_counts(z=None):
+            s, c = evaluate_loss(model, tokens, seq_len=seq_len, chunk_size=chunk_size, pad_id=pad_id,
+                                 document_end_id=document_end_id, trunk_output=z)
+            return torch.cat([torch.stack(s).double().cpu(), torch.tensor(c, dtype=torch.float64)])
+
+        if self.pipeline is not None:
+            out = self.pipeline.forward_last(tokens, seq_len, document_end_id, sums_and_counts, 2 * model.n_future)
+        else:
+            out = sums_and_counts()
+        return out[:model.n_future], out[model.n_future:]
+
     def finish_backward(self, model: nn.Module) -> None:
         """After the last micro-batch's backward, before clipping."""
+        if self.pipeline is not None:
+            self.pipeline.finish_backward(model)
 
     def step(self, model: nn.Module, optimizer, max_norm: float, loss_is_finite: bool) -> tuple[float, bool]:
         """Clip to ``max_norm`` (0 = off) and take the optimizer step unless the loss or the
         gradient norm is non-finite; clear the gradients either way. Returns (pre-clip global
         gradient norm, whether the parameters were updated)."""
-        grad_norm = float(self.clip_grad_norm(model, max_norm))
+        if self.pipeline is not None:  # the norm spans every stage
+            from mtp_pretrain.parallel.pipeline import clip_pipeline_grads_
+
+            grad_norm = float(clip_pipeline_grads_(self.pipeline, model, max_norm))
+        else:
+            grad_norm = float(self.clip_grad_norm(model, max_norm))
         stepped = loss_is_finite and math.isfinite(grad_norm)
         if stepped:
             optimizer.step()

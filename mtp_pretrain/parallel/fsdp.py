@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
+from torch.distributed.fsdp import CPUOffloadPolicy, FSDPModule, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
 from mtp_pretrain.loss import GradSyncHooks
 from mtp_pretrain.parallel.base import Strategy
@@ -24,20 +24,29 @@ from mtp_pretrain.parallel.materialize import to_device, when_materialized
 
 
 class FSDPGradSync(GradSyncHooks):
-    def __init__(self, model: nn.Module, last_micro_batch: bool, defer: bool = True):
+    def __init__(self, model: nn.Module, last_micro_batch: bool, defer: bool = True,
+                 pipeline_last_stage: bool = False):
         self.model, self.last_micro_batch, self.defer = model, last_micro_batch, defer
+        self.pipeline_last_stage = pipeline_last_stage
 
     def before_head_backward(self, head: int, last: bool) -> None:
         if not self.defer:  # measurement only (bench/scaling.py): reduce after every head
             self.model.unembed.set_requires_gradient_sync(self.last_micro_batch, recurse=False)
             return
         self.model.unembed.set_requires_gradient_sync(self.last_micro_batch and last, recurse=False)
+        if self.pipeline_last_stage:
+            # No trunk backward follows on this stage: an embedding replica read by causal heads
+            # reduces in each of the last micro-batch's head backward passes instead.
+            if isinstance(self.model.tok_embeddings, FSDPModule):
+                self.model.tok_embeddings.set_requires_gradient_sync(self.last_micro_batch, recurse=False)
+            return
         if self.model.cfg.tie_embeddings or self.model.heads_chain:
             # The embedding's gradient also arrives in several passes (tied weight / causal heads).
             self.model.tok_embeddings.set_requires_gradient_sync(False, recurse=False)
 
     def before_trunk_backward(self) -> None:
-        self.model.tok_embeddings.set_requires_gradient_sync(self.last_micro_batch, recurse=False)
+        if not self.pipeline_last_stage:
+            self.model.tok_embeddings.set_requires_gradient_sync(self.last_micro_batch, recurse=False)
 
 
 def shard_units(model: nn.Module, mesh, param_dtype: torch.dtype | None = None, cpu_offload: bool = False) -> nn.Module:
@@ -62,6 +71,36 @@ def shard_units(model: nn.Module, mesh, param_dtype: torch.dtype | None = None, 
     fully_shard(model, **kw)
     if model.cfg.tie_embeddings:
         _make_root_of(model, [model.tok_embeddings, model.unembed], kw)
+    return model
+
+
+def shard_stage_units(model: nn.Module, stage_modules: list[nn.Module], mesh, param_dtype: torch.dtype | None = None,
+                      cpu_offload: bool = False) -> nn.Module:
+    """``shard_units`` for a rank's pipeline stages (modules of other stages are absent): the same
+    units, and each stage module as the root of its blocks (and the first stage's embedding), so
+    that the schedule defers their reduction to the end of the step (``PipelineStage`` does this
+    for an FSDP root). Heads, unembedding and the last stage's embedding replica are called by
+    the loss outside any stage's forward: roots of their own, handled by ``FSDPGradSync``."""
+    from mtp_pretrain.parallel.pipeline import AbsentModule
+
+    kw = dict(mesh=mesh,
+              mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
+              offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
+    for module in [*model.trunk, *model.heads]:
+        if not isinstance(module, AbsentModule):
+            fully_shard(module, **kw)
+    emb, unembed = model.tok_embeddings, model.unembed
+    has_emb, has_unembed = not isinstance(emb, AbsentModule), not isinstance(unembed, AbsentModule)
+    if model.cfg.tie_embeddings and has_emb and has_unembed:
+        fully_shard([emb, unembed], reshard_after_forward=False, **kw)
+        _make_root_of(model, [emb, unembed], kw)
+    else:
+        if has_emb:
+            fully_shard(emb, **kw)
+        if has_unembed:
+            fully_shard(unembed, reshard_after_forward=False, **kw)
+    for stage in stage_modules:
+        fully_shard(stage, **kw)
     return model
 
 
@@ -112,11 +151,19 @@ class FSDPStrategy(Strategy):
     def validate(self, model_cfg, seq_len: int | None = None) -> None:
         super().validate(model_cfg, seq_len)
         refuse_tied_causal(model_cfg, self.name)
+        if self.pipeline is not None and self.cfg.pp_schedule == "zbv" and model_cfg.tie_embeddings:
+            raise ValueError("parallel.pp_schedule=zbv with model.tie_embeddings=true is not supported under "
+                             "parallel.strategy=fsdp (rank 0's two stages would shard the one matrix twice); use "
+                             "1f1b, gpipe or interleaved_1f1b")
 
     def parallelize(self, model: nn.Module) -> nn.Module:
-        to_device(model, self.env.device)  # a meta-device model stays there until materialised
+        to_device(self.keep_own_stages(model), self.env.device)  # a meta-device model stays there until materialised
         apply_block_options(model, self.cfg)
-        shard_units(model, self.dims.mesh["dp"], self.param_dtype, self.cfg.cpu_offload)
+        if self.pipeline is not None:
+            shard_stage_units(model, self.pipeline.stage_modules, self.dims.mesh["dp"], self.param_dtype,
+                              self.cfg.cpu_offload)
+        else:
+            shard_units(model, self.dims.mesh["dp"], self.param_dtype, self.cfg.cpu_offload)
         return model
 
     def full_model(self, model: nn.Module, model_cfg) -> nn.Module | None:
@@ -134,5 +181,16 @@ class FSDPStrategy(Strategy):
         return self._gathered
 
     def grad_sync_hooks(self, model: nn.Module, last_micro_batch: bool) -> GradSyncHooks:
+        return fsdp_grad_sync_hooks(self, model, last_micro_batch)
+
+
+def fsdp_grad_sync_hooks(strategy: Strategy, model: nn.Module, last_micro_batch: bool) -> GradSyncHooks:
+    """fsdp and fsdp_tp: hold back gradient reduction to the last micro-batch (the shared
+    unembedding: to its last head). Under pipeline parallelism the loss runs on the last stage
+    only, and the schedule defers the stages' own reductions: the heads are this hook's."""
+    if strategy.pipeline is None:
         model.set_requires_gradient_sync(last_micro_batch)
-        return FSDPGradSync(model, last_micro_batch, self.defer_shared_grad_sync)
+        return FSDPGradSync(model, last_micro_batch, strategy.defer_shared_grad_sync)
+    for head in model.heads:
+        head.set_requires_gradient_sync(last_micro_batch)
+    return FSDPGradSync(model, last_micro_batch, strategy.defer_shared_grad_sync, pipeline_last_stage=True)

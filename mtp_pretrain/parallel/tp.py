@@ -105,7 +105,10 @@ def vocab_parallel_unembed(self, h: torch.Tensor, targets=None, *, chunk_size: i
 def apply_tp(model: nn.Module, mesh) -> dict[str, str]:
     """Shard ``model`` in place over the 1-D TP ``mesh`` following ``tp_plan.TP_PLAN``; returns
     the {module: style} assignment."""
-    assignment = tp_plan.assign(name for name, _ in model.named_modules())
+    from mtp_pretrain.parallel.pipeline import AbsentModule
+
+    # (modules of other pipeline stages are absent here)
+    assignment = tp_plan.assign(name for name, m in model.named_modules() if not isinstance(m, AbsentModule))
     modules = dict(model.named_modules())
     dtensor_plan = {}
     for name, style in assignment.items():
@@ -126,7 +129,7 @@ def apply_tp(model: nn.Module, mesh) -> dict[str, str]:
         elif style == tp_plan.REPLICATE:
             _replicate(mod, mesh)
         elif style == tp_plan.VOCAB_COLUMN:
-            if model.cfg.tie_embeddings:
+            if model.cfg.tie_embeddings and not isinstance(model.tok_embeddings, AbsentModule):
                 mod.weight = model.tok_embeddings.weight  # already vocab-sharded, same layout
             else:
                 _vocab_shard(mod, mesh)
@@ -151,10 +154,18 @@ class TPStrategy(Strategy):
         tp_plan.check_divisible(model_cfg, self.dims.tp, seq_len)
 
     def parallelize(self, model: nn.Module) -> nn.Module:
-        to_device(model, self.env.device)  # a meta-device model stays there until materialised
+        to_device(self._keep_own_stages_tp(model), self.env.device)  # a meta model stays there until materialised
         apply_tp(model, self.dims.mesh["tp"])
         apply_block_options(model, self.cfg)
         return model
+
+    def _keep_own_stages_tp(self, model: nn.Module) -> nn.Module:
+        """Pipeline stages: hidden states cross stages as local tensors (each rank's part of the
+        sequence), the residual stream's sequence-sharded DTensor again inside the stage."""
+        tp_mesh = self.dims.mesh["tp"]
+        return self.keep_own_stages(model, to_stage_input=lambda x: DTensor.from_local(x, tp_mesh, (SEQ,),
+                                                                                      run_check=False),
+                                    from_stage_output=lambda x: x.to_local())
 
     def loss_context(self):
         return loss_parallel()
@@ -176,16 +187,19 @@ class FSDPTPStrategy(TPStrategy):
         refuse_tied_causal(model_cfg, self.name)
 
     def parallelize(self, model: nn.Module) -> nn.Module:
-        from mtp_pretrain.parallel.fsdp import shard_units
+        from mtp_pretrain.parallel.fsdp import shard_stage_units, shard_units
 
-        to_device(model, self.env.device)  # a meta-device model stays there until materialised
+        to_device(self._keep_own_stages_tp(model), self.env.device)  # a meta model stays there until materialised
         apply_tp(model, self.dims.mesh["tp"])
         apply_block_options(model, self.cfg)
-        shard_units(model, self.dims.mesh["dp"], self.param_dtype, self.cfg.cpu_offload)
+        if self.pipeline is not None:
+            shard_stage_units(model, self.pipeline.stage_modules, self.dims.mesh["dp"], self.param_dtype,
+                              self.cfg.cpu_offload)
+        else:
+            shard_units(model, self.dims.mesh["dp"], self.param_dtype, self.cfg.cpu_offload)
         return model
 
     def grad_sync_hooks(self, model: nn.Module, last_micro_batch: bool) -> GradSyncHooks:
-        from mtp_pretrain.parallel.fsdp import FSDPGradSync
+        from mtp_pretrain.parallel.fsdp import fsdp_grad_sync_hooks
 
-        model.set_requires_gradient_sync(last_micro_batch)
-        return FSDPGradSync(model, last_micro_batch, self.defer_shared_grad_sync)
+        return fsdp_grad_sync_hooks(self, model, last_micro_batch)
