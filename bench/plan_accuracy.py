@@ -68,8 +68,10 @@ def worker(spec_path: str, result_file: str) -> None:
         for name, overrides in settings.items():
             mine[name] = measure_step(compose_job_config(overrides), env)
             gc.collect()  # the previous setting's model and optimizer (reference cycles) go now
-        ranks = [None] * env.world_size
-        dist.all_gather_object(ranks, mine)
+        ranks = [mine]
+        if dist.is_initialized():  # init_distributed makes no process group for one rank
+            ranks = [None] * env.world_size
+            dist.all_gather_object(ranks, mine)
         write_result(result_file, {name: [r[name] for r in ranks] for name in settings}, rank=env.rank)
     finally:
         destroy_distributed()
