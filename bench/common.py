@@ -10,7 +10,8 @@ A bench that needs a clean process (its own peak memory) or a process group re-r
         write_result(args.result_file, {...}, rank=env.rank)        # rank 0 writes, the others skip
 
 ``launch`` appends ``--result-file PATH`` to the arguments, so every launched module's parser
-declares ``add_result_file_arg(parser)``.
+declares ``add_result_file_arg(parser)``. A whole bench launched by another (bench.gpu_acceptance)
+hands its final line over with ``print_result(result, args.result_file)``.
 """
 
 from __future__ import annotations
@@ -92,9 +93,13 @@ def write_result(path: str, result: dict, rank: int = 0) -> None:
         Path(path).write_text(json.dumps(result))
 
 
-def print_result(result: dict) -> None:
-    """The bench's final line: one JSON object with its figures (docs/benchmarks.md quotes it)."""
+def print_result(result: dict, result_file: Optional[str] = None) -> None:
+    """The bench's final line: one JSON object with its figures (docs/benchmarks.md quotes it).
+    ``result_file``: the ``--result-file`` of a bench launched whole by another bench (which then
+    gets the same object from ``launch``); None when run by hand."""
     print(json.dumps(result), flush=True)
+    if result_file:
+        write_result(result_file, result)
 
 
 # --- this process's memory (Linux /proc) ----------------------------------------------------------

@@ -41,7 +41,7 @@ import os
 import time
 from pathlib import Path
 
-from bench.common import print_result
+from bench.common import add_result_file_arg, print_result
 import torch
 import torch.nn.functional as F
 
@@ -226,6 +226,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--no-tree", action="store_true", help="leave tree mode out (the slowest mode on a CPU)")
     ap.add_argument("--breakdown-only", action="store_true",
                     help="only time the pieces of a greedy and a speculative pass (any model, even random)")
+    add_result_file_arg(ap)
     return ap.parse_args(argv)
 
 
@@ -337,7 +338,8 @@ def main(argv=None) -> None:
     breakdown = pass_breakdown(decoder, args.prompt_len + args.max_new_tokens // 2, k)
     print(f"pass pieces (median us, batch 1, {k} drafts): {json.dumps(breakdown)}", flush=True)
     if args.breakdown_only:
-        print_result({"model": source, "threads": torch.get_num_threads(), "pass_breakdown_us": breakdown})
+        print_result({"model": source, "threads": torch.get_num_threads(), "pass_breakdown_us": breakdown},
+                     args.result_file)
         return
     print(f"model: {source}; n_future={model.n_future} head_type={model.cfg.head_type}; "
           f"threads={torch.get_num_threads()}", flush=True)
@@ -348,7 +350,7 @@ def main(argv=None) -> None:
     summary = {"exact": True, "exact_across_batch_sizes": True, "model": source, "threads": torch.get_num_threads(),
                "num_drafts": k, "max_new_tokens": args.max_new_tokens, "pass_breakdown_us": breakdown, "results": {}}
     compare_modes(decoder, datasets, configs, k, args, tokenizer, summary)
-    print_result(summary)
+    print_result(summary, args.result_file)
 
 if __name__ == "__main__":
     main()

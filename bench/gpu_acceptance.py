@@ -1,21 +1,21 @@
 """The GPU checks in one go: on one CUDA GPU, within about 8 minutes, every figure this framework
 can only claim with a GPU; one JSON line at the end.
 
-    .venv/bin/python bench/gpu_acceptance.py             # on a machine with a CUDA GPU
-    .venv/bin/python bench/gpu_acceptance.py --quick     # on CPU: the CPU-runnable parts, small
+    .venv/bin/python -m bench.gpu_acceptance             # on a machine with a CUDA GPU
+    .venv/bin/python -m bench.gpu_acceptance --quick     # on CPU: the CPU-runnable parts, small
 
-Parts (each in its own process, each with a time limit):
+Parts (each in its own process, launched by ``bench.common.launch``, each with a time limit):
 
 * ``mfu_1b``: the job's own training step (``Trainer.train_step``) of ``model=1b
   parallel=fsdp train.dtype=bfloat16`` on one rank, random token batches, a few steps:
   tokens/s, MFU (analytic FLOPs per token over the GPU's dense bf16 peak, as the trainer
   logs it) and ``max_memory_allocated``.
-* ``loss_memory_128k``: ``bench/loss_memory.py --vocab 128256 --device cuda`` (naive vs
+* ``loss_memory_128k``: ``bench.loss_memory --vocab 128256 --device cuda`` (naive vs
   head-sequential vs chunked loss memory at a Llama-3 vocabulary).
-* ``decode_speed``: ``bench/decode_speed.py --device cuda`` on random weights of the 1b shape:
+* ``decode_speed``: ``bench.decode_speed --device cuda`` on random weights of the 1b shape:
   what a speculative pass costs in greedy passes (``pass_cost``) and its pieces; acceptance on
   random weights means nothing.
-* ``vs_megatron``: ``bench/vs_megatron.py`` (this framework's head-sequential step vs
+* ``vs_megatron``: ``bench.vs_megatron`` (this framework's head-sequential step vs
   megatron-core's GPTModel with MTP: memory and time).
 * ``plan_vs_measured``: ``mtp-plan``'s prediction for a 1b fsdp step on one rank against
   ``torch.cuda.max_memory_allocated`` of the same step (``mtp_pretrain.plan.measure_step``).
@@ -28,8 +28,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,30 +35,23 @@ from pathlib import Path
 
 import torch
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.common import add_result_file_arg, launch, print_result, write_result
+
 BUDGET_S = 480  # the whole run on one GPU
 GPU_ONLY = {
     "mfu_1b": "needs CUDA: MFU is measured against a GPU's bf16 peak (a CPU run's MFU says nothing)",
     "loss_memory_128k": "needs CUDA: at vocab 128256 one head's logits are 4 GiB per 8k tokens; "
-                        "bench/loss_memory.py runs smaller shapes on CPU",
-    "vs_megatron": "needs CUDA: bench/vs_megatron.py compares against megatron-core on a GPU",
+                        "bench.loss_memory runs smaller shapes on CPU",
+    "vs_megatron": "needs CUDA: bench.vs_megatron compares against megatron-core on a GPU",
 }
 
 
-def last_json(text: str) -> dict:
-    for line in reversed(text.strip().splitlines()):
-        if line.startswith("{"):
-            return json.loads(line)
-    raise ValueError(f"no JSON line in the output:\n{text[-2000:]}")
-
-
-def run(cmd: list[str], timeout: float, env: dict | None = None) -> dict:
+def run(module: str, args: list[str], timeout: float) -> dict:
+    """One part: ``python -m module *args`` in a fresh process (its own process group and CUDA
+    memory statistics); its result and the seconds it took."""
     t0 = time.perf_counter()
-    p = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=timeout,
-                       env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})
-    if p.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} exited {p.returncode}:\n{p.stdout[-1500:]}\n{p.stderr[-3000:]}")
-    return {"seconds": round(time.perf_counter() - t0, 1), **last_json(p.stdout)}
+    out = launch(module, args, threads=None, timeout=timeout, what=f"gpu_acceptance: {module} {' '.join(args)}")
+    return {"seconds": round(time.perf_counter() - t0, 1), **out}
 
 
 def one_rank_env(cuda: bool):
@@ -112,9 +103,9 @@ def decode_speed(tmp: Path, timeout: float, cuda: bool) -> dict:
     prompts.write_text("".join(json.dumps({"ids": torch.randint(0, 256, (64,), generator=gen).tolist()}) + "\n"
                                for _ in range(4)))
     size = "1b" if cuda else "tiny"
-    return run([sys.executable, "bench/decode_speed.py", "--random-init", "--model-size", size, "--prompts",
-                str(prompts), "--max-new-tokens", "64" if cuda else "16", "--batch-sizes", "1", "--no-tree",
-                "--repeats", "1", "--device", "cuda" if cuda else "cpu"], timeout)
+    return run("bench.decode_speed", ["--random-init", "--model-size", size, "--prompts", str(prompts),
+                                      "--max-new-tokens", "64" if cuda else "16", "--batch-sizes", "1", "--no-tree",
+                                      "--repeats", "1", "--device", "cuda" if cuda else "cpu"], timeout)
 
 
 def plan_vs_measured(cuda: bool, quick: bool) -> dict:
@@ -159,10 +150,11 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="smallest shapes (CPU smoke test)")
     ap.add_argument("--only", default="", help="comma-separated parts to run (default: all)")
     ap.add_argument("--child", choices=["mfu_1b", "plan_vs_measured"], help=argparse.SUPPRESS)
+    add_result_file_arg(ap)
     args = ap.parse_args(argv)
     cuda = torch.cuda.is_available()
     if args.child:  # a fresh process per part: its own process group and CUDA memory statistics
-        print(json.dumps(mfu_1b() if args.child == "mfu_1b" else plan_vs_measured(cuda, args.quick)))
+        write_result(args.result_file, mfu_1b() if args.child == "mfu_1b" else plan_vs_measured(cuda, args.quick))
         return 0
     t_start = time.perf_counter()
     parts = ["plan_vs_measured", "decode_speed", "mfu_1b", "loss_memory_128k", "vs_megatron"]
@@ -184,22 +176,21 @@ def main(argv=None) -> int:
             t0 = time.perf_counter()
             try:
                 if part in ("plan_vs_measured", "mfu_1b"):
-                    out = run([sys.executable, __file__, "--child", part] + (["--quick"] if args.quick else []),
-                              min(left, 180))
+                    out = run(__spec__.name, ["--child", part] + (["--quick"] if args.quick else []), min(left, 180))
                 elif part == "decode_speed":
                     out = decode_speed(tmp, min(left, 120), cuda)
                 elif part == "loss_memory_128k":
-                    out = run([sys.executable, "bench/loss_memory.py", "--vocab", "128256", "--device", "cuda",
-                               "--pairs", "2"], min(left, 120))
+                    out = run("bench.loss_memory", ["--vocab", "128256", "--device", "cuda", "--pairs", "2"],
+                              min(left, 120))
                 else:
-                    out = run([sys.executable, "bench/vs_megatron.py", "--steps", "3", "--warmup", "1"], min(left, 150))
+                    out = run("bench.vs_megatron", ["--steps", "3", "--warmup", "1"], min(left, 150))
                 result["results"][part] = out
                 print(f"  {part}: done in {time.perf_counter() - t0:.0f}s", flush=True)
             except Exception as e:  # noqa: BLE001 - one failing part must not hide the others' figures
                 result["errors"][part] = f"{type(e).__name__}: {str(e)[-1500:]}"
                 print(f"  {part}: FAILED ({type(e).__name__}) after {time.perf_counter() - t0:.0f}s", flush=True)
     result["seconds"] = round(time.perf_counter() - t_start, 1)
-    print(json.dumps(result))
+    print_result(result, args.result_file)
     return 1 if result["errors"] else 0
 
 

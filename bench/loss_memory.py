@@ -313,7 +313,7 @@ def main(argv=None) -> int:
     print_table(summary, args.chunk)
     result = figures(summary, paired, args)
     result["floors_met"] = check_floors(result)
-    print_result(result)
+    print_result(result, args.result_file)
     return 0
 
 

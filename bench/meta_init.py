@@ -1,50 +1,165 @@
 """Time to first step and set-up memory: meta-device initialisation vs building on the host.
 
-    .venv/bin/python bench/meta_init.py [--model 1b] [--nproc 2] [--strategy fsdp] [--repeats 1] [--no-backward]
+    .venv/bin/python -m bench.meta_init [--model 1b] [--nproc 2] [--strategy fsdp] [--repeats 1] [--no-backward]
 
-Each variant is one torchrun launch of ``tests/meta_init_worker.py`` (mode ``step``) on CPU ranks:
-the Trainer's model set-up (``parallel.meta_init=true``: built on the meta device, sharded, each
-rank initialising its own shards; ``false``: the whole model built and initialised on every
-rank's host, then sharded), then the first step's forward and backward (head-sequential loss,
-one micro-batch of ``--seq-len`` tokens), no optimizer step. ``--no-backward``: the forward alone
-(per-head losses). On a 24 GB machine 1b on 2 ranks fits only forward-only: gradient shards,
-FSDP's unsharded gradients and reduce-scatter buffers on top of the parameter shards got a rank
-killed for memory (AdamW's state would add another 13 GB). Launch start-up (imports, process
-group) is not counted. Peak RSS is each rank's ``ru_maxrss`` when set-up ends and after the step.
-Variants alternate (host, meta, host, meta, ...) so that machine load hits both alike. Both must
-give the same losses and gradient norm (same initial weights, same sharding). Ends with one JSON
-line.
+Each variant is one ``bench.common.launch`` of this module's worker (``--worker-spec``, mode
+``step``) on ``--nproc`` CPU ranks: the Trainer's model set-up (``parallel.meta_init=true``: built
+on the meta device, sharded, each rank initialising its own shards; ``false``: the whole model
+built and initialised on every rank's host, then sharded), then the first step's forward and
+backward (head-sequential loss, one micro-batch of ``--seq-len`` tokens), no optimizer step.
+``--no-backward``: the forward alone (per-head losses). On a 24 GB machine 1b on 2 ranks fits only
+forward-only: gradient shards, FSDP's unsharded gradients and reduce-scatter buffers on top of the
+parameter shards got a rank killed for memory (AdamW's state would add another 13 GB). Launch
+start-up (imports, process group) is not counted. Peak RSS is each rank's ``ru_maxrss`` when
+set-up ends and after the step. Variants alternate (host, meta, host, meta, ...) so that machine
+load hits both alike. Both must give the same losses and gradient norm (same initial weights,
+same sharding). Ends with one JSON line.
+
+The worker also serves tests/test_meta_init.py. Its spec (a JSON file):
+``{"out": dir, "runs": [{"name": str, "overrides": [hydra overrides...], "mode": MODE}]}``, MODE:
+
+* ``init``: the Trainer's model set-up (``build_model``); rank 0 saves the gathered full state
+  dict to out/<name>.pt;
+* ``shard``: build on the meta device and shard only (no storage): every rank's local parameter
+  bytes and peak RSS;
+* ``step``: set-up, then the first step's forward and backward (one micro-batch of synthetic
+  tokens, the job's loss, no optimizer; ``"backward": false``: the forward alone): per-head
+  losses, the gradient norm, set-up and step seconds, every rank's peak RSS after set-up and
+  after the step.
+
+The launch returns {run name: its figures}. Peak RSS is the process's ``ru_maxrss`` (Linux: KiB),
+which includes everything the process ever held (Python, torch, gloo) since it started.
 """
 
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import json
 import os
+import resource
 import statistics
-import subprocess
-import sys
 import tempfile
+import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-WORKER = REPO / "tests" / "meta_init_worker.py"
+import torch
+import torch.distributed as dist
+
+from bench.common import add_result_file_arg, launch, print_result, write_result
+
 GIB = 2**30
 
 
-def launch(out: Path, nproc: int, runs: list[dict]) -> dict[str, dict]:
+# --- the worker: one rank of a launch ------------------------------------------------------------
+def peak_rss_bytes() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def local_bytes(model) -> int:
+    from torch.distributed.tensor import DTensor
+
+    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
+               for p in model.parameters())
+
+
+def gather_all(obj) -> list:
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def run_one(run: dict, out: Path, env) -> dict:
+    """Set up (and step) one run in this process group; its figures (every rank's, gathered)."""
+    from mtp_pretrain.config import compose_job_config
+    from mtp_pretrain.parallel import build_strategy
+    from mtp_pretrain.parallel.materialize import build_model
+
+    cfg = compose_job_config(run["overrides"])
+    strategy = build_strategy(cfg.parallel, env, None)
+    strategy.validate(cfg.model, seq_len=cfg.data.seq_len)
+    log = (lambda msg: print(f"[{run['name']}] {msg}", flush=True)) if env.is_main else (lambda msg: None)
+    result: dict = {"name": run["name"], "world_size": env.world_size}
+    t0 = time.perf_counter()
+    if run["mode"] == "shard":
+        from mtp_pretrain.model import MTPTransformer
+
+        with torch.device("meta"):
+            model = MTPTransformer(cfg.model)
+        model = strategy.parallelize(model)
+        result["setup_s"] = time.perf_counter() - t0
+        result["all_meta"] = gather_all(all(p.is_meta for p in model.parameters()))
+        result["local_param_bytes"] = gather_all(local_bytes(model))
+        result["peak_rss_bytes"] = gather_all(peak_rss_bytes())
+    else:
+        model = build_model(cfg, strategy, env.device, log)
+        result["setup_s"] = time.perf_counter() - t0
+        result["local_param_bytes"] = gather_all(local_bytes(model))
+        result["setup_peak_rss_bytes"] = gather_all(peak_rss_bytes())
+    if run["mode"] == "init":
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        if env.is_main:
+            torch.save(full, out / f"{run['name']}.pt")
+    if run["mode"] == "step":
+        from mtp_pretrain.loss import evaluate_loss, mtp_loss
+
+        n, T, B = cfg.model.n_future, cfg.data.seq_len, cfg.train.micro_batch_size
+        # The same tokens on every data-parallel rank, so the loss does not depend on the layout.
+        tokens = torch.randint(0, cfg.model.vocab_size, (B, T + n), generator=torch.Generator().manual_seed(7))
+        t1 = time.perf_counter()
+        if run.get("backward", True):
+            hooks = strategy.grad_sync_hooks(model, last_micro_batch=True)
+            with strategy.loss_context():
+                loss = mtp_loss(cfg.loss.impl, model, tokens, seq_len=T, weights=[1.0] * n,
+                                chunk_size=cfg.loss.chunk_size, hooks=hooks)
+            strategy.finish_backward(model)
+            per_head = torch.stack(loss.per_head).detach().float()
+            result["grad_norm"] = float(strategy.clip_grad_norm(model, 0.0))
+        else:  # the forward alone (the trainer's validation path): no gradients held
+            with torch.no_grad(), strategy.loss_context():
+                sums, counts = evaluate_loss(model, tokens, seq_len=T, chunk_size=cfg.loss.chunk_size)
+            per_head = torch.stack([s.float() / c for s, c in zip(sums, counts)])
+            result["grad_norm"] = None
+        result["losses"] = strategy.all_reduce_mean(per_head).tolist()
+        result["step_s"] = time.perf_counter() - t1
+        result["time_to_first_step_s"] = time.perf_counter() - t0
+        result["peak_rss_bytes"] = gather_all(peak_rss_bytes())
+    del model
+    dist.barrier()
+    return result
+
+
+def worker(spec_file: str, result_file: str) -> None:
+    from mtp_pretrain.parallel import destroy_distributed, init_distributed
+
+    faulthandler.enable(all_threads=True)  # a hung collective shows every thread's stack
+    torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    spec = json.loads(Path(spec_file).read_text())
+    out = Path(spec["out"])
+    out.mkdir(parents=True, exist_ok=True)
+    env = init_distributed("cpu", 600)
+    try:
+        results = {run["name"]: run_one(run, out, env) for run in spec["runs"]}
+        write_result(result_file, results, rank=env.rank)
+    finally:
+        destroy_distributed()
+
+
+def run_variants(out: Path, nproc: int, runs: list[dict], threads: int | None = None,
+                 timeout: float = 3600) -> dict[str, dict]:
+    """``runs`` one after another in one launch of ``nproc`` ranks (a process group even for one);
+    {run name: its figures}. ``out`` receives the spec and the ``init`` runs' state dicts."""
     out.mkdir(parents=True, exist_ok=True)
     spec = out / "spec.json"
     spec.write_text(json.dumps({"out": str(out), "runs": runs}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           str(WORKER), str(spec)]
-    env = dict(os.environ, OMP_NUM_THREADS=os.environ.get("OMP_NUM_THREADS", "1"), PYTHONPATH=str(REPO))
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if p.returncode:
-        sys.exit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}")
-    return {r["name"]: json.loads((out / f"{r['name']}.json").read_text()) for r in runs}
+    return launch(__spec__.name, ["--worker-spec", str(spec)], nproc=nproc,
+                  threads=threads, timeout=timeout,
+                  what=f"meta_init {', '.join(r['name'] for r in runs)} on {nproc} rank(s)")
 
 
+# --- the measurement -----------------------------------------------------------------------------
 def overrides(args, meta: bool) -> list[str]:
     return [f"model={args.model}", f"parallel={args.strategy}", f"parallel.meta_init={str(meta).lower()}",
             "train.device=cpu", f"data.seq_len={args.seq_len}", "train.micro_batch_size=1"]
@@ -58,7 +173,11 @@ def main() -> None:
     ap.add_argument("--seq-len", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-backward", action="store_true", help="time the first forward only")
+    ap.add_argument("--worker-spec", help=argparse.SUPPRESS)
+    add_result_file_arg(ap)
     args = ap.parse_args()
+    if args.worker_spec:
+        return worker(args.worker_spec, args.result_file)
     from mtp_pretrain.model import count_parameters, model_config
 
     full_gib = count_parameters(model_config(args.model))["total"] * 4 / GIB
@@ -67,9 +186,9 @@ def main() -> None:
         for i in range(args.repeats):
             for variant in ("host", "meta"):
                 name = f"{variant}_{i}"
-                r = launch(Path(tmp) / name, args.nproc,
-                           [{"name": name, "mode": "step", "backward": not args.no_backward,
-                             "overrides": overrides(args, variant == "meta")}])[name]
+                r = run_variants(Path(tmp) / name, args.nproc,
+                                 [{"name": name, "mode": "step", "backward": not args.no_backward,
+                                   "overrides": overrides(args, variant == "meta")}])[name]
                 runs[variant].append(r)
                 print(f"{variant:4s} #{i}: set-up {r['setup_s']:.1f}s, first step {r['step_s']:.1f}s, "
                       f"to first step {r['time_to_first_step_s']:.1f}s; peak RSS per rank after set-up "
@@ -87,11 +206,11 @@ def main() -> None:
     host, meta = summary(runs["host"]), summary(runs["meta"])
     same = all(r["losses"] == runs["host"][0]["losses"] and r["grad_norm"] == runs["host"][0]["grad_norm"]
                for r in runs["host"] + runs["meta"])
-    print(json.dumps({"model": args.model, "strategy": args.strategy, "nproc": args.nproc,
-                      "first_step": "forward" if args.no_backward else "forward+backward",
-                      "full_fp32_gib": round(full_gib, 2), "host": host, "meta": meta,
-                      "time_to_first_step_ratio": round(host["time_to_first_step_s"] / meta["time_to_first_step_s"], 2),
-                      "same_losses_and_grad_norm": same, "repeats": args.repeats}))
+    print_result({"model": args.model, "strategy": args.strategy, "nproc": args.nproc,
+                  "first_step": "forward" if args.no_backward else "forward+backward",
+                  "full_fp32_gib": round(full_gib, 2), "host": host, "meta": meta,
+                  "time_to_first_step_ratio": round(host["time_to_first_step_s"] / meta["time_to_first_step_s"], 2),
+                  "same_losses_and_grad_norm": same, "repeats": args.repeats})
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ real on this CPU, on ``world_size`` torchrun ranks over gloo (``plan.measure_ste
 of the CPU allocator's running total of live bytes, from torch's profiler (``profile_memory``),
 over the step -- the quantity ``torch.cuda.max_memory_allocated`` reports on a GPU.
 
-    .venv/bin/python bench/plan_accuracy.py                 # the documented table
-    .venv/bin/python bench/plan_accuracy.py --only tiny      # the tiny settings only
+    .venv/bin/python -m bench.plan_accuracy                 # the documented table
+    .venv/bin/python -m bench.plan_accuracy --only tiny      # the tiny settings only
 
 Error = (predicted - measured) / measured on rank 0 (every rank is printed); the floor is
 |error| <= 20 % for every setting. The last line is one JSON object with ``max_abs_rel_error``.
@@ -19,16 +19,14 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import os
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench.common import MiB, add_result_file_arg, launch, print_result, write_result
+
 FLOOR = 0.20
-MiB = 2 ** 20
 
 # name: (world size, Hydra overrides). Short sequences and micro-batches: real steps on 2 shared cores.
 SETTINGS = {
@@ -53,45 +51,48 @@ SETTINGS = {
 COMMON = ["data.seq_len=128", "train.micro_batch_size=2", "train.dtype=float32", "logging=quiet"]
 
 
-def worker(spec_path: str) -> None:
-    """One torchrun rank: measure every setting of the spec, write this rank's figures."""
+def worker(spec_path: str, result_file: str) -> None:
+    """One torchrun rank: measure every setting of the spec; rank 0 writes every rank's figures."""
     import torch
+    import torch.distributed as dist
 
     from mtp_pretrain.config import compose_job_config
-    from mtp_pretrain.parallel import init_distributed
+    from mtp_pretrain.parallel import destroy_distributed, init_distributed
     from mtp_pretrain.plan import measure_step
 
-    spec = json.loads(Path(spec_path).read_text())
+    settings = json.loads(Path(spec_path).read_text())
     env = init_distributed("cpu")
     torch.set_num_threads(1)
-    out = {}
-    for name, overrides in spec["settings"].items():
-        out[name] = measure_step(compose_job_config(overrides), env)
-        gc.collect()  # the previous setting's model and optimizer (reference cycles) go now
-    Path(spec["out"], f"rank{env.rank}.json").write_text(json.dumps(out))
+    try:
+        mine = {}
+        for name, overrides in settings.items():
+            mine[name] = measure_step(compose_job_config(overrides), env)
+            gc.collect()  # the previous setting's model and optimizer (reference cycles) go now
+        ranks = [mine]
+        if dist.is_initialized():  # init_distributed makes no process group for one rank
+            ranks = [None] * env.world_size
+            dist.all_gather_object(ranks, mine)
+        write_result(result_file, {name: [r[name] for r in ranks] for name in settings}, rank=env.rank)
+    finally:
+        destroy_distributed()
 
 
 def measure(world: int, settings: dict[str, list[str]], tmp: Path) -> dict[str, list[dict]]:
+    """The settings measured one after another on ``world`` ranks: {name: [rank 0's, rank 1's, ...]}."""
     spec = tmp / f"spec{world}.json"
-    spec.write_text(json.dumps({"out": str(tmp), "settings": settings}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={world}",
-           __file__, "--worker", str(spec)]
-    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE")}
-    env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(REPO))
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    if p.returncode:
-        raise RuntimeError(f"{' '.join(cmd)} failed:\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
-    ranks = [json.loads((tmp / f"rank{r}.json").read_text()) for r in range(world)]
-    return {name: [r[name] for r in ranks] for name in settings}
+    spec.write_text(json.dumps(settings))
+    return launch(__spec__.name, ["--worker", str(spec)], nproc=world,
+                  what=f"plan_accuracy: {len(settings)} setting(s) on {world} rank(s)")
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--only", default="", help="run the settings whose name contains this")
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    add_result_file_arg(ap)
     args = ap.parse_args(argv)
     if args.worker:
-        worker(args.worker)
+        worker(args.worker, args.result_file)
         return 0
     from mtp_pretrain.config import compose_job_config
     from mtp_pretrain.plan import plan_step
@@ -129,7 +130,7 @@ def main(argv=None) -> int:
     result = {"bench": "plan_accuracy", "settings": len(errors), "max_abs_rel_error": round(worst, 4),
               "floor": FLOOR, "floor_met": worst <= FLOOR, "errors": errors,
               "seconds": round(time.perf_counter() - t0, 1)}
-    print(json.dumps(result))
+    print_result(result)
     return 0
 
 

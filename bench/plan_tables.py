@@ -2,8 +2,8 @@
 for the 1b, 7b and 70b shapes on 8, 64 and 512 GPUs of 80 GB, n = 1 and 4, head-sequential vs
 naive loss, with and without activation checkpointing. Predictions, not measurements.
 
-    .venv/bin/python bench/plan_tables.py                       # everything (tens of minutes on 2 cores)
-    .venv/bin/python bench/plan_tables.py --models 1b --worlds 8
+    .venv/bin/python -m bench.plan_tables                       # everything (tens of minutes on 2 cores)
+    .venv/bin/python -m bench.plan_tables --models 1b --worlds 8
 
 Each row is one fake step (``mtp_pretrain.plan.plan_step``) of
 ``model=<m> parallel=fsdp data.seq_len=4096 train.micro_batch_size=1`` with the row's
@@ -20,6 +20,7 @@ import json
 import sys
 import time
 
+from bench.common import print_result
 from mtp_pretrain.config import compose_job_config
 from mtp_pretrain.plan import CATEGORIES, FRAGMENTATION, GPU_TYPES, RESERVED_GIB, GiB, plan_step
 
@@ -75,7 +76,7 @@ def main(argv=None) -> int:
                 print("row " + json.dumps(row), flush=True)
     for model in models:
         print("\n" + table(out, model), flush=True)
-    print(json.dumps({"bench": "plan_tables", "device": args.device, "rows": out}))
+    print_result({"bench": "plan_tables", "device": args.device, "rows": out})
     return 0
 
 

@@ -199,7 +199,7 @@ def main(argv=None) -> int:
     if "error" not in a and "error" not in b:
         line["peak_ratio_ours_over_megatron"] = round(a["peak_gib"] / b["peak_gib"], 3)
         line["time_ratio_ours_over_megatron"] = round(a["step_s"] / b["step_s"], 3)
-    print_result(line)
+    print_result(line, args.result_file)
     return 0
 
 

@@ -77,3 +77,23 @@ def test_launch_timeout_kills_the_whole_process_group(probe, tmp_path):
     while (alive(launched) or alive(grandchild)) and time.monotonic() < deadline:
         time.sleep(0.1)
     assert not alive(launched) and not alive(grandchild)
+
+
+# A whole bench, launched by another (bench.gpu_acceptance runs bench.decode_speed so): progress on
+# stdout, then its final line, which the launcher gets as the result.
+WHOLE_BENCH = '''
+import argparse
+from bench.common import add_result_file_arg, print_result
+
+ap = argparse.ArgumentParser()
+add_result_file_arg(ap)
+args = ap.parse_args()
+print("progress: 1 of 1")
+print_result({"bench": "whole", "figure": 42}, args.result_file)
+'''
+
+
+def test_launch_returns_a_whole_benchs_final_line(tmp_path):
+    (tmp_path / "bench_whole.py").write_text(WHOLE_BENCH)
+    got = launch("bench_whole", env={"PYTHONPATH": str(tmp_path)})
+    assert got == {"bench": "whole", "figure": 42}

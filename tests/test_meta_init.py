@@ -2,42 +2,34 @@
 one-process initial weights, whatever the world size and strategy; a 7b model shards on 2 ranks
 without a host copy; ``train.init_from`` reads into the shards.
 
-Each multi-rank case is one torchrun launch of ``tests/meta_init_worker.py`` (several set-ups in one
+Each multi-rank case is one launch of bench/meta_init.py's worker (several set-ups in one
 process group); rank 0 gathers the sharded model (``get_model_state_dict(full_state_dict=True)``)
 and the test compares it with ``MTPTransformer(cfg, init_seed=train.seed)`` built here.
 """
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import REPO, _env, rank_logs
+from bench.common import LaunchError
+from bench.meta_init import run_variants
+from conftest import THREADS
 from mtp_pretrain.config import compose_job_config
 from mtp_pretrain.model import MTPTransformer, count_parameters, model_config
 
-WORKER = REPO / "tests" / "meta_init_worker.py"
 SEED = 1234
 TINY = ["model=tiny", "train.device=cpu", f"train.seed={SEED}"]
 
 
 def launch(out: Path, nproc: int, runs: list[dict], timeout: float = 900) -> dict[str, dict]:
-    """Run the worker's ``runs`` in one torchrun launch; {name: its result json}."""
-    out.mkdir(parents=True, exist_ok=True)
-    spec = out / "spec.json"
-    spec.write_text(json.dumps({"out": str(out), "runs": runs}))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           f"--log-dir={out / 'logs'}", "--redirects=3", str(WORKER), str(spec)]
-    p = subprocess.run(cmd, cwd=REPO, env=_env(), capture_output=True, text=True, timeout=timeout)
-    if p.returncode:
-        pytest.fail(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stdout[-3000:]}\n{p.stderr[-6000:]}"
-                    + rank_logs(out / "logs", p.stderr))
-    return {r["name"]: json.loads((out / f"{r['name']}.json").read_text()) for r in runs}
+    """Run the worker's ``runs`` in one launch of ``nproc`` ranks; {name: its figures}."""
+    try:
+        return run_variants(out, nproc, runs, threads=int(THREADS), timeout=timeout)
+    except LaunchError as e:
+        pytest.fail(str(e))
 
 
 def one_process_init(overrides: list[str]) -> dict[str, torch.Tensor]:

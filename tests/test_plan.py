@@ -3,7 +3,7 @@
 The prediction (``plan_step``: FakeTensorMode, fake process group) and the measurement
 (``measure_step``: real tensors, the CPU allocator's running total from torch's profiler) are
 two independent counts of one job's step; on one CPU process they agree to the byte
-(bench/plan_accuracy.py covers FSDP, DDP and TP on 2 ranks, with a stated 20 % floor).
+(bench.plan_accuracy covers FSDP, DDP and TP on 2 ranks, with a stated 20 % floor).
 """
 
 from __future__ import annotations
@@ -144,7 +144,7 @@ def test_gpu_acceptance_cpu_path_lists_what_it_skipped():
     from pathlib import Path
 
     repo = Path(__file__).resolve().parent.parent
-    p = subprocess.run([sys.executable, "bench/gpu_acceptance.py", "--quick",
+    p = subprocess.run([sys.executable, "-m", "bench.gpu_acceptance", "--quick",
                         "--only", "plan_vs_measured,mfu_1b,loss_memory_128k,vs_megatron"],
                        cwd=repo, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
