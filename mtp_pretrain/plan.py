@@ -51,6 +51,7 @@ from mtp_pretrain.head_schedule import HeadWeights
 from mtp_pretrain.model import MTPTransformer
 from mtp_pretrain.optim import build_adamw, build_scheduler, init_adamw_state
 from mtp_pretrain.parallel import build_strategy
+from mtp_pretrain.parallel.materialize import allocate, is_meta, run_deferred
 from mtp_pretrain.train import Trainer, freeze_next_token_path
 
 GiB = 2 ** 30
@@ -306,8 +307,9 @@ class StepOnlyTrainer(Trainer):
             _build_meshes_now(self.strategy)
 
     def build_model(self) -> MTPTransformer:
-        """The plain model: on the meta device when fake (outside FakeTensorMode: its ``.to``
-        in ``parallelize`` then makes fake tensors of it), else initialised on the host."""
+        """The plain model: on the meta device when fake (outside FakeTensorMode; ``set_up`` gives
+        it fake storage: the strategy's ``.to`` where it builds on the host, ``allocate`` after
+        sharding where it builds on meta), else initialised on the host."""
         torch.manual_seed(self.cfg.train.seed)
         with torch.device("meta") if self.fake else contextlib.nullcontext():
             model = MTPTransformer(self.cfg.model)
@@ -320,6 +322,9 @@ class StepOnlyTrainer(Trainer):
         called before and after each optimizer step."""
         cfg = self.cfg
         self.model = self.strategy.parallelize(model)
+        if is_meta(self.model):  # built on meta and sharded, as the job does: storage, no initial values
+            allocate(self.model, self.env.device)
+            run_deferred(self.model)
         self.optimizer = self.strategy.build_optimizer(self.model, lambda m: build_adamw(m, cfg.optim))
         if self.emulation.foreach:  # torch's default for CUDA tensors
             for group in self.optimizer.param_groups:

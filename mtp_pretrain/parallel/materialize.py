@@ -120,10 +120,7 @@ def materialize(model: nn.Module, device: torch.device, seed: int,
                 log: Optional[Callable[[str], None]] = None) -> nn.Module:
     """Give a (possibly sharded) meta-device ``MTPTransformer`` storage on ``device`` and
     initialise each rank's shards to exactly what ``MTPTransformer(cfg, init_seed=seed)`` holds."""
-    shared = _shared_parameters(model)
-    model.to_empty(device=device)
-    _retie(shared)
-    model.init_buffers()
+    allocate(model, device)
     params = list(model.named_parameters())  # a tied / shared parameter once, under its first name
     progress = Progress("initialising", sum(p.numel() for _, p in params), log)
     for name, p in params:
@@ -131,9 +128,23 @@ def materialize(model: nn.Module, device: torch.device, seed: int,
         _copy_into(p, local_part(p, full))
         del full
         progress.add(p.numel())
+    run_deferred(model)
+    return model
+
+
+def allocate(model: nn.Module, device: torch.device) -> None:
+    """Storage (uninitialised) for a meta-device model's parameters and shards, shared parameters
+    tied again, buffers computed."""
+    shared = _shared_parameters(model)
+    model.to_empty(device=device)
+    _retie(shared)
+    model.init_buffers()
+
+
+def run_deferred(model: nn.Module) -> None:
+    """What strategies deferred with ``when_materialized`` (the model has storage now)."""
     for fn in model.__dict__.pop("_when_materialized", []):
         fn()
-    return model
 
 
 # --- init_from: read into the shards --------------------------------------------------------------
