@@ -1,7 +1,7 @@
 """Pipeline parallelism: per-stage peak memory of a training step with the head-sequential vs the
 naive loss on the last stage, and the measured pipeline bubble against the schedule's theoretical one.
 
-Every configuration is one ``torchrun`` launch of this script (``--worker``) on CPU/gloo, each rank
+Every configuration is one torchrun launch of this module (``--worker``, via ``bench.common.launch``) on CPU/gloo, each rank
 running the real ``Trainer`` (``parallel.pp_size`` stages, no other parallelism) on random tokens:
 
 * memory -- PP=2 and PP=4 (1f1b), n=4 transformer heads, vocabulary 32768, ``loss.impl`` =
@@ -25,8 +25,8 @@ running the real ``Trainer`` (``parallel.pp_size`` stages, no other parallelism)
   upper bound there. A run with ``parallel.pp_layout`` balancing the two stages of PP=2 shows how
   much of the idle time is that imbalance.
 
-    python bench/pipeline.py                # the documented run
-    python bench/pipeline.py --quick        # a smoke run (small vocabulary, short sequences)
+    python -m bench.pipeline                # the documented run
+    python -m bench.pipeline --quick        # a smoke run (small vocabulary, short sequences)
 
 The last line printed is one JSON object.
 """
@@ -38,13 +38,12 @@ import json
 import os
 import resource
 import shutil
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parent.parent
+from bench import common
+from bench.common import reset_peak_rss
 FLOOR_LAST_STAGE = 0.6  # head-sequential last-stage step delta <= 0.6 x naive's
 
 
@@ -57,17 +56,8 @@ def max_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: KiB
 
 
-def reset_peak_rss() -> bool:
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
 # --- one rank ------------------------------------------------------------------------------------
-def worker(spec_path: str) -> None:
+def worker(spec_path: str, result_file: str) -> None:
     import torch
     import torch.distributed as dist
 
@@ -106,27 +96,20 @@ def worker(spec_path: str) -> None:
     ranks = [None] * dist.get_world_size()
     dist.all_gather_object(ranks, mine)
     if trainer.env.is_main:
-        Path(spec["result"]).write_text(json.dumps({"ranks": ranks, "grad_accum": trainer.grad_accum}))
+        common.write_result(result_file, {"ranks": ranks, "grad_accum": trainer.grad_accum})
     trainer.close()
 
 
 # --- the launches --------------------------------------------------------------------------------
 def launch(name: str, nproc: int, overrides: list[str], steps: int, work: Path) -> dict:
-    spec = {"overrides": overrides, "out": str(work / name), "result": str(work / f"{name}.json"), "steps": steps}
     spec_path = work / f"{name}.spec.json"
-    spec_path.write_text(json.dumps(spec))
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
-           __file__, "--worker", str(spec_path)]
+    spec_path.write_text(json.dumps({"overrides": overrides, "out": str(work / name), "steps": steps}))
     t0 = time.perf_counter()
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(REPO), WANDB_MODE="disabled",
-               # Fixed (not dynamic) glibc thresholds, as in bench/loss_memory.py: every allocation of
-               # 1 MiB or more is its own mmap, returned on free, so the warm-up step's freed tensors
-               # do not stay in the heap and hide the timed step's peak from the RSS high-water mark.
-               MALLOC_MMAP_THRESHOLD_=str(2**20), MALLOC_TRIM_THRESHOLD_=str(2**20))
-    p = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=3600)
-    if p.returncode:
-        sys.exit(f"{name} failed ({p.returncode}):\n{p.stdout[-2000:]}\n{p.stderr[-4000:]}")
-    out = json.loads(Path(spec["result"]).read_text())
+    # Fixed (not dynamic) glibc thresholds, as in bench/loss_memory.py: every allocation of 1 MiB or
+    # more is its own mmap, returned on free, so the warm-up step's freed tensors do not stay in the
+    # heap and hide the timed step's peak from the RSS high-water mark.
+    env = {"WANDB_MODE": "disabled", "MALLOC_MMAP_THRESHOLD_": str(2**20), "MALLOC_TRIM_THRESHOLD_": str(2**20)}
+    out = common.launch("bench.pipeline", ["--worker", str(spec_path)], nproc=nproc, env=env, what=name)
     print(f"{name}: {time.perf_counter() - t0:.0f}s  " + "  ".join(
         f"rank{r['rank']}{'(last)' if r['last'] else ''} fwd/bwd {r['fwd_bwd_delta_mb']:.0f}MB step "
         f"{r['step_delta_mb']:.0f}MB idle {r['idle_fraction']:.2f}"
@@ -141,6 +124,7 @@ def theoretical_bubble(pp: int, microbatches: int, stages_per_rank: int = 1) -> 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--worker", help=argparse.SUPPRESS)
+    common.add_result_file_arg(ap)
     ap.add_argument("--quick", action="store_true", help="a smoke run: small vocabulary and sequences")
     ap.add_argument("--vocab", type=int, default=32768)
     ap.add_argument("--dim", type=int, default=256)
@@ -149,7 +133,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=1, help="timed steps per configuration")
     args = ap.parse_args()
     if args.worker:
-        return worker(args.worker)
+        return worker(args.worker, args.result_file)
     if args.quick:
         args.vocab, args.seq = 4096, 64
 
@@ -205,9 +189,9 @@ def main() -> None:
                                         "idle_fraction_mean": round(sum(idle) / len(idle), 3),
                                         "theoretical": round(theoretical_bubble(pp, m, v), 3)}
     shutil.rmtree(work, ignore_errors=True)
-    print(json.dumps({"bench": "pipeline", "vocab": args.vocab, "dim": args.dim, "seq": args.seq,
-                      "micro_batch": args.micro_batch, "n_future": 4, "trunk_layers": 8, "memory": mem_out,
-                      "bubble": bubble, "floors": floors}))
+    common.print_result({"bench": "pipeline", "vocab": args.vocab, "dim": args.dim, "seq": args.seq,
+                         "micro_batch": args.micro_batch, "n_future": 4, "trunk_layers": 8, "memory": mem_out,
+                         "bubble": bubble, "floors": floors}, args.result_file)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,7 @@ import torch
 from conftest import launch_worker
 from test_parallel import STEPS, TOL, _same, assert_continues, assert_matches, base_overrides, final_params, \
     max_param_diff
+from test_parallel import data  # noqa: F401 - the same random-documents dataset (a module-scoped fixture)
 
 NONFINITE_AT = [3]
 # Model shapes beyond the n=4 transformer-head model: every way the embedding reaches the last stage.
@@ -50,16 +51,6 @@ VALIDATION = ["logging.val_interval=5", "logging.val_batches=2", "logging.decode
 
 def pp(size: int, schedule: str = "1f1b", *extra: str) -> list[str]:
     return [f"parallel.pp_size={size}", f"parallel.pp_schedule={schedule}", *extra]
-
-
-@pytest.fixture(scope="module")
-def data(tmp_path_factory) -> Path:
-    from mtp_pretrain.data.synthetic import write_random_dataset
-
-    path = tmp_path_factory.mktemp("pp_data") / "random"
-    # Documents of 24 tokens: every stage builds the packed-document mask of its micro-batch.
-    write_random_dataset(path, {"train": 100_000, "val": 10_000}, seed=0, doc_len=24)
-    return path
 
 
 @pytest.fixture(scope="module")

@@ -278,17 +278,24 @@ class MTPTransformer(nn.Module):
         self.check_length(inputs.shape[1] if positions is None else int(positions.max()) + 1)
         return self.trunk_segment(self.tok_embeddings(inputs), range(len(self.trunk)), positions, cache, documents)
 
-    def trunk_segment(self, x: torch.Tensor, blocks: range, positions: Optional[torch.Tensor] = None,
-                      cache: Optional[AttentionCache] = None,
-                      documents: Optional[PackedDocuments] = None) -> torch.Tensor:
-        """Trunk blocks ``blocks`` (indices into ``trunk``) on hidden states x [B, T, dim]: the
-        whole trunk after the embedding, or one pipeline stage's share of it."""
+    def _rotary_and_mask(self, x: torch.Tensor, positions: Optional[torch.Tensor],
+                         documents: Optional[PackedDocuments]):
+        """(cos, sin, attention mask) for hidden states x: positions restart per document when
+        ``documents`` is given, else run 0..T-1 unless given."""
         mask = None
         if documents is not None:
             positions, mask = documents.positions, documents.mask
         if positions is None:
             positions = torch.arange(x.shape[1], device=x.device)
         cos, sin = self.rope(positions)
+        return cos, sin, mask
+
+    def trunk_segment(self, x: torch.Tensor, blocks: range, positions: Optional[torch.Tensor] = None,
+                      cache: Optional[AttentionCache] = None,
+                      documents: Optional[PackedDocuments] = None) -> torch.Tensor:
+        """Trunk blocks ``blocks`` (indices into ``trunk``) on hidden states x [B, T, dim]: the
+        whole trunk after the embedding, or one pipeline stage's share of it."""
+        cos, sin, mask = self._rotary_and_mask(x, positions, documents)
         for i in blocks:
             x = self.trunk[i](x, cos, sin, cache, mask)
         return x
@@ -300,12 +307,7 @@ class MTPTransformer(nn.Module):
         """(state, normed state) of head i (1-based). x is z for independent heads and
         head i-1's state for chained (causal) heads, which also embed ``shifted_tokens``: the
         tokens at t+i-1 for every position t. ``documents`` as in ``trunk_forward``."""
-        mask = None
-        if documents is not None:
-            positions, mask = documents.positions, documents.mask
-        if positions is None:
-            positions = torch.arange(x.shape[1], device=x.device)
-        cos, sin = self.rope(positions)
+        cos, sin, mask = self._rotary_and_mask(x, positions, documents)
         emb = None
         if self.heads_chain and i > 1:
             emb = self.tok_embeddings(shifted_tokens)

@@ -139,6 +139,16 @@ def _make_root_of(model: nn.Module, members: list[nn.Module], kw: dict) -> None:
     when_materialized(model, root)  # FSDP's lazy init (the first forward) refuses meta parameters
 
 
+def shard_data_parallel(model: nn.Module, strategy: Strategy) -> None:
+    """FSDP over the layout's data-parallel mesh (fsdp, and fsdp_tp's second dimension): the
+    units above, or each pipeline stage's units under pipeline parallelism."""
+    mesh = strategy.dims.mesh["dp"]
+    if strategy.pipeline is not None:
+        shard_stage_units(model, strategy.pipeline.stage_modules, mesh, strategy.param_dtype, strategy.cfg.cpu_offload)
+    else:
+        shard_units(model, mesh, strategy.param_dtype, strategy.cfg.cpu_offload)
+
+
 class FSDPStrategy(Strategy):
     name = "fsdp"
     defer_shared_grad_sync = True  # False only to measure what deferring saves
@@ -159,11 +169,7 @@ class FSDPStrategy(Strategy):
     def parallelize(self, model: nn.Module) -> nn.Module:
         to_device(self.keep_own_stages(model), self.env.device)  # a meta-device model stays there until materialised
         apply_block_options(model, self.cfg)
-        if self.pipeline is not None:
-            shard_stage_units(model, self.pipeline.stage_modules, self.dims.mesh["dp"], self.param_dtype,
-                              self.cfg.cpu_offload)
-        else:
-            shard_units(model, self.dims.mesh["dp"], self.param_dtype, self.cfg.cpu_offload)
+        shard_data_parallel(model, self)
         return model
 
     def full_model(self, model: nn.Module, model_cfg) -> nn.Module | None:

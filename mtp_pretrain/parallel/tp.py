@@ -187,16 +187,12 @@ class FSDPTPStrategy(TPStrategy):
         refuse_tied_causal(model_cfg, self.name)
 
     def parallelize(self, model: nn.Module) -> nn.Module:
-        from mtp_pretrain.parallel.fsdp import shard_stage_units, shard_units
+        from mtp_pretrain.parallel.fsdp import shard_data_parallel
 
         to_device(self._keep_own_stages_tp(model), self.env.device)  # a meta model stays there until materialised
         apply_tp(model, self.dims.mesh["tp"])
         apply_block_options(model, self.cfg)
-        if self.pipeline is not None:
-            shard_stage_units(model, self.pipeline.stage_modules, self.dims.mesh["dp"], self.param_dtype,
-                              self.cfg.cpu_offload)
-        else:
-            shard_units(model, self.dims.mesh["dp"], self.param_dtype, self.cfg.cpu_offload)
+        shard_data_parallel(model, self)
         return model
 
     def grad_sync_hooks(self, model: nn.Module, last_micro_batch: bool) -> GradSyncHooks:
