@@ -56,9 +56,6 @@ def shard_units(model: nn.Module, mesh, param_dtype: torch.dtype | None = None, 
               mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
               offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
     for block in model.trunk:
-        # Explicit, not FSDP's default: every unit is its own root (see _make_root_of), and a
-        # root left to the default keeps its gathered parameters from forward to backward, so
-        # the whole trunk stayed unsharded through the step (found by mtp-plan).
         fully_shard(block, reshard_after_forward=True, **kw)
     for head in model.heads:
         fully_shard(head, **kw)
@@ -69,6 +66,11 @@ def shard_units(model: nn.Module, mesh, param_dtype: torch.dtype | None = None, 
         fully_shard(model.tok_embeddings, **kw)
         fully_shard(model.unembed, reshard_after_forward=False, **kw)
     fully_shard(model, **kw)
+    # The trunk's blocks under one root: as roots of their own (the loss calls them directly, never
+    # the model's forward) each kept its reduce-scatter buffer, a float32 copy of its gradient,
+    # until the end of the trunk's backward (found by mtp-plan: 23 GiB per rank for 7b); under one
+    # root each block's reduction waits for the previous one and frees its buffer.
+    _make_root_of(model, list(model.trunk), kw)
     if model.cfg.tie_embeddings:
         _make_root_of(model, [model.tok_embeddings, model.unembed], kw)
     return model
@@ -127,15 +129,16 @@ class _UnitRoot(nn.Module):
 
 
 def _make_root_of(model: nn.Module, members: list[nn.Module], kw: dict) -> None:
-    """FSDP makes the first unit to run a forward the root of every unit below it, and a unit of
-    several modules cannot be a root ("FSDP requires a single root module"). The loss calls the
-    units directly, never the model's forward, so each unit is its own root (its own end-of-backward
-    callback: one head's backward must not finalise the trunk's units). The tied embedding unit
-    (embedding + unembedding) gets a parameterless module above it as its root instead, run once
-    here, after every unit exists. It is kept outside the module tree (plain attribute), so parameter names do not change."""
+    """FSDP makes the first unit to run a forward the root of every unit below it. The loss calls
+    the units directly, never the model's forward, so each unit would be its own root (its own
+    end-of-backward callback: one head's backward must not finalise the trunk's units). Units that
+    belong together -- the trunk's blocks; the tied embedding unit (embedding + unembedding), which
+    as a unit of several modules cannot be a root at all ("FSDP requires a single root module") --
+    get a parameterless module above them as their root instead, run once after every unit
+    exists. It is kept outside the module tree (plain attribute), so parameter names do not change."""
     root = _UnitRoot(members)
     fully_shard(root, **kw)
-    model.__dict__["_fsdp_unit_root"] = root
+    model.__dict__.setdefault("_fsdp_unit_roots", []).append(root)
     when_materialized(model, root)  # FSDP's lazy init (the first forward) refuses meta parameters
 
 
