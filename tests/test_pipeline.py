@@ -216,6 +216,22 @@ def test_pp4_matches_one_process(data, workdir, reference):
 
 @pytest.mark.slow
 @pytest.mark.distributed
+def test_pp4_virtual_stage_schedules_match_one_process(data, workdir):
+    """PP=4 with two stages per rank (interleaved 1F1B; zero-bubble V): 8 trunk blocks, one per
+    stage, and 8 micro-batches (zbv needs one per stage), against one process of that model."""
+    deep = ["model.n_layers=8", "train.micro_batch_size=2"]
+    ref = launch_worker(workdir / "reference_deep", 1, [{"name": "hs", "overrides": base_overrides(data) + deep}])["hs"]
+    ref["params"] = final_params(ref["dir"])
+    res = launch("pp4_virtual", 4, {"interleaved_1f1b": [*deep, *pp(4, "interleaved_1f1b")],
+                                    "zbv": [*deep, *pp(4, "zbv")]}, data, workdir)
+    assert set(res) == {"interleaved_1f1b", "zbv"}
+    for run, result in res.items():
+        assert result["world_size"] == 4
+        assert_matches(result, ref, ref["params"], f"pp=4 {run}")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_pp2_x_tp2_matches_one_process(data, workdir, reference):
     res = launch("pp2_tp2", 4, {"hs": ["parallel=tp", *pp(2)],
                                 "tied_causal": ["parallel=tp", *pp(2, "interleaved_1f1b"), *PP_SHAPES["tied_causal"]]},
