@@ -147,6 +147,11 @@ def reference(data, workdir) -> dict:
             {"name": "naive", "overrides": base + ["loss.impl=naive"]},
             {"name": "nonfinite", "overrides": base, "nonfinite_loss_at": NONFINITE_AT}]
     runs += [{"name": k, "overrides": base + v} for k, v in SHAPES.items()]
+    return one_process_reference(workdir, runs)
+
+
+def one_process_reference(workdir: Path, runs: list[dict]) -> dict:
+    """``runs`` in one process, each result with its final parameters ("params")."""
     res = launch_worker(workdir / "reference", 1, runs)
     for run in res.values():
         run["params"] = final_params(run["dir"])

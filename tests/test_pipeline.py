@@ -37,6 +37,7 @@ import torch
 from conftest import launch_worker
 from test_parallel import STEPS, TOL, _same, assert_continues, assert_matches, base_overrides, final_params, \
     max_param_diff
+from test_parallel import one_process_reference
 from test_parallel import data  # noqa: F401 - the same random-documents dataset (a module-scoped fixture)
 
 NONFINITE_AT = [3]
@@ -66,10 +67,7 @@ def reference(data, workdir) -> dict:
     runs = [{"name": "hs", "overrides": base + ["checkpoint.interval=3"] + VALIDATION},
             {"name": "nonfinite", "overrides": base, "nonfinite_loss_at": NONFINITE_AT}]
     runs += [{"name": k, "overrides": base + v} for k, v in PP_SHAPES.items()]
-    res = launch_worker(workdir / "reference", 1, runs)
-    for run in res.values():
-        run["params"] = final_params(run["dir"])
-    return res
+    return one_process_reference(workdir, runs)
 
 
 _LAUNCHED: dict[str, dict] = {}
