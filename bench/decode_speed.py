@@ -130,6 +130,7 @@ def run_modes(decoder, prompts, batch_size, configs: dict[str, GenerationConfig]
                     total.forward_passes += res.stats.forward_passes
                     total.head_passes += res.stats.head_passes
                     total.draft_lengths += res.stats.draft_lengths
+                    total.probe_passes += res.stats.probe_passes
                 total.wall_time_s += res.stats.wall_time_s / repeats
     return tokens, {m: t.to_dict() for m, t in totals.items()}
 
@@ -276,6 +277,7 @@ def batch_entry(rows: dict, configs: dict, fixed: str, n_future: int) -> dict:
         "best_fixed_k": int(best_k),
         "auto_minus_best_fixed": round(speedup["auto"] - fixed_speedups[best_k], 3),
         "auto_draft_lengths": {str(j): rows["auto"]["draft_lengths"].count(j) for j in range(n_future)},
+        "auto_probe_passes": rows["auto"]["probe_passes"],
         "tokens_per_s": {m: rows[m]["tokens_per_s"] for m in configs},
         "ms_per_forward": {m: round(ms_per_pass[m], 3) for m in configs},
         "pass_cost_self_speculative": round(ms_per_pass[fixed] / ms_per_pass["greedy"], 3),

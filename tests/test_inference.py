@@ -326,24 +326,83 @@ def test_draft_length_controller_decision():
     for seconds in (1.2, 12.0, 1.2, 1.2):
         ctl.record_verification(1, 8, seconds, [])
     assert ctl.costs(8)[1] == pytest.approx(1.4) and ctl.choose(8) == 1
-    # A k next to the one in use (1) not timed for refresh_interval passes is timed again (the
-    # largest first), the others after 4x as long.
-    for _ in range(ctl.refresh_interval - 4):
+    # Every other k is stale after refresh_interval passes, and decoding earned allowance: they
+    # are timed again, the nearest to the one in use first (the longer of two), one at a time.
+    for _ in range(ctl.refresh_interval):
         ctl.record_verification(1, 8, 1.2, [])
         ctl.record_drafting(1, 8, 0.2)
     assert ctl.choose(8) == 2
     ctl.record_verification(2, 8, 1.5, [])
     assert ctl.choose(8) == 2  # its drafting not timed again yet (a switch to a longer draft catches up)
     ctl.record_drafting(2, 8, 0.3)
-    assert ctl.choose(8) == 3  # now next to 2, and stale
+    assert ctl.choose(8) == 0
+    ctl.record_verification(0, 8, 1.0, [])
+    ctl.record_drafting(0, 8, 0.0)
+    assert ctl.choose(8) == 3
     ctl.record_verification(3, 8, 1.8, [])
     ctl.record_drafting(3, 8, 0.4)
-    assert ctl.choose(8) == 1  # 0 is not next to 3: not stale for 4x longer
+    assert ctl.choose(8) == 1  # all timed again: back to the best
     # Free drafting heads but slow verification of 3 drafts: k = 2 (2.0/1.5 > 2.2/1.8 > 1.6/1.2)
     forced = DraftLengthController(3, cost_model=lambda k, b: [1.0, 1.2, 1.5, 1.8][k], acceptance_decay=1.0,
                                    prior_weight=1e-9)
     forced.record_verification(3, 10, 0.0, [0] * 4 + [1] * 2 + [2] * 2 + [3] * 2)
     assert forced.choose(1) == 2
+
+
+def test_probes_are_paid_from_an_allowance():
+    """A longer draft than the decision's is fed only as a probe: when what was seen at its
+    position has faded (passes since it was last fed), and when the allowance earned by decoding
+    (explore_share of its seconds) covers what the probe may lose, catch-up of skipped heads
+    included. The probe is then charged its regret; one that wins costs nothing."""
+    from mtp_pretrain.inference.adaptive import DraftLengthController
+
+    def warmed(**kw):
+        ctl = DraftLengthController(1, acceptance_decay=0.8, min_samples=1, **kw)
+        for k, drafting in ((1, 0.7), (0, 0.0)):  # warm-up, the longest untimed first; a draft costs 0.7 pass
+            assert ctl.choose(1) == k
+            ctl.record_drafting(k, 1, drafting)
+            ctl.record_verification(k, 1, 1.0, [0])  # the draft is rejected
+        return ctl
+
+    ctl = warmed(explore_share=0.02)
+    allowance = ctl._measured["allowance"]
+    # The warm-up's first pass was charged whole (nothing measured to compare it with).
+    assert allowance == pytest.approx(0.02 * 2.7 - 1.7)
+    passes = 0
+    while ctl.choose(1) == 0:  # greedy passes earn allowance; the rejection fades
+        ctl.record_drafting(0, 1, 0.0)
+        ctl.record_verification(0, 1, 1.0, [])
+        passes += 1
+        assert passes < 1000
+    # The probe waited until the allowance covered its 0.7 s of extra cost: 0.02 s per 1 s pass.
+    assert passes >= (0.7 - allowance) / 0.02 - 1, passes
+    before = ctl._measured["allowance"]
+    ctl.record_drafting(1, 1, 0.7)
+    ctl.record_verification(1, 1, 1.0, [0])  # lost: 1.7 s for one token
+    assert ctl._measured["allowance"] == pytest.approx(before + 0.02 * 1.7 - 0.7)
+    # A probe that wins (the draft accepted: 2 tokens for 1.7 s) is not charged.
+    ctl = warmed(explore_share=0.02)
+    while ctl.choose(1) == 0:
+        ctl.record_drafting(0, 1, 0.0)
+        ctl.record_verification(0, 1, 1.0, [])
+    before = ctl._measured["allowance"]
+    ctl.record_drafting(1, 1, 0.7)
+    ctl.record_verification(1, 1, 1.0, [1])
+    assert ctl._measured["allowance"] == pytest.approx(before + 0.02 * 1.7)
+    # Waking a head that must first catch up 1000 positions (at the measured 0.01 s each) costs
+    # more than the allowance can ever hold: never probed.
+    ctl = warmed(explore_share=0.02)
+    ctl.record_drafting(1, 1, 10.0, catch_up=1000)
+    for _ in range(2000):
+        assert ctl.choose(1, catch_up=lambda k: 1000 * k) == 0
+        ctl.record_drafting(0, 1, 0.0)
+        ctl.record_verification(0, 1, 1.0, [])
+    # No allowance (explore_share=0): never probed either; the decision alone stays greedy.
+    ctl = warmed(explore_share=0.0)
+    for _ in range(2000):
+        assert ctl.choose(1) == 0
+        ctl.record_drafting(0, 1, 0.0)
+        ctl.record_verification(0, 1, 1.0, [])
 
 
 def test_batch_draft_length_minimises_time_to_finish():

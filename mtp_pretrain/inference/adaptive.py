@@ -23,32 +23,45 @@ sequences that accept them while the one that does not pays for them in every pa
   positions, their unembedding) and the step's bookkeeping. Each is the lower quartile of the
   last few samples *at the current batch size* (finished sequences leave the batch and make
   every pass cheaper; on a shared machine other work only ever adds time, so a low quantile
-  ignores the passes it preempted); a k not yet timed at this
-  batch size takes its time at another batch size, rescaled by the two sizes' ratio on a k
-  timed at both. A drafting step that had to catch up positions of heads skipped earlier is not
-  a sample (it is a switching cost, not the steady price of k). A k next to the one in use that
-  was not timed for ``refresh_interval`` passes (4x that for the others) is timed again, so that
-  the times of the k not in use follow the machine's speed instead of keeping one unlucky sample.
+  ignores the passes it preempted); a k not yet timed at this batch size takes its time at
+  another batch size, rescaled by the two sizes' ratio on a k timed at both. A drafting step
+  that had to catch up positions of heads skipped earlier is not a sample (it is a switching
+  cost, not the steady price of k).
 * **Acceptance.** Conditional acceptance c_j = P(draft j accepted | draft j-1 accepted), from
-  decayed counts of the passes that fed position j (decay per pass, so acceptance is re-learned
-  as the text changes: indentation vs a new identifier), shrunk with a small pseudo-count
-  towards a prior: the acceptance the decoder's previous batch ended with (texts of one job
-  resemble each other), raised by as much as this batch's c_{j-1} exceeds the previous one's,
-  else c_{j-1} (1 for j = 1); a_j = c_1 ... c_j. Per sequence the same counts are kept
-  and shrunk towards the batch's estimate (a sequence just started, or rarely fed, behaves like
-  the batch). Positions not fed recently therefore
-  drift back to an optimistic guess, which is what makes the decoder probe a longer draft now
-  and then (one pass, which refreshes the estimate) instead of never learning that the text
-  became predictable. Exactness does not depend on any of this: verification is unchanged.
+  counts of the passes that fed position j, decayed by ``acceptance_decay`` at every new
+  observation of j (recent passes weigh more, so acceptance is re-learned as the text changes:
+  indentation vs a new identifier), shrunk with a small pseudo-count towards c_{j-1} (1 for
+  j = 1); a_j = c_1 ... c_j. A batch starts from the acceptance the decoder's previous batch
+  ended with, as ``carry_weight`` observations (texts of one job resemble each other), which the
+  batch's own observations soon outweigh. Per sequence the same counts are kept and shrunk
+  towards the batch's estimate (a sequence just started, or rarely fed, behaves like the batch).
+  A position that is not fed keeps its estimate: the decision alone never tries a draft it
+  expects to lose.
+* **Probes, on a budget.** What is not fed is not measured, so the decoder must now and then
+  feed a k it does not expect to win: to learn that the text became predictable (an optimistic
+  estimate, in which what was seen at position j fades by ``acceptance_decay`` per pass since j
+  was last fed, back to c_{j-1}, says a longer draft might now win), or to re-time a k not
+  timed for ``refresh_interval`` passes (the machine's speed drifts). Such a *probe* is paid
+  from an allowance that grows by ``explore_share`` of every second spent decoding (capped at
+  what ~200 passes earn). A probe is fed only when the allowance covers what it may lose: the
+  extra cost of its pass plus the catch-up of the drafting heads it wakes (heads skipped by
+  earlier passes must first run over every position they missed, a prompt included: measured
+  per head and position, and the decoder says how many positions each k would catch up). Then
+  the probe is charged its regret: its seconds (catch-up included) minus the tokens it brought
+  times the seconds per token the decision would have paid. Probes that lose cost at most
+  ``explore_share`` of the decoding time; a probe that wins costs nothing, and the decision then
+  follows what it saw. The budget is what keeps ``auto`` within a few percent of greedy
+  decoding where no draft pays.
 * **Warm-up.** Until every k has ``min_samples`` verification and drafting times, the decoder
   feeds the largest k still missing one (the first passes feed all heads, which also measures the
-  acceptance of every position), so a run tries each k once and then settles. Costs are a
-  property of the machine and the model, so a :class:`~mtp_pretrain.inference.decode.Decoder`
-  keeps its timings across ``generate`` calls (``measured``) and only its first batch warms up;
-  acceptance is a property of the text and starts afresh with every batch.
+  acceptance of every position), so a run tries each k once and then settles; warm-up is charged
+  to the allowance like a probe. Costs and the allowance are properties of the machine and the
+  model, so a :class:`~mtp_pretrain.inference.decode.Decoder` keeps them across ``generate``
+  calls (``measured``) and only its first batch warms up; acceptance is a property of the text
+  and starts afresh with every batch.
 
 ``cost_model`` (a test hook and a way to plan for other hardware) replaces the measured costs:
-``cost_model(k, batch_size)`` returns C(k) in any unit.
+``cost_model(k, batch_size)`` returns C(k) in any unit; nothing is timed and nothing probed.
 """
 
 from __future__ import annotations
@@ -57,37 +70,57 @@ from typing import Callable, Optional, Sequence
 
 CostModel = Callable[[int, int], float]
 
+PHASES = ("verify", "draft")
+
 
 class DraftLengthController:
     def __init__(self, max_drafts: int, cost_model: Optional[CostModel] = None, acceptance_decay: float = 0.95,
-                 prior_weight: float = 0.5, cost_samples: int = 9, min_samples: int = 2, refresh_interval: int = 100,
-                 measured: Optional[dict] = None, acceptance_prior: Optional[Sequence[float]] = None):
+                 prior_weight: float = 0.5, cost_samples: int = 25, min_samples: int = 2, refresh_interval: int = 200,
+                 explore_share: float = 0.02, carry_weight: float = 4.0, measured: Optional[dict] = None,
+                 acceptance_prior: Optional[Sequence[float]] = None):
         if max_drafts < 1:
             raise ValueError(f"max_drafts must be >= 1, got {max_drafts}")
         if (not 0 < acceptance_decay <= 1 or prior_weight <= 0 or not 1 <= min_samples <= cost_samples
-                or refresh_interval < 1):
-            raise ValueError("need 0 < acceptance_decay <= 1, prior_weight > 0, 1 <= min_samples <= cost_samples "
-                             "and refresh_interval >= 1")
+                or refresh_interval < 1 or not 0 <= explore_share < 1):
+            raise ValueError("need 0 < acceptance_decay <= 1, prior_weight > 0, 1 <= min_samples <= cost_samples, "
+                             "refresh_interval >= 1 and 0 <= explore_share < 1")
         self.max_drafts = max_drafts
         self.cost_model = cost_model
-        self.acceptance_prior = list(acceptance_prior) if acceptance_prior is not None else None
         self.decay, self.prior_weight = acceptance_decay, prior_weight
         self.cost_samples, self.min_samples, self.refresh_interval = cost_samples, min_samples, refresh_interval
-        self._last_choice: Optional[int] = None
+        self.explore_share = explore_share
         # Decayed counts per draft position j = 1..K (index j-1): sequences whose accepted
         # prefix reached j-1 in a pass that fed j, and those among them that accepted j.
         self.reached = [0.0] * max_drafts
         self.accepted = [0.0] * max_drafts
+        self.fed_at: list[Optional[int]] = [None] * max_drafts  # this batch's pass that last fed position j
+        self.batch_passes = 0
+        if acceptance_prior is not None:  # the previous batch's acceptance, as if seen just before this one
+            reach = 1.0
+            for j, c in enumerate(acceptance_prior):
+                self.reached[j], self.accepted[j] = carry_weight * reach, carry_weight * reach * c
+                self.fed_at[j] = -1
+                reach *= c
         self._per_row: dict[int, tuple[list[float], list[float]]] = {}  # row -> (reached, accepted)
         self.row_prior_weight = 2.0  # pseudo-passes of the batch estimate in a row's estimate
+        # The pass in flight: its k, whether it is a probe (charged to the allowance) and then
+        # the seconds per token the decision would have paid, and its seconds so far.
+        self._in_flight: Optional[int] = None
+        self._probe_rate: Optional[float] = None
+        self._probe_seconds = 0.0
+        self._timing_probe = False
+        self.probes = 0  # probe passes of this batch (warm-up included)
         # Shared with earlier runs when given: "passes" (verification passes timed so far), per
         # phase "timed" (the pass at which each k was last timed) and "count" (samples taken),
-        # and per batch size, per phase, the last samples per k (seconds).
-        self._measured = {} if measured is None else measured
-        self._measured.setdefault("passes", 0)
-        self._measured.setdefault("timed", {p: [None] * (max_drafts + 1) for p in ("verify", "draft")})
-        self._measured.setdefault("count", {p: [0] * (max_drafts + 1) for p in ("verify", "draft")})
-        self._costs: dict[int, dict[str, list[list[float]]]] = self._measured.setdefault("by_batch_size", {})
+        # "allowance" (seconds of probing the budget allows now), and per batch size, per
+        # phase, the last samples per k (seconds).
+        m = self._measured = {} if measured is None else measured
+        m.setdefault("passes", 0)
+        m.setdefault("allowance", 0.0)
+        m.setdefault("catch_up", [])  # seconds per drafting head and position caught up (last samples)
+        m.setdefault("timed", {p: [None] * (max_drafts + 1) for p in PHASES})
+        m.setdefault("count", {p: [0] * (max_drafts + 1) for p in PHASES})
+        self._costs: dict[int, dict[str, list[list[float]]]] = m.setdefault("by_batch_size", {})
 
     # -- observations ---------------------------------------------------------------------------
 
@@ -95,31 +128,55 @@ class DraftLengthController:
                             rows: Optional[Sequence[int]] = None) -> None:
         """A pass fed k drafts to ``batch_size`` sequences (ids ``rows``), took ``seconds`` up to
         the acceptance decision and accepted ``n_accepted`` drafts per sequence."""
-        for row, n in zip(rows or (), n_accepted):
-            reached, accepted = self._per_row.setdefault(row, ([0.0] * self.max_drafts, [0.0] * self.max_drafts))
-            for j in range(self.max_drafts):
-                reached[j] = reached[j] * self.decay + (j < k and j <= n)
-                accepted[j] = accepted[j] * self.decay + (j < k and j < n)
-        self.reached = [r * self.decay for r in self.reached]
-        self.accepted = [a * self.decay for a in self.accepted]
-        at_least = [0] * (k + 2)  # at_least[j]: sequences that accepted j drafts or more
-        for n in n_accepted:
-            at_least[n] += 1
-        for j in range(k - 1, -1, -1):
-            at_least[j] += at_least[j + 1]
-        for j in range(k):  # position j+1 was reached by those that accepted j, accepted by those past it
-            self.reached[j] += at_least[j]
-            self.accepted[j] += at_least[j + 1]
+        d = self.decay
+        if k:
+            for row, n in zip(rows or (), n_accepted):
+                reached, accepted = self._per_row.setdefault(row, ([0.0] * self.max_drafts,
+                                                                   [0.0] * self.max_drafts))
+                for j in range(min(k, n + 1)):  # positions fed and reached: j <= n
+                    reached[j] = reached[j] * d + 1.0
+                    accepted[j] = accepted[j] * d + (j < n)
+            at_least = [0] * (k + 2)  # at_least[j]: sequences that accepted j drafts or more
+            for n in n_accepted:
+                at_least[n] += 1
+            for j in range(k - 1, -1, -1):
+                at_least[j] += at_least[j + 1]
+            for j in range(k):  # position j+1 was reached by those that accepted j, accepted by those past it
+                self.reached[j] = self.reached[j] * d + at_least[j]
+                self.accepted[j] = self.accepted[j] * d + at_least[j + 1]
+                self.fed_at[j] = self.batch_passes
+        self.batch_passes += 1
         self._measured["passes"] += 1
         self._record(batch_size, "verify", k, seconds)
+        self._spend(seconds)
+        if self._probe_rate is not None and self._in_flight == k:
+            tokens = 1.0 + sum(n_accepted) / max(len(n_accepted), 1)
+            regret = self._probe_seconds + seconds - tokens * self._probe_rate
+            self._measured["allowance"] -= max(regret, 0.0)
+        self._probe_rate, self._probe_seconds = None, 0.0
 
-    def record_drafting(self, k: int, batch_size: int, seconds: float) -> None:
-        """Drafting k tokens for the next pass (and the step's bookkeeping) took ``seconds``."""
-        self._record(batch_size, "draft", k, seconds)
+    def record_drafting(self, k: int, batch_size: int, seconds: float, catch_up: int = 0) -> None:
+        """Drafting k tokens for the next pass (and the step's bookkeeping) took ``seconds``;
+        ``catch_up``: head positions that heads skipped by earlier passes first ran over (then it
+        is a sample of the catch-up's price, not of k's)."""
+        if catch_up:
+            samples = self._measured["catch_up"]
+            samples.append(seconds / catch_up)
+            del samples[: -self.cost_samples]
+        else:
+            self._record(batch_size, "draft", k, seconds)
+        self._spend(seconds)
+        if self._probe_rate is not None:
+            self._probe_seconds += seconds
+
+    def _spend(self, seconds: float) -> None:
+        """Decoding time earns ``explore_share`` of itself as probing allowance (capped)."""
+        cap = self.explore_share * 200 * seconds
+        self._measured["allowance"] = min(self._measured["allowance"] + self.explore_share * seconds,
+                                          max(cap, self._measured["allowance"]))
 
     def _record(self, batch_size: int, phase: str, k: int, seconds: float) -> None:
-        table = self._costs.setdefault(batch_size, {p: [[] for _ in range(self.max_drafts + 1)]
-                                                    for p in ("verify", "draft")})
+        table = self._costs.setdefault(batch_size, {p: [[] for _ in range(self.max_drafts + 1)] for p in PHASES})
         samples = table[phase][k]
         samples.append(seconds)
         del samples[: -self.cost_samples]
@@ -128,29 +185,27 @@ class DraftLengthController:
 
     def _estimate(self, batch_size: int, phase: str, k: int) -> Optional[float]:
         samples = self._costs[batch_size][phase][k] if batch_size in self._costs else []
-        return sorted(samples)[len(samples) // 4] if samples else None
+        return _low(samples)
 
     # -- estimates and the decision -------------------------------------------------------------
 
-    def conditional_acceptance(self) -> list[float]:
-        """c_j for j = 1..K, shrunk towards c_{j-1} (1 for j = 1) by ``prior_weight`` pseudo-passes."""
-        out, prev, shift = [], 1.0, 0.0
+    def conditional_acceptance(self, optimistic: bool = False) -> list[float]:
+        """c_j for j = 1..K, shrunk towards c_{j-1} (1 for j = 1) by ``prior_weight``
+        pseudo-passes. ``optimistic``: what was seen at j fades by ``acceptance_decay`` per pass
+        since j was last fed (what a probe hopes for)."""
+        out, prev = [], 1.0
         for j, (r, a) in enumerate(zip(self.reached, self.accepted)):
-            prior = prev
-            if self.acceptance_prior is not None:
-                # The previous batch's acceptance, raised by as much as this batch accepts more
-                # at the position before: a text that turned predictable gets longer drafts tried.
-                prior = min(1.0, self.acceptance_prior[j] + max(shift, 0.0))
-            prev = (a + self.prior_weight * prior) / (r + self.prior_weight)
-            if self.acceptance_prior is not None:
-                shift = prev - self.acceptance_prior[j]
+            if optimistic:
+                fade = 0.0 if self.fed_at[j] is None else self.decay ** (self.batch_passes - 1 - self.fed_at[j])
+                r, a = r * fade, a * fade
+            prev = (a + self.prior_weight * prev) / (r + self.prior_weight)
             out.append(prev)
         return out
 
-    def expected_tokens(self, row: Optional[int] = None) -> list[float]:
+    def expected_tokens(self, row: Optional[int] = None, cond: Optional[list[float]] = None) -> list[float]:
         """E(k) for k = 0..K: tokens a sequence (the batch's typical one, or ``row``) gets from a
-        pass that feeds k drafts."""
-        cond = self.conditional_acceptance()
+        pass that feeds k drafts (``cond``: the batch's conditional acceptance to start from)."""
+        cond = self.conditional_acceptance() if cond is None else cond
         if row is not None and row in self._per_row:
             w = self.row_prior_weight
             cond = [(a + w * c) / (r + w) for r, a, c in zip(*self._per_row[row], cond)]
@@ -168,7 +223,7 @@ class DraftLengthController:
 
     def _cost(self, batch_size: int, k: int) -> Optional[float]:
         total = 0.0
-        for phase in ("verify", "draft"):
+        for phase in PHASES:
             mine = self._estimate(batch_size, phase, k)
             if mine is not None:
                 total += mine
@@ -192,40 +247,70 @@ class DraftLengthController:
         return 1.0
 
     def choose(self, batch_size: int, rows: Optional[Sequence[int]] = None,
-               remaining: Optional[Sequence[int]] = None) -> int:
+               remaining: Optional[Sequence[int]] = None, catch_up: Optional[Callable[[int], int]] = None) -> int:
         """The number of drafts to propose for the next pass; ``rows`` (ids of the active
         sequences) with ``remaining`` (tokens each may still generate) minimise the batch's
-        estimated time to finish, else the tokens per second of a typical sequence."""
-        self._last_choice = k = self._choose(batch_size, rows, remaining)
+        estimated time to finish, else the tokens per second of a typical sequence.
+        ``catch_up(k)``: head positions the drafting heads would have to catch up to draft k
+        (what waking a skipped head costs, asked only before a probe)."""
+        costs = self.costs(batch_size)
+        k, rate, timing = self._choose(costs, rows, remaining, catch_up)
+        self._in_flight, self._probe_rate, self._timing_probe = k, rate, timing
+        self._probe_seconds = 0.0
+        self.probes += rate is not None
         return k
 
-    def _choose(self, batch_size: int, rows, remaining) -> int:
-        costs = self.costs(batch_size)
-        if self.cost_model is None:
-            count, timed, passes = self._measured["count"], self._measured["timed"], self._measured["passes"]
-            missing = [k for k in range(self.max_drafts + 1)
-                       if costs[k] is None or min(count["verify"][k], count["draft"][k]) < self.min_samples]
-            if missing:
-                return missing[-1]
-            last = self._last_choice
+    def _choose(self, costs, rows, remaining, catch_up) -> tuple[int, Optional[float], bool]:
+        """(k, the seconds per token the decision would pay if k is a probe else None, whether
+        k is fed to time it)."""
+        if self.cost_model is not None:
+            return self._best(costs, rows, remaining, self.conditional_acceptance()), None, False
+        count, timed, passes = self._measured["count"], self._measured["timed"], self._measured["passes"]
+        known = [c is not None and min(count["verify"][k], count["draft"][k]) >= self.min_samples
+                 for k, c in enumerate(costs)]
+        if not all(known):  # warm-up: charged, not gated
+            k = max(k for k, ok in enumerate(known) if not ok)
+            rates = [c for c, ok in zip(costs, known) if ok]
+            return k, (min(rates) if rates else 0.0), True
+        cond = self.conditional_acceptance()
+        k_best = self._best(costs, rows, remaining, cond)
+        rate = costs[k_best] / self.expected_tokens(cond=cond)[k_best]
+        stale = [k for k in range(self.max_drafts + 1)
+                 if passes - min(timed["verify"][k], timed["draft"][k]) >= self.refresh_interval]
+        last = self._in_flight
+        if self._timing_probe and last in stale and last != k_best:
+            return last, rate, True  # its drafting was a catch-up, not a sample: once more
+        allowance = self._measured["allowance"]
+        if allowance <= 0:
+            return k_best, None, False
+        k_hope = self._best(costs, rows, remaining, self.conditional_acceptance(optimistic=True), per_row=False)
+        timing = k_hope == k_best
+        if timing:
+            stale = [k for k in stale if k != k_best]
+            if not stale:
+                return k_best, None, False
+            k_hope = min(stale, key=lambda k: (abs(k - k_best), -k))  # the nearest, the longer first
+        # What the probe may lose: its pass's extra cost, and waking the heads it skipped.
+        risk = max(costs[k_hope] - costs[k_best], 0.0)
+        per_position = _low(self._measured["catch_up"])
+        if catch_up is not None and per_position is not None:
+            risk += per_position * catch_up(k_hope)
+        if risk > allowance:
+            return k_best, None, False
+        return k_hope, rate, timing
 
-            def stale(k: int) -> bool:
-                age = passes - min(timed["verify"][k], timed["draft"][k])
-                near = last is None or abs(k - last) <= 1
-                return age >= self.refresh_interval * (1 if near else 4)
-
-            if last is not None and stale(last):  # switched to it to time it, but its drafting was a catch-up
-                return last
-            refresh = [k for k in range(self.max_drafts + 1) if stale(k)]
-            if refresh:
-                return refresh[-1]
+    def _best(self, costs, rows, remaining, cond: list[float], per_row: bool = True) -> int:
         ks = range(self.max_drafts + 1)
+        typical = self.expected_tokens(cond=cond)
         if rows is None:
-            gains = self.expected_tokens()
-            rates = [gains[k] / max(costs[k], 1e-12) for k in ks]
-            return max(ks, key=lambda k: (rates[k], -k))  # ties: the shorter draft
+            return max(ks, key=lambda k: (typical[k] / max(costs[k], 1e-12), -k))  # ties: the shorter draft
         passes = [0.0] * (self.max_drafts + 1)  # passes the slowest sequence needs at each k
         for row, left in zip(rows, remaining if remaining is not None else [1] * len(rows)):
-            gains = self.expected_tokens(row)
+            gains = self.expected_tokens(row, cond) if per_row and row in self._per_row else typical
             passes = [max(p, left / g) for p, g in zip(passes, gains)]
         return min(ks, key=lambda k: (costs[k] * passes[k], k))
+
+
+def _low(samples: Sequence[float]) -> Optional[float]:
+    """A low quantile of the samples: on a shared machine other work only ever adds time."""
+    return sorted(samples)[len(samples) // 4] if samples else None

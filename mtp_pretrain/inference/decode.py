@@ -29,6 +29,7 @@ their drafting pass recomputes the positions after it each step, sequentially th
 
 from __future__ import annotations
 
+import functools
 import time
 from dataclasses import dataclass, fields
 from typing import Optional, Sequence, Union
@@ -223,8 +224,12 @@ class Decoder:
         stats.forward_passes += 1
         drafted = 0  # drafts proposed for the next pass
         if tree is None:
-            drafted = controller.choose(B) if controller is not None else max_drafts
+            lag = functools.partial(self._catch_up_positions, st)
+            drafted = controller.choose(B, catch_up=lag) if controller is not None else max_drafts
+            work, t_draft = lag(drafted), time.perf_counter()  # the drafting heads run over the whole prompt
             stats.head_passes += self._draft(st, drafted, None, cfg, gen)
+            if controller is not None:
+                controller.record_drafting(drafted, B, time.perf_counter() - t_draft, catch_up=work)
         first = st.next_token.tolist()
         self._emit(st, [[t] for t in first], [1] * B, None, 0, outputs, stats, cfg)
         while st.rows.numel() > 0:
@@ -249,15 +254,18 @@ class Decoder:
             if controller is not None:
                 controller.record_verification(fed, batch, t_decided - t_pass, acc, rows)
                 drafted = controller.choose(len(active), active,
-                                            [cfg.max_new_tokens - len(outputs[r]) for r in active])
+                                            [cfg.max_new_tokens - len(outputs[r]) for r in active],
+                                            functools.partial(self._catch_up_positions, st))
             # Heads skipped by earlier passes first catch up on the positions they missed.
             catch_up = drafted > fed
+            work = self._catch_up_positions(st, drafted) if catch_up and controller is not None else 0
             width = None if catch_up or self.model.heads_chain else max(acc) + 1
             stats.head_passes += self._draft(st, drafted, width, cfg, gen)
-            if controller is not None and not catch_up:
-                controller.record_drafting(drafted, len(active), time.perf_counter() - t_decided)
+            if controller is not None:
+                controller.record_drafting(drafted, len(active), time.perf_counter() - t_decided, work)
         if controller is not None:
             self._acceptance[max_drafts] = controller.conditional_acceptance()
+            stats.probe_passes = controller.probes
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         stats.wall_time_s = time.perf_counter() - t0
@@ -451,6 +459,14 @@ class Decoder:
             return self._causal_drafting(st, k, cfg, gen)
         self._independent_drafting(st, k, width, cfg, gen)
         return 0
+
+    def _catch_up_positions(self, st: _BatchState, k: int) -> int:
+        """Head positions that drafting k tokens now runs over: k heads x the sequences x the
+        positions the most lagging of heads 2..k+1 missed (a host synchronisation)."""
+        if k == 0:
+            return 0
+        lag = int((st.length - st.head_length[:, 2: k + 2].min(dim=1).values).max())
+        return k * st.rows.numel() * max(lag, 1)
 
     def _catch_up_window(self, st: _BatchState, heads: slice, width: Optional[int]):
         """Positions [start, start + width) per sequence that bring the given heads up to the

@@ -12,7 +12,9 @@ Counting conventions (the same for every mode, so that the numbers compare):
   reaches it. ``acceptance_rate`` per position = accepted / proposed (unconditional: a draft
   behind a rejected one counts as not accepted), counted over the passes that fed position j;
 * ``draft_lengths``: the drafts fed in each verification pass of the run (fixed, or chosen per
-  pass by ``num_drafts="auto"``; 0 = a greedy pass).
+  pass by ``num_drafts="auto"``; 0 = a greedy pass); ``probe_passes``: how many of them
+  ``auto`` fed to measure (warm-up, re-timing, checking a longer draft) rather than because
+  it expected them to pay.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ class RunStats:
     wall_time_s: float = 0.0
     sequences: list[SequenceStats] = field(default_factory=list)
     draft_lengths: list[int] = field(default_factory=list)  # drafts fed per verification pass
+    probe_passes: int = 0  # num_drafts="auto": passes fed to measure rather than because they pay
 
     @property
     def tokens_generated(self) -> int:
@@ -89,6 +92,7 @@ class RunStats:
             "wall_time_s": round(self.wall_time_s, 4),
             "tokens_per_s": round(self.tokens_per_s, 2),
             "draft_lengths": list(self.draft_lengths),
+            "probe_passes": self.probe_passes,
         }
 
 
