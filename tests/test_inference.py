@@ -366,8 +366,7 @@ def test_probes_are_paid_from_an_allowance():
 
     ctl = warmed(explore_share=0.02)
     allowance = ctl._measured["allowance"]
-    # The warm-up's first pass was charged whole (nothing measured to compare it with).
-    assert allowance == pytest.approx(0.02 * 2.7 - 1.7)
+    assert allowance == pytest.approx(0.02 * 2.7)  # the warm-up is not charged
     passes = 0
     while ctl.choose(1) == 0:  # greedy passes earn allowance; the rejection fades
         ctl.record_drafting(0, 1, 0.0)
@@ -390,13 +389,15 @@ def test_probes_are_paid_from_an_allowance():
     ctl.record_verification(1, 1, 1.0, [1])
     assert ctl._measured["allowance"] == pytest.approx(before + 0.02 * 1.7)
     # Waking a head that must first catch up 1000 positions (at the measured 0.01 s each) costs
-    # more than the allowance can ever hold: never probed.
+    # more than the 20 tokens left could win back even if every draft were accepted: never probed.
     ctl = warmed(explore_share=0.02)
     ctl.record_drafting(1, 1, 10.0, catch_up=1000)
     for _ in range(2000):
-        assert ctl.choose(1, catch_up=lambda k: 1000 * k) == 0
+        assert ctl.choose(1, [0], [20], catch_up=[0, 1000]) == 0
         ctl.record_drafting(0, 1, 0.0)
-        ctl.record_verification(0, 1, 1.0, [])
+        ctl.record_verification(0, 1, 1.0, [], rows=[0])
+    # ... while 100 positions are worth probing for once the allowance covers the risk.
+    assert any(ctl.choose(1, [0], [20], catch_up=[0, 100]) == 1 for _ in range(1))
     # No allowance (explore_share=0): never probed either; the decision alone stays greedy.
     ctl = warmed(explore_share=0.0)
     for _ in range(2000):
@@ -415,13 +416,13 @@ def test_batch_draft_length_minimises_time_to_finish():
     for _ in range(10):  # sequence 0 accepts both drafts, sequence 1 none
         ctl.record_verification(2, 2, 0.0, [2, 0], rows=[0, 1])
     assert ctl.conditional_acceptance() == pytest.approx([0.5, 1.0])
-    # per sequence, shrunk to the batch by 2 pseudo-passes: c = (10 + 2 * 0.5) / 12, 1 and 1 / 12, 1
-    assert ctl.expected_tokens(0) == pytest.approx([1.0, 1 + 11 / 12, 1 + 22 / 12])
-    assert ctl.expected_tokens(1) == pytest.approx([1.0, 1 + 1 / 12, 1 + 2 / 12])
+    # per sequence, shrunk to the batch by 4 pseudo-passes: c = (10 + 4 * 0.5) / 14, 1 and 2 / 14, 1
+    assert ctl.expected_tokens(0) == pytest.approx([1.0, 1 + 12 / 14, 1 + 24 / 14])
+    assert ctl.expected_tokens(1) == pytest.approx([1.0, 1 + 2 / 14, 1 + 4 / 14])
     assert ctl.choose(2) == 1  # the typical sequence: 1.5 / 1.4 > 2.0 / 1.9 > 1 / 1
-    # time to finish: k=0: 10; k=1: 1.4 * 10 / (13 / 12) = 12.9; k=2: 1.9 * 10 / (14 / 12) = 16.3
+    # time to finish: k=0: 10; k=1: 1.4 * 10 / (16 / 14) = 12.3; k=2: 1.9 * 10 / (18 / 14) = 14.8
     assert ctl.choose(2, [0, 1], [10, 10]) == 0
-    # sequence 1 needs 1 more token: k=0: 10; k=1: 1.4 * 10 / (23 / 12) = 7.3; k=2: 1.9 * 10 / (34 / 12) = 6.7
+    # sequence 1 needs 1 more token: k=0: 10; k=1: 1.4 * 10 / (26 / 14) = 7.5; k=2: 1.9 * 10 / (38 / 14) = 7.0
     assert ctl.choose(2, [0, 1], [10, 1]) == 2
 
 

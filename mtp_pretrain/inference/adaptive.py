@@ -9,12 +9,14 @@ costs about the same whatever k) and on the text (repetitive code accepts far mo
 So the decoder measures both, online and per batch, and before every drafting step picks
 
     k* = argmax_k  E(k) / C(k)                      (one sequence)
-    k* = argmin_k  C(k) * max_b R_b / E_b(k)        (a batch)
+    k* = argmin_k  S(k) + C(k) * max_b R_b / E_b(k)        (a batch; S: switching cost)
 
 A batch runs until its last sequence is done, and on a CPU (as on a GPU) a pass over fewer rows
 is not proportionally cheaper, so what counts is the estimated time to finish the batch at k:
 the pass cost times the passes its slowest sequence still needs (R_b tokens left at E_b(k) per
-pass). Maximising the batch's mean tokens per pass instead feeds long drafts for the sake of the
+pass), plus what switching to k costs once: drafting heads that did not run (skipped by
+shorter drafts, or the prompt of a new batch) must first catch up on every position they
+missed. Maximising the batch's mean tokens per pass instead feeds long drafts for the sake of the
 sequences that accept them while the one that does not pays for them in every pass.
 
 * **Costs.** C(k) = verify(k) + draft(k): the wall time of the verification part of a pass
@@ -30,32 +32,37 @@ sequences that accept them while the one that does not pays for them in every pa
 * **Acceptance.** Conditional acceptance c_j = P(draft j accepted | draft j-1 accepted), from
   counts of the passes that fed position j, decayed by ``acceptance_decay`` at every new
   observation of j (recent passes weigh more, so acceptance is re-learned as the text changes:
-  indentation vs a new identifier), shrunk with a small pseudo-count towards c_{j-1} (1 for
-  j = 1); a_j = c_1 ... c_j. A batch starts from the acceptance the decoder's previous batch
-  ended with, as ``carry_weight`` observations (texts of one job resemble each other), which the
-  batch's own observations soon outweigh. Per sequence the same counts are kept and shrunk
-  towards the batch's estimate (a sequence just started, or rarely fed, behaves like the batch).
-  A position that is not fed keeps its estimate: the decision alone never tries a draft it
-  expects to lose.
+  indentation vs a new identifier), shrunk towards a prior: the acceptance of the decoder's
+  last few batches (texts of one job resemble each other; their passes pooled;
+  ``carry_weight`` pseudo-passes), raised by as much as this batch's c_{j-1} exceeds theirs,
+  else c_{j-1} (1 for j = 1; ``prior_weight`` pseudo-passes); a_j = c_1 ... c_j. Per sequence the same counts are kept and
+  shrunk towards the batch's estimate (a sequence just started, or rarely fed, behaves like the
+  batch). A position that is not fed keeps its estimate: the decision alone never tries a draft
+  it expects to lose.
 * **Probes, on a budget.** What is not fed is not measured, so the decoder must now and then
   feed a k it does not expect to win: to learn that the text became predictable (an optimistic
-  estimate, in which what was seen at position j fades by ``acceptance_decay`` per pass since j
-  was last fed, back to c_{j-1}, says a longer draft might now win), or to re-time a k not
+  estimate says a longer draft might now win: the best of the last batches' acceptance at the
+  start of a batch -- one prompt's continuation repeats itself, the next one's does not -- and
+  what was seen at position j fading by ``acceptance_decay`` per pass since j was last fed,
+  back to c_{j-1}; one more draft than the decision's is fed, as waking a head costs its
+  catch-up), or to re-time a k not
   timed for ``refresh_interval`` passes (the machine's speed drifts). Such a *probe* is paid
   from an allowance that grows by ``explore_share`` of every second spent decoding (capped at
-  what ~200 passes earn). A probe is fed only when the allowance covers what it may lose: the
+  what ~1000 passes earn). A probe is fed only when the allowance covers what it may lose: the
   extra cost of its pass plus the catch-up of the drafting heads it wakes (heads skipped by
   earlier passes must first run over every position they missed, a prompt included: measured
-  per head and position, and the decoder says how many positions each k would catch up). Then
+  per head and position, and the decoder says how many positions each k would catch up), the
+  catch-up counted as lost only as likely as the new draft is rejected (the hoped acceptance). Then
   the probe is charged its regret: its seconds (catch-up included) minus the tokens it brought
-  times the seconds per token the decision would have paid. Probes that lose cost at most
-  ``explore_share`` of the decoding time; a probe that wins costs nothing, and the decision then
-  follows what it saw. The budget is what keeps ``auto`` within a few percent of greedy
+  (in a batch, to the sequence that sets the batch's time) times the seconds per token the
+  decision would have paid. Probes that lose cost at most
+  ``explore_share`` of the decoding time; a probe that wins costs nothing and goes on until it
+  loses, while the decision learns from what it sees. The budget is what keeps ``auto`` within a few percent of greedy
   decoding where no draft pays.
 * **Warm-up.** Until every k has ``min_samples`` verification and drafting times, the decoder
   feeds the largest k still missing one (the first passes feed all heads, which also measures the
-  acceptance of every position), so a run tries each k once and then settles; warm-up is charged
-  to the allowance like a probe. Costs and the allowance are properties of the machine and the
+  acceptance of every position), so a run tries each k once and then settles (not charged: it
+  happens once per decoder). Costs and the allowance are properties of the machine and the
   model, so a :class:`~mtp_pretrain.inference.decode.Decoder` keeps them across ``generate``
   calls (``measured``) and only its first batch warms up; acceptance is a property of the text
   and starts afresh with every batch.
@@ -76,8 +83,8 @@ PHASES = ("verify", "draft")
 class DraftLengthController:
     def __init__(self, max_drafts: int, cost_model: Optional[CostModel] = None, acceptance_decay: float = 0.95,
                  prior_weight: float = 0.5, cost_samples: int = 25, min_samples: int = 2, refresh_interval: int = 200,
-                 explore_share: float = 0.02, carry_weight: float = 4.0, measured: Optional[dict] = None,
-                 acceptance_prior: Optional[Sequence[float]] = None):
+                 explore_share: float = 0.02, carry_weight: float = 8.0, measured: Optional[dict] = None,
+                 history: Optional[Sequence[tuple[list[int], list[int]]]] = None):
         if max_drafts < 1:
             raise ValueError(f"max_drafts must be >= 1, got {max_drafts}")
         if (not 0 < acceptance_decay <= 1 or prior_weight <= 0 or not 1 <= min_samples <= cost_samples
@@ -95,21 +102,31 @@ class DraftLengthController:
         self.accepted = [0.0] * max_drafts
         self.fed_at: list[Optional[int]] = [None] * max_drafts  # this batch's pass that last fed position j
         self.batch_passes = 0
-        if acceptance_prior is not None:  # the previous batch's acceptance, as if seen just before this one
-            reach = 1.0
-            for j, c in enumerate(acceptance_prior):
-                self.reached[j], self.accepted[j] = carry_weight * reach, carry_weight * reach * c
-                self.fed_at[j] = -1
-                reach *= c
+        # The last batches' counts per position (reached, accepted): pooled, the prior of the
+        # positions they fed; their best, what a probe at the start of a batch hopes for (texts of
+        # a job differ: one prompt's continuation repeats itself, the next one's does not).
+        self.history = list(history or [])
+        self.acceptance_prior: list[Optional[float]] = [None] * max_drafts
+        self.hoped_prior: list[Optional[float]] = [None] * max_drafts
+        for j in range(max_drafts):
+            seen = [(r[j], a[j]) for r, a in self.history if r[j] > 0]
+            if seen:
+                self.acceptance_prior[j] = sum(a for _, a in seen) / sum(r for r, _ in seen)
+                self.hoped_prior[j] = max(a / r for r, a in seen)
+        self.carry_weight = carry_weight
+        self.batch_reached, self.batch_accepted = [0] * max_drafts, [0] * max_drafts
         self._per_row: dict[int, tuple[list[float], list[float]]] = {}  # row -> (reached, accepted)
-        self.row_prior_weight = 2.0  # pseudo-passes of the batch estimate in a row's estimate
+        self.row_prior_weight = 4.0  # pseudo-passes of the batch estimate in a row's estimate
         # The pass in flight: its k, whether it is a probe (charged to the allowance) and then
         # the seconds per token the decision would have paid, and its seconds so far.
         self._in_flight: Optional[int] = None
         self._probe_rate: Optional[float] = None
         self._probe_seconds = 0.0
         self._timing_probe = False
-        self.probes = 0  # probe passes of this batch (warm-up included)
+        self._probe_won = False  # the last pass was a probe that brought more than the decision would have
+        self._bottleneck: Optional[tuple[int, float]] = None
+        self._probe_row: Optional[int] = None
+        self.probes = 0  # probe passes of this batch (warm-up not included)
         # Shared with earlier runs when given: "passes" (verification passes timed so far), per
         # phase "timed" (the pass at which each k was last timed) and "count" (samples taken),
         # "allowance" (seconds of probing the budget allows now), and per batch size, per
@@ -144,15 +161,23 @@ class DraftLengthController:
             for j in range(k):  # position j+1 was reached by those that accepted j, accepted by those past it
                 self.reached[j] = self.reached[j] * d + at_least[j]
                 self.accepted[j] = self.accepted[j] * d + at_least[j + 1]
+                self.batch_reached[j] += at_least[j]
+                self.batch_accepted[j] += at_least[j + 1]
                 self.fed_at[j] = self.batch_passes
         self.batch_passes += 1
         self._measured["passes"] += 1
         self._record(batch_size, "verify", k, seconds)
         self._spend(seconds)
         if self._probe_rate is not None and self._in_flight == k:
-            tokens = 1.0 + sum(n_accepted) / max(len(n_accepted), 1)
+            if rows is not None and self._probe_row in rows:  # the sequence that sets the batch's time
+                tokens = 1.0 + n_accepted[list(rows).index(self._probe_row)]
+            else:
+                tokens = 1.0 + sum(n_accepted) / max(len(n_accepted), 1)
             regret = self._probe_seconds + seconds - tokens * self._probe_rate
             self._measured["allowance"] -= max(regret, 0.0)
+            self._probe_won = regret <= 0
+        else:
+            self._probe_won = False
         self._probe_rate, self._probe_seconds = None, 0.0
 
     def record_drafting(self, k: int, batch_size: int, seconds: float, catch_up: int = 0) -> None:
@@ -171,7 +196,7 @@ class DraftLengthController:
 
     def _spend(self, seconds: float) -> None:
         """Decoding time earns ``explore_share`` of itself as probing allowance (capped)."""
-        cap = self.explore_share * 200 * seconds
+        cap = self.explore_share * 1000 * seconds
         self._measured["allowance"] = min(self._measured["allowance"] + self.explore_share * seconds,
                                           max(cap, self._measured["allowance"]))
 
@@ -189,18 +214,34 @@ class DraftLengthController:
 
     # -- estimates and the decision -------------------------------------------------------------
 
-    def conditional_acceptance(self, optimistic: bool = False) -> list[float]:
-        """c_j for j = 1..K, shrunk towards c_{j-1} (1 for j = 1) by ``prior_weight``
-        pseudo-passes. ``optimistic``: what was seen at j fades by ``acceptance_decay`` per pass
-        since j was last fed (what a probe hopes for)."""
-        out, prev = [], 1.0
+    def conditional_acceptance(self, optimistic: bool = False, best: bool = True) -> list[float]:
+        """c_j for j = 1..K. Shrunk towards the last batches' pooled c_j (``carry_weight``
+        pseudo-passes), raised by as much as this batch's c_{j-1} exceeds theirs (a text that
+        turned predictable gets longer drafts), or where they did not feed j towards c_{j-1} (1
+        for j = 1; ``prior_weight`` pseudo-passes). ``optimistic`` (what a probe hopes for): the
+        last batches' ``best`` c_j (else their pooled one) weighing ever less, and what was seen,
+        fading by ``acceptance_decay`` per pass since, towards c_{j-1}."""
+        out, prev, shift = [], 1.0, 0.0
+        carried = self.acceptance_prior
         for j, (r, a) in enumerate(zip(self.reached, self.accepted)):
+            prior, weight = prev, self.prior_weight
             if optimistic:
                 fade = 0.0 if self.fed_at[j] is None else self.decay ** (self.batch_passes - 1 - self.fed_at[j])
                 r, a = r * fade, a * fade
-            prev = (a + self.prior_weight * prev) / (r + self.prior_weight)
+                hoped = (self.hoped_prior if best else carried)[j]
+                if hoped is not None:
+                    w = self.carry_weight * self.decay ** self.batch_passes
+                    r, a = r + w, a + w * hoped
+            elif carried[j] is not None:
+                prior, weight = min(1.0, carried[j] + max(shift, 0.0)), self.carry_weight
+            prev = (a + weight * prior) / (r + weight)
+            shift = prev - carried[j] if carried[j] is not None else 0.0
             out.append(prev)
         return out
+
+    def passed_on(self, batches: int = 4) -> list[tuple[list[int], list[int]]]:
+        """The acceptance history the next batch starts from: the counts of the last batches."""
+        return (self.history + [(self.batch_reached, self.batch_accepted)])[-batches:]
 
     def expected_tokens(self, row: Optional[int] = None, cond: Optional[list[float]] = None) -> list[float]:
         """E(k) for k = 0..K: tokens a sequence (the batch's typical one, or ``row``) gets from a
@@ -247,12 +288,12 @@ class DraftLengthController:
         return 1.0
 
     def choose(self, batch_size: int, rows: Optional[Sequence[int]] = None,
-               remaining: Optional[Sequence[int]] = None, catch_up: Optional[Callable[[int], int]] = None) -> int:
+               remaining: Optional[Sequence[int]] = None, catch_up: Optional[Sequence[int]] = None) -> int:
         """The number of drafts to propose for the next pass; ``rows`` (ids of the active
         sequences) with ``remaining`` (tokens each may still generate) minimise the batch's
         estimated time to finish, else the tokens per second of a typical sequence.
-        ``catch_up(k)``: head positions the drafting heads would have to catch up to draft k
-        (what waking a skipped head costs, asked only before a probe)."""
+        ``catch_up[k]``: head positions the drafting heads would first have to catch up to draft
+        k (heads skipped by earlier passes, or a prompt): a one-time cost of switching to k."""
         costs = self.costs(batch_size)
         k, rate, timing = self._choose(costs, rows, remaining, catch_up)
         self._in_flight, self._probe_rate, self._timing_probe = k, rate, timing
@@ -268,48 +309,68 @@ class DraftLengthController:
         count, timed, passes = self._measured["count"], self._measured["timed"], self._measured["passes"]
         known = [c is not None and min(count["verify"][k], count["draft"][k]) >= self.min_samples
                  for k, c in enumerate(costs)]
-        if not all(known):  # warm-up: charged, not gated
-            k = max(k for k, ok in enumerate(known) if not ok)
-            rates = [c for c, ok in zip(costs, known) if ok]
-            return k, (min(rates) if rates else 0.0), True
+        if not all(known):  # warm-up, once per decoder: neither gated nor charged
+            return max(k for k, ok in enumerate(known) if not ok), None, True
+        per_position = _low(self._measured["catch_up"])
+        switch = [per_position * n for n in catch_up] if catch_up is not None and per_position else None
         cond = self.conditional_acceptance()
-        k_best = self._best(costs, rows, remaining, cond)
-        rate = costs[k_best] / self.expected_tokens(cond=cond)[k_best]
+        k_best = self._best(costs, rows, remaining, cond, switch=switch)
+        # Seconds per token the decision pays: of the sequence that sets the batch's time.
+        slowest = self._bottleneck
+        rate = costs[k_best] / (slowest[1] if slowest else self.expected_tokens(cond=cond)[k_best])
+        self._probe_row = slowest[0] if slowest else None
         stale = [k for k in range(self.max_drafts + 1)
                  if passes - min(timed["verify"][k], timed["draft"][k]) >= self.refresh_interval]
         last = self._in_flight
         if self._timing_probe and last in stale and last != k_best:
             return last, rate, True  # its drafting was a catch-up, not a sample: once more
+        if self._probe_won and last > k_best:
+            return last, rate, False  # a probe that wins goes on (free) until it loses
         allowance = self._measured["allowance"]
         if allowance <= 0:
             return k_best, None, False
-        k_hope = self._best(costs, rows, remaining, self.conditional_acceptance(optimistic=True), per_row=False)
+        # One head beyond the decision at most: waking a skipped head costs its catch-up over
+        # the whole context, and a win raises the estimate of the positions after it anyway.
+        # A batch's time is its slowest sequence's: its hope is the last batches' pooled
+        # acceptance, not the best one sequence reached.
+        hope = self.conditional_acceptance(optimistic=True, best=rows is None or len(rows) == 1)
+        k_hope = min(self._best(costs, rows, remaining, hope, per_row=False, switch=switch), k_best + 1)
+        self._bottleneck = None
         timing = k_hope == k_best
-        if timing:
-            stale = [k for k in stale if k != k_best]
+        if timing:  # re-time only where no head must catch up (a hoped probe times the others)
+            stale = [k for k in stale if k != k_best and not (switch and switch[k])]
             if not stale:
                 return k_best, None, False
             k_hope = min(stale, key=lambda k: (abs(k - k_best), -k))  # the nearest, the longer first
-        # What the probe may lose: its pass's extra cost, and waking the heads it skipped.
+        # What the probe may lose: its pass's extra cost, and waking the heads it skipped unless
+        # the new draft is accepted (as hoped: then the heads go on drafting).
         risk = max(costs[k_hope] - costs[k_best], 0.0)
-        per_position = _low(self._measured["catch_up"])
-        if catch_up is not None and per_position is not None:
-            risk += per_position * catch_up(k_hope)
+        if switch is not None:
+            risk += switch[k_hope] * (1.0 if timing else 1.0 - hope[k_hope - 1])
         if risk > allowance:
             return k_best, None, False
         return k_hope, rate, timing
 
-    def _best(self, costs, rows, remaining, cond: list[float], per_row: bool = True) -> int:
+    def _best(self, costs, rows, remaining, cond: list[float], per_row: bool = True, switch=None) -> int:
+        k, self._bottleneck = self._best_and_bottleneck(costs, rows, remaining, cond, per_row, switch)
+        return k
+
+    def _best_and_bottleneck(self, costs, rows, remaining, cond, per_row, switch
+                             ) -> tuple[int, Optional[tuple[int, float]]]:
+        """(k, (the sequence whose passes set the batch's time at k, its expected tokens at k))."""
         ks = range(self.max_drafts + 1)
         typical = self.expected_tokens(cond=cond)
         if rows is None:
-            return max(ks, key=lambda k: (typical[k] / max(costs[k], 1e-12), -k))  # ties: the shorter draft
-        passes = [0.0] * (self.max_drafts + 1)  # passes the slowest sequence needs at each k
-        for row, left in zip(rows, remaining if remaining is not None else [1] * len(rows)):
-            gains = self.expected_tokens(row, cond) if per_row and row in self._per_row else typical
-            passes = [max(p, left / g) for p, g in zip(passes, gains)]
-        return min(ks, key=lambda k: (costs[k] * passes[k], k))
-
+            k = max(ks, key=lambda k: (typical[k] / max(costs[k], 1e-12), -k))  # ties: the shorter draft
+            return k, None
+        gains = {row: self.expected_tokens(row, cond) if per_row and row in self._per_row else typical
+                 for row in rows}
+        left = dict(zip(rows, remaining if remaining is not None else [1] * len(rows)))
+        passes = [max(left[row] / gains[row][k] for row in rows) for k in ks]  # the slowest sequence's
+        switch = switch or [0.0] * len(costs)
+        k = min(ks, key=lambda k: (switch[k] + costs[k] * passes[k], k))
+        slowest = max(rows, key=lambda row: left[row] / gains[row][k])
+        return k, (slowest, gains[slowest][k])
 
 def _low(samples: Sequence[float]) -> Optional[float]:
     """A low quantile of the samples: on a shared machine other work only ever adds time."""

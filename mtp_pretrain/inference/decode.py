@@ -29,7 +29,6 @@ their drafting pass recomputes the positions after it each step, sequentially th
 
 from __future__ import annotations
 
-import functools
 import time
 from dataclasses import dataclass, fields
 from typing import Optional, Sequence, Union
@@ -177,7 +176,7 @@ class Decoder:
         self.model = model.eval()
         self.cost_model = cost_model
         self._pass_times: dict[int, dict] = {}  # max drafts -> measured pass costs, kept across calls
-        self._acceptance: dict[int, list[float]] = {}  # max drafts -> the last batch's acceptance
+        self._acceptance: dict[int, list] = {}  # max drafts -> the last batches' acceptance counts
         self.cfg = model.cfg
         self.n = model.n_future
         self.device = next(model.parameters()).device
@@ -209,7 +208,7 @@ class Decoder:
         if cfg.adaptive and max_drafts:
             controller = DraftLengthController(max_drafts, self.cost_model,
                                                measured=self._pass_times.setdefault(max_drafts, {}),
-                                               acceptance_prior=self._acceptance.get(max_drafts))
+                                               history=self._acceptance.get(max_drafts))
         step_tokens = tree.size if tree is not None else max_drafts + 1
         capacity = max(len(p) for p in prompts) + cfg.max_new_tokens + step_tokens + 2 * self.n + 2
         self.cache = KVCache(B, capacity, self.dtype, self.device)
@@ -224,12 +223,14 @@ class Decoder:
         stats.forward_passes += 1
         drafted = 0  # drafts proposed for the next pass
         if tree is None:
-            lag = functools.partial(self._catch_up_positions, st)
-            drafted = controller.choose(B, catch_up=lag) if controller is not None else max_drafts
-            work, t_draft = lag(drafted), time.perf_counter()  # the drafting heads run over the whole prompt
+            drafted, work = max_drafts, [0] * (max_drafts + 1)
+            if controller is not None:  # the drafting heads run over the whole prompt first
+                work = self._catch_up_positions(st, max_drafts, 0)
+                drafted = controller.choose(B, list(range(B)), [cfg.max_new_tokens] * B, work)
+            t_draft = time.perf_counter()
             stats.head_passes += self._draft(st, drafted, None, cfg, gen)
             if controller is not None:
-                controller.record_drafting(drafted, B, time.perf_counter() - t_draft, catch_up=work)
+                controller.record_drafting(drafted, B, time.perf_counter() - t_draft, catch_up=work[drafted])
         first = st.next_token.tolist()
         self._emit(st, [[t] for t in first], [1] * B, None, 0, outputs, stats, cfg)
         while st.rows.numel() > 0:
@@ -253,18 +254,18 @@ class Decoder:
             active = st.rows.tolist()
             if controller is not None:
                 controller.record_verification(fed, batch, t_decided - t_pass, acc, rows)
+                work = self._catch_up_positions(st, max_drafts, max(acc) + 1)
                 drafted = controller.choose(len(active), active,
-                                            [cfg.max_new_tokens - len(outputs[r]) for r in active],
-                                            functools.partial(self._catch_up_positions, st))
+                                            [cfg.max_new_tokens - len(outputs[r]) for r in active], work)
             # Heads skipped by earlier passes first catch up on the positions they missed.
             catch_up = drafted > fed
-            work = self._catch_up_positions(st, drafted) if catch_up and controller is not None else 0
             width = None if catch_up or self.model.heads_chain else max(acc) + 1
             stats.head_passes += self._draft(st, drafted, width, cfg, gen)
             if controller is not None:
-                controller.record_drafting(drafted, len(active), time.perf_counter() - t_decided, work)
+                controller.record_drafting(drafted, len(active), time.perf_counter() - t_decided,
+                                           work[drafted] if catch_up else 0)
         if controller is not None:
-            self._acceptance[max_drafts] = controller.conditional_acceptance()
+            self._acceptance[max_drafts] = controller.passed_on()
             stats.probe_passes = controller.probes
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -460,13 +461,16 @@ class Decoder:
         self._independent_drafting(st, k, width, cfg, gen)
         return 0
 
-    def _catch_up_positions(self, st: _BatchState, k: int) -> int:
-        """Head positions that drafting k tokens now runs over: k heads x the sequences x the
-        positions the most lagging of heads 2..k+1 missed (a host synchronisation)."""
-        if k == 0:
-            return 0
-        lag = int((st.length - st.head_length[:, 2: k + 2].min(dim=1).values).max())
-        return k * st.rows.numel() * max(lag, 1)
+    def _catch_up_positions(self, st: _BatchState, max_drafts: int, normal: int) -> list[int]:
+        """For k = 0..max_drafts: head positions drafting k tokens now would run over beyond the
+        ``normal`` window (the inputs the last pass accepted), i.e. k heads x the sequences x the
+        positions the most lagging of heads 2..k+1 missed; 0 where no head lags."""
+        lags = (st.length[:, None] - st.head_length[:, 2: max_drafts + 2]).amax(dim=0).tolist()
+        B, out, worst = st.rows.numel(), [0], 0
+        for k in range(1, max_drafts + 1):
+            worst = max(worst, lags[k - 1])
+            out.append(k * B * worst if worst > normal else 0)
+        return out
 
     def _catch_up_window(self, st: _BatchState, heads: slice, width: Optional[int]):
         """Positions [start, start + width) per sequence that bring the given heads up to the
