@@ -57,10 +57,34 @@ def peak_rss_bytes() -> int:
 
 
 def local_bytes(model) -> int:
+    """Parameter bytes this rank holds: DTensor shards, ZeRO-3 partitions, else whole tensors."""
     from torch.distributed.tensor import DTensor
 
-    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
-               for p in model.parameters())
+    def held(p):
+        return p.ds_tensor if hasattr(p, "ds_tensor") else p.to_local() if isinstance(p, DTensor) else p
+
+    return sum(held(p).numel() * p.element_size() for p in model.parameters())
+
+
+def full_state_dict(model, strategy, cfg) -> dict:
+    """{name: full tensor} gathered to every rank. DeepSpeed and megatron: through the optimizer
+    they wrap (ZeRO's fp32 master partitions are copied from the module's at its creation) and
+    their checkpoint state; ZeRO-3's module partitions are also gathered, under "module/<name>"."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if cfg.parallel.strategy not in ("deepspeed", "megatron"):
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    from mtp_pretrain.optim import build_adamw
+
+    extra = {}
+    if cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            extra = {f"module/{k}": v.detach().clone().cpu() for k, v in model.named_parameters()}
+    optimizer = strategy.build_optimizer(model, lambda m: build_adamw(m, cfg.optim))
+    state = strategy.checkpoint_state(model, optimizer)["model"].state_dict()
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in state.items()} | extra
 
 
 def gather_all(obj) -> list:
@@ -97,9 +121,7 @@ def run_one(run: dict, out: Path, env) -> dict:
         result["local_param_bytes"] = gather_all(local_bytes(model))
         result["setup_peak_rss_bytes"] = gather_all(peak_rss_bytes())
     if run["mode"] == "init":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = full_state_dict(model, strategy, cfg)
         if env.is_main:
             torch.save(full, out / f"{run['name']}.pt")
     if run["mode"] == "step":
