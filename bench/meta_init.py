@@ -72,6 +72,12 @@ def full_state_dict(model, strategy, cfg) -> dict:
     their checkpoint state; ZeRO-3's module partitions are also gathered, under "module/<name>"."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
+    if cfg.parallel.pp_size > 1:  # each rank holds its own stages: their union
+        own = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # on every rank
+        merged = {}
+        for part in gather_all({k: v.detach().cpu() for k, v in own.items()}):
+            merged |= part
+        return merged
     if cfg.parallel.strategy not in ("deepspeed", "megatron"):
         return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     from mtp_pretrain.optim import build_adamw
@@ -102,7 +108,13 @@ def run_one(run: dict, out: Path, env) -> dict:
     cfg = compose_job_config(run["overrides"])
     strategy = build_strategy(cfg.parallel, env, None)
     strategy.validate(cfg.model, seq_len=cfg.data.seq_len)
-    log = (lambda msg: print(f"[{run['name']}] {msg}", flush=True)) if env.is_main else (lambda msg: None)
+    messages: list[str] = []
+
+    def log(msg: str) -> None:
+        messages.append(msg)
+        if env.is_main:
+            print(f"[{run['name']}] {msg}", flush=True)
+
     result: dict = {"name": run["name"], "world_size": env.world_size}
     t0 = time.perf_counter()
     if run["mode"] == "shard":
@@ -118,6 +130,7 @@ def run_one(run: dict, out: Path, env) -> dict:
     else:
         model = build_model(cfg, strategy, env.device, log)
         result["setup_s"] = time.perf_counter() - t0
+        result["built_on_meta"] = gather_all(any("built on the meta device" in m for m in messages))
         result["local_param_bytes"] = gather_all(local_bytes(model))
         result["setup_peak_rss_bytes"] = gather_all(peak_rss_bytes())
     if run["mode"] == "init":

@@ -142,6 +142,18 @@ def _retie(shared: list[list[tuple[nn.Module, str]]]) -> None:
                 setattr(module, attr, first)
 
 
+def initialisation_names(cfg) -> dict[str, str]:
+    """{name: the name the whole model initialises it under}, for every parameter name of the
+    whole ``MTPTransformer(cfg)``. A tied or shared parameter takes its value from its first
+    name (``model/init.py``): a model that holds it only under another name -- the last
+    pipeline stage's tied ``unembed.weight``, which is ``tok_embeddings.weight`` -- must still
+    draw it from that one."""
+    with torch.device("meta"):
+        whole = MTPTransformer(cfg)
+    first: dict[int, str] = {}
+    return {name: first.setdefault(id(p), name) for name, p in whole.named_parameters(remove_duplicate=False)}
+
+
 @torch.no_grad()
 def materialize(model: nn.Module, device: torch.device, seed: int,
                 log: Optional[Callable[[str], None]] = None, shards: Optional[Shards] = None) -> nn.Module:
@@ -151,10 +163,11 @@ def materialize(model: nn.Module, device: torch.device, seed: int,
     shards = shards or Shards()
     allocate(model, device)
     params = list(model.named_parameters())  # a tied / shared parameter once, under its first name
+    init_name = initialisation_names(model.cfg)
     progress = Progress("initialising", sum(shards.global_shape(n, p).numel() for n, p in params), log)
     for name, p in params:
         shape = shards.global_shape(name, p)
-        full = initial_value(model.cfg, name, shape, seed)
+        full = initial_value(model.cfg, init_name[name], shape, seed)
         shards.copy_into(name, p, full)
         del full
         progress.add(shape.numel())

@@ -116,7 +116,8 @@ def partition_initial_values(model: nn.Module, device: torch.device, dtype: torc
     import deepspeed
 
     from mtp_pretrain.model.init import initial_value
-    from mtp_pretrain.parallel.materialize import Progress, allocate_buffers, parameter_places, run_deferred
+    from mtp_pretrain.parallel.materialize import (Progress, allocate_buffers, initialisation_names, parameter_places,
+                                                   run_deferred)
 
     # Not entered as a context: used for its process group, dtype and the conversion of one parameter.
     partitioner = deepspeed.zero.Init(config_dict_or_path=config, dtype=dtype)
@@ -126,9 +127,10 @@ def partition_initial_values(model: nn.Module, device: torch.device, dtype: torc
     allocate_buffers(model, device)
     places = parameter_places(model)
     params = list(model.named_parameters())  # a shared parameter once, under its first name
+    init_name = initialisation_names(model.cfg)
     progress = Progress("initialising ZeRO-3 partitions", sum(p.numel() for _, p in params), log)
     for name, p in params:
-        full = initial_value(model.cfg, name, p.shape, seed)
+        full = initial_value(model.cfg, init_name[name], p.shape, seed)
         new = nn.Parameter(full.to(device=device, dtype=dtype), requires_grad=p.requires_grad)
         del full
         for module, attr in places[id(p)]:
