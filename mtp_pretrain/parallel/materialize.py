@@ -1,25 +1,38 @@
 """Build the model on the meta device, shard it, then give each rank storage for its own shards only.
 
     with torch.device("meta"): model = MTPTransformer(cfg)     # shapes only, no storage
-    model = strategy.parallelize(model)                          # fully_shard / parallelize_module
-    materialize(model, device, seed)                             # to_empty + per-shard init
+    model = strategy.parallelize(model)                          # fully_shard / parallelize_module / ...
+    strategy.materialize(model, seed, log)                       # storage + per-shard init
 
 ``materialize`` initialises one parameter at a time: its full value comes from
-``model/init.py`` (a function of ``train.seed`` and the parameter's name), and the rank keeps
-the slice its placement gives it (``distribute_tensor(..., src_data_rank=None)``: every rank
-cuts its own slice from its own copy, no communication). Peak host memory is the rank's shards
-plus the largest single parameter, never the whole model, and the weights are exactly those of a
-one-process run (``tests/test_meta_init.py``).
+``model/init.py`` (a function of ``train.seed`` and the parameter's name -- for a tied parameter
+held under another name, the name the whole model gives it: ``initialisation_names``), and the
+rank keeps its part of it. Where that part lives is the strategy's ``Shards``:
 
-``train.init_from`` then reads into the shards: a DCP checkpoint through DCP itself (each rank
-reads the byte ranges of its own slices), a single-file export one tensor at a time.
+* fsdp, tp, fsdp_tp: the DTensor placement (``distribute_tensor(..., src_data_rank=None)``:
+  every rank cuts its own slice from its own copy, no communication);
+* megatron: ``megatron.MegatronShards``, the TP slice ``shard_of`` gives the megatron layer
+  (``convert_model`` builds the layers' shard-sized storage; the plain modules left stay on meta
+  until ``allocate``);
+* deepspeed ZeRO-3: ``zero.ZeroPartitions``, the flat partition ``p.ds_tensor``; the meta
+  parameters become ZeRO parameters in ``zero.partition_initial_values`` (what
+  ``deepspeed.zero.Init`` does to each parameter, without its broadcast from rank 0);
+* pipeline stages (any strategy that takes them): each rank builds only the modules of its own
+  stages (``Pipeline.split`` runs on meta), then the above.
 
-Strategies that shard on the meta device: fsdp, tp, fsdp_tp (``parallel.meta_init``, default
-on). The others build the whole model on the host, initialise it with the same per-parameter
-rule, then wrap it: ddp and none hold full replicas anyway; DeepSpeed partitions inside
-``deepspeed.initialize`` (ZeRO-3 would need ``deepspeed.zero.Init`` around the model's
-construction, not wired up); megatron converts the plain modules by copying slices of their
-full weights (``parallel/megatron.py``). See docs/parallelism.md.
+Peak memory is the rank's shards plus the largest single parameter, never the whole model, and
+the weights are exactly those of a one-process run (``tests/test_meta_init.py``).
+
+``train.init_from`` then reads into the shards: a DCP checkpoint through DCP itself into DTensors
+(each rank reads the byte ranges of its own slices), one full parameter at a time for megatron's
+and ZeRO-3's layouts; a single-file export one tensor at a time.
+
+``builds_on_meta`` is the one place deciding which jobs build on meta (``parallel.meta_init``,
+default on): fsdp, tp, fsdp_tp, megatron, deepspeed at zero_stage 3, and ``parallel.pp_size > 1``.
+The others build the whole model on the host with the same per-parameter rule: ddp and none
+hold full replicas anyway, ZeRO-1/2 keep the full parameters on every rank (only gradients and
+optimizer state are partitioned). ``train.init_from_hf`` also builds on the host (the Hugging Face
+reader maps the whole state dict at once). See docs/parallelism.md.
 """
 
 from __future__ import annotations
