@@ -107,8 +107,10 @@ def run_one(run: dict, out: Path, env) -> dict:
     from mtp_pretrain.parallel import build_strategy
     from mtp_pretrain.parallel.materialize import build_model
 
+    from mtp_pretrain.train import autocast_dtype
+
     cfg = compose_job_config(run["overrides"])
-    strategy = build_strategy(cfg.parallel, env, None)
+    strategy = build_strategy(cfg.parallel, env, autocast_dtype(cfg, env.device))  # as the Trainer
     strategy.validate(cfg.model, seq_len=cfg.data.seq_len)
     messages: list[str] = []
 

@@ -93,6 +93,7 @@ PARITY = {
         "fsdp_linear_heads": ["parallel=fsdp", "model.head_type=linear"],
         "zero3": ZERO3,
         "zero3_linear_heads": ZERO3 + ["model.head_type=linear"],
+        "zero3_bf16": ZERO3 + ["train.dtype=bfloat16"],  # bf16 partitions, fp32 master copied from them
         "zero2": ["parallel=deepspeed", "parallel.zero_stage=2"],  # on the host: full replicas, same rule
         "megatron": MEGATRON,
         "megatron_causal_tied": MEGATRON + ["model.head_type=causal", "model.tie_embeddings=true"],
@@ -146,9 +147,12 @@ def test_sharded_init_equals_one_process(world, two_rank_launch, tmp_path):
         assert results[name]["built_on_meta"] == [name not in ON_HOST] * world, (name, results[name])
         got, module_partitions = split_module_partitions(torch.load(out / f"{name}.pt"))
         want = one_process_init(TINY + extra)
+        if name.endswith("bf16"):  # what the host path's bf16 module (and the master copied from it) holds
+            want = {k: v.to(torch.bfloat16).float() for k, v in want.items()}
         assert_same_weights(got, want, f"{name} on {world} ranks")
         if name.startswith("zero3"):  # what the forward gathers, as well as the fp32 master weights
-            assert_same_weights(module_partitions, want, f"{name}: ZeRO-3 module partitions on {world} ranks")
+            assert_same_weights({k: v.float() for k, v in module_partitions.items()}, want,
+                                f"{name}: ZeRO-3 module partitions on {world} ranks")
         # each rank held only its shards (tp: replicated norms aside), a tied / shared parameter once
         with torch.device("meta"):
             full = sum(p.numel() * 4 for p in MTPTransformer(compose_job_config(TINY + extra).model).parameters())
