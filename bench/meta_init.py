@@ -13,15 +13,16 @@ backward (head-sequential loss, one micro-batch of ``--seq-len`` tokens), no opt
 forward-only: gradient shards, FSDP's unsharded gradients and reduce-scatter buffers on top of the
 parameter shards got a rank killed for memory (AdamW's state would add another 13 GB). Launch
 start-up (imports, process group) is not counted. Peak RSS is each rank's ``ru_maxrss`` when
-the model is built (``build_model``), when set-up ends and after the step. Variants alternate (host, meta, host, meta, ...) so that machine
-load hits both alike. Both must give the same losses and gradient norm (same initial weights,
+the model is built (``build_model``), when set-up ends and after the step. Variants alternate
+(host, meta, host, meta, ...) so that machine load hits both alike. Both must give the same losses and gradient norm (same initial weights,
 same sharding). Ends with one JSON line.
 
 The worker also serves tests/test_meta_init.py. Its spec (a JSON file):
 ``{"out": dir, "runs": [{"name": str, "overrides": [hydra overrides...], "mode": MODE}]}``, MODE:
 
 * ``init``: the Trainer's model set-up (``build_model``); rank 0 saves the gathered full state
-  dict to out/<name>.pt;
+  dict to out/<name>.pt (``full_state_dict``: DeepSpeed and megatron through their optimizer and
+  checkpoint state, ZeRO-3's module partitions also as "module/<name>", pipeline stages merged);
 * ``shard``: build on the meta device and shard only (no storage): every rank's local parameter
   bytes and peak RSS;
 * ``step``: set-up, then the first step's forward and backward (one micro-batch of synthetic
