@@ -18,6 +18,11 @@ The engine owns the optimizer step: ``step`` runs ``engine.step()``, which clips
 gradients) when that norm is non-finite; a non-finite loss is routed the same way
 (``zero.zero_engine_step``), so a step means what it means under every other strategy.
 
+Initialisation: under ZeRO-3 the model is built on the meta device and each rank creates only its
+own partitions, from ``model/init.py``'s per-parameter values (``zero.partition_initial_values``,
+called by ``materialize`` before ``deepspeed.initialize``); ZeRO-1/2 build the whole model on the
+host (every rank keeps full parameters there). Both give the one-process initial weights.
+
 Checkpoints: the engine's partitioned state is mapped onto the common DCP layout -- each
 parameter's full fp32 value and full AdamW moments under its plain-model name, assembled with
 ``deepspeed.utils.safe_get_full_*`` -- so a ZeRO checkpoint loads under any other strategy and

@@ -24,6 +24,11 @@ exposed to DCP as a DTensor on a (dp, tp) mesh -- ``Shard(0)`` for column / voca
 any other strategy's (``none``, ``fsdp``, ``tp``, ...) on load. Optimizer state is exposed the same
 way, in the format of ``get_optimizer_state_dict``.
 
+On the meta device (``parallel.meta_init``, the default) ``convert_model`` builds the megatron
+layers with shard-sized, uninitialised storage and copies nothing; ``materialize`` then fills
+each rank's shards from ``model/init.py``'s per-parameter values (``MegatronShards``), so no rank
+ever holds the plain model's full weights.
+
 Process groups come from ``megatron.core.parallel_state.initialize_model_parallel`` on top of the
 process group ``setup.init_distributed`` made from the launcher's environment; TP ranks are
 neighbours (rank = dp_rank * tp + tp_rank).
