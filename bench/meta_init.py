@@ -1,25 +1,28 @@
 """Time to first step and set-up memory: meta-device initialisation vs building on the host.
 
-    .venv/bin/python -m bench.meta_init [--model 1b] [--nproc 2] [--strategy fsdp] [--repeats 1] [--no-backward]
+    .venv/bin/python -m bench.meta_init [--model 1b] [--nproc 2] [--strategy fsdp|tp|fsdp_tp|zero3|megatron]
+                                        [--repeats 1] [--no-backward]
 
 Each variant is one ``bench.common.launch`` of this module's worker (``--worker-spec``, mode
 ``step``) on ``--nproc`` CPU ranks: the Trainer's model set-up (``parallel.meta_init=true``: built
 on the meta device, sharded, each rank initialising its own shards; ``false``: the whole model
 built and initialised on every rank's host, then sharded), then the first step's forward and
-backward (head-sequential loss, one micro-batch of ``--seq-len`` tokens), no optimizer step.
+backward (head-sequential loss, one micro-batch of ``--seq-len`` tokens), no optimizer step. Under
+``--strategy zero3`` set-up includes ``deepspeed.initialize`` (where the host path partitions).
 ``--no-backward``: the forward alone (per-head losses). On a 24 GB machine 1b on 2 ranks fits only
 forward-only: gradient shards, FSDP's unsharded gradients and reduce-scatter buffers on top of the
 parameter shards got a rank killed for memory (AdamW's state would add another 13 GB). Launch
 start-up (imports, process group) is not counted. Peak RSS is each rank's ``ru_maxrss`` when
-set-up ends and after the step. Variants alternate (host, meta, host, meta, ...) so that machine
-load hits both alike. Both must give the same losses and gradient norm (same initial weights,
+the model is built (``build_model``), when set-up ends and after the step. Variants alternate
+(host, meta, host, meta, ...) so that machine load hits both alike. Both must give the same losses and gradient norm (same initial weights,
 same sharding). Ends with one JSON line.
 
 The worker also serves tests/test_meta_init.py. Its spec (a JSON file):
 ``{"out": dir, "runs": [{"name": str, "overrides": [hydra overrides...], "mode": MODE}]}``, MODE:
 
 * ``init``: the Trainer's model set-up (``build_model``); rank 0 saves the gathered full state
-  dict to out/<name>.pt;
+  dict to out/<name>.pt (``full_state_dict``: DeepSpeed and megatron through their optimizer and
+  checkpoint state, ZeRO-3's module partitions also as "module/<name>", pipeline stages merged);
 * ``shard``: build on the meta device and shard only (no storage): every rank's local parameter
   bytes and peak RSS;
 * ``step``: set-up, then the first step's forward and backward (one micro-batch of synthetic
@@ -57,10 +60,40 @@ def peak_rss_bytes() -> int:
 
 
 def local_bytes(model) -> int:
+    """Parameter bytes this rank holds: DTensor shards, ZeRO-3 partitions, else whole tensors."""
     from torch.distributed.tensor import DTensor
 
-    return sum((p.to_local() if isinstance(p, DTensor) else p).numel() * p.element_size()
-               for p in model.parameters())
+    def held(p):
+        return p.ds_tensor if hasattr(p, "ds_tensor") else p.to_local() if isinstance(p, DTensor) else p
+
+    return sum(held(p).numel() * p.element_size() for p in model.parameters())
+
+
+def full_state_dict(model, strategy, cfg) -> dict:
+    """{name: full tensor} gathered to every rank. DeepSpeed and megatron: through the optimizer
+    they wrap (ZeRO's fp32 master partitions are copied from the module's at its creation) and
+    their checkpoint state; ZeRO-3's module partitions are also gathered, under "module/<name>"."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    if cfg.parallel.pp_size > 1:  # each rank holds its own stages: their union
+        own = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True))  # on every rank
+        merged = {}
+        for part in gather_all({k: v.detach().cpu() for k, v in own.items()}):
+            merged |= part
+        return merged
+    if cfg.parallel.strategy not in ("deepspeed", "megatron"):
+        return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    from mtp_pretrain.optim import build_adamw
+
+    extra = {}
+    if cfg.parallel.strategy == "deepspeed" and cfg.parallel.zero_stage == 3:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            extra = {f"module/{k}": v.detach().clone().cpu() for k, v in model.named_parameters()}
+    optimizer = strategy.build_optimizer(model, lambda m: build_adamw(m, cfg.optim))
+    state = strategy.checkpoint_state(model, optimizer)["model"].state_dict()
+    return {k: (v.full_tensor() if hasattr(v, "full_tensor") else v).detach().cpu() for k, v in state.items()} | extra
 
 
 def gather_all(obj) -> list:
@@ -75,10 +108,18 @@ def run_one(run: dict, out: Path, env) -> dict:
     from mtp_pretrain.parallel import build_strategy
     from mtp_pretrain.parallel.materialize import build_model
 
+    from mtp_pretrain.train import autocast_dtype
+
     cfg = compose_job_config(run["overrides"])
-    strategy = build_strategy(cfg.parallel, env, None)
+    strategy = build_strategy(cfg.parallel, env, autocast_dtype(cfg, env.device))  # as the Trainer
     strategy.validate(cfg.model, seq_len=cfg.data.seq_len)
-    log = (lambda msg: print(f"[{run['name']}] {msg}", flush=True)) if env.is_main else (lambda msg: None)
+    messages: list[str] = []
+
+    def log(msg: str) -> None:
+        messages.append(msg)
+        if env.is_main:
+            print(f"[{run['name']}] {msg}", flush=True)
+
     result: dict = {"name": run["name"], "world_size": env.world_size}
     t0 = time.perf_counter()
     if run["mode"] == "shard":
@@ -93,13 +134,19 @@ def run_one(run: dict, out: Path, env) -> dict:
         result["peak_rss_bytes"] = gather_all(peak_rss_bytes())
     else:
         model = build_model(cfg, strategy, env.device, log)
+        result["built_peak_rss_bytes"] = gather_all(peak_rss_bytes())  # before any engine / optimizer
+        if run["mode"] == "step" and cfg.parallel.strategy == "deepspeed":
+            # the engine is part of ZeRO's set-up (the host path partitions there) and installs
+            # ZeRO-3's parameter-fetching hooks the forward needs
+            from mtp_pretrain.optim import build_adamw
+
+            strategy.build_optimizer(model, lambda m: build_adamw(m, cfg.optim))
         result["setup_s"] = time.perf_counter() - t0
+        result["built_on_meta"] = gather_all(any("built on the meta device" in m for m in messages))
         result["local_param_bytes"] = gather_all(local_bytes(model))
         result["setup_peak_rss_bytes"] = gather_all(peak_rss_bytes())
     if run["mode"] == "init":
-        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
-
-        full = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+        full = full_state_dict(model, strategy, cfg)
         if env.is_main:
             torch.save(full, out / f"{run['name']}.pt")
     if run["mode"] == "step":
@@ -160,8 +207,13 @@ def run_variants(out: Path, nproc: int, runs: list[dict], threads: int | None = 
 
 
 # --- the measurement -----------------------------------------------------------------------------
+STRATEGY_OVERRIDES = {"fsdp": ["parallel=fsdp"], "tp": ["parallel=tp"], "fsdp_tp": ["parallel=fsdp_tp"],
+                      "zero3": ["parallel=deepspeed", "parallel.zero_stage=3"], "megatron": ["parallel=megatron"]}
+
+
 def overrides(args, meta: bool) -> list[str]:
-    return [f"model={args.model}", f"parallel={args.strategy}", f"parallel.meta_init={str(meta).lower()}",
+    tp = [f"parallel.tp_size={args.nproc}"] if args.strategy == "megatron" else []
+    return [f"model={args.model}", *STRATEGY_OVERRIDES[args.strategy], *tp, f"parallel.meta_init={str(meta).lower()}",
             "train.device=cpu", f"data.seq_len={args.seq_len}", "train.micro_batch_size=1"]
 
 
@@ -169,7 +221,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="1b")
     ap.add_argument("--nproc", type=int, default=2)
-    ap.add_argument("--strategy", default="fsdp", choices=["fsdp", "tp", "fsdp_tp"])
+    ap.add_argument("--strategy", default="fsdp", choices=sorted(STRATEGY_OVERRIDES),
+                    help="zero3: deepspeed at zero_stage 3 (with --no-backward); megatron: tp = --nproc")
     ap.add_argument("--seq-len", type=int, default=16)
     ap.add_argument("--repeats", type=int, default=1)
     ap.add_argument("--no-backward", action="store_true", help="time the first forward only")
@@ -178,6 +231,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.worker_spec:
         return worker(args.worker_spec, args.result_file)
+    if args.strategy == "zero3" and not args.no_backward:
+        ap.error("--strategy zero3 needs --no-backward (the worker's gradient norm reads whole gradients)")
     from mtp_pretrain.model import count_parameters, model_config
 
     full_gib = count_parameters(model_config(args.model))["total"] * 4 / GIB
@@ -191,7 +246,8 @@ def main() -> None:
                                    "overrides": overrides(args, variant == "meta")}])[name]
                 runs[variant].append(r)
                 print(f"{variant:4s} #{i}: set-up {r['setup_s']:.1f}s, first step {r['step_s']:.1f}s, "
-                      f"to first step {r['time_to_first_step_s']:.1f}s; peak RSS per rank after set-up "
+                      f"to first step {r['time_to_first_step_s']:.1f}s; peak RSS per rank when the model is "
+                      f"built {max(r['built_peak_rss_bytes']) / GIB:.2f} GiB, after set-up "
                       f"{max(r['setup_peak_rss_bytes']) / GIB:.2f} GiB, after the step "
                       f"{max(r['peak_rss_bytes']) / GIB:.2f} GiB; losses {[round(x, 5) for x in r['losses']]}",
                       flush=True)
@@ -200,6 +256,7 @@ def main() -> None:
         return {"setup_s": round(statistics.median(r["setup_s"] for r in rs), 2),
                 "first_step_s": round(statistics.median(r["step_s"] for r in rs), 2),
                 "time_to_first_step_s": round(statistics.median(r["time_to_first_step_s"] for r in rs), 2),
+                "built_peak_rss_gib": round(max(max(r["built_peak_rss_bytes"]) for r in rs) / GIB, 2),
                 "setup_peak_rss_gib": round(max(max(r["setup_peak_rss_bytes"]) for r in rs) / GIB, 2),
                 "step_peak_rss_gib": round(max(max(r["peak_rss_bytes"]) for r in rs) / GIB, 2)}
 

@@ -196,8 +196,9 @@ class ParallelConfig:
     ac_every: int = 2  # every_k: checkpoint every k-th block
     compile: bool = False
     cpu_offload: bool = False  # fsdp: keep sharded parameters and optimizer state on CPU
-    # fsdp, tp, fsdp_tp: build on the meta device, shard, then initialise each rank's shards only
-    # (false: the whole model on every rank's host first; same initial weights either way)
+    # fsdp, tp, fsdp_tp, megatron, deepspeed ZeRO-3, pipeline stages: build on the meta device, shard,
+    # then initialise each rank's shards only (false: the whole model on every rank's host first;
+    # same initial weights either way; parallel/materialize.py)
     meta_init: bool = True
     timeout_s: int = 600  # collective timeout: a dead rank fails the job instead of hanging it
     # Pipeline parallelism (mtp_pretrain/parallel/pipeline.py): composes with none, fsdp, tp and

@@ -17,7 +17,8 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
         if not p.requires_grad or id(p) in seen:
             continue
         seen.add(id(p))
-        if p.ndim < 2 or "norm" in name or "tok_embeddings" in name or "unembed" in name:
+        ndim = len(p.ds_shape) if hasattr(p, "ds_shape") else p.ndim  # a ZeRO-3 partition is flat
+        if ndim < 2 or "norm" in name or "tok_embeddings" in name or "unembed" in name:
             no_decay.append(p)
         else:
             decay.append(p)

@@ -74,8 +74,23 @@ class Strategy:
     # --- model and optimizer -------------------------------------------------------------------
     def parallelize(self, model: nn.Module) -> nn.Module:
         from mtp_pretrain.parallel.blocks import apply_block_options
+        from mtp_pretrain.parallel.materialize import to_device
 
-        return apply_block_options(self.keep_own_stages(model).to(self.env.device), self.cfg)
+        return apply_block_options(to_device(self.keep_own_stages(model), self.env.device), self.cfg)
+
+    def shards(self, model: nn.Module):
+        """Where each rank keeps its part of each parameter of the parallelised ``model``
+        (``materialize.Shards``: DTensor placements, else whole)."""
+        from mtp_pretrain.parallel.materialize import Shards
+
+        return Shards()
+
+    def materialize(self, model: nn.Module, seed: int, log) -> None:
+        """Storage and initial values (``model/init.py``) for the parallelised ``model`` built on the
+        meta device (``materialize.builds_on_meta``): each rank only its own part of each parameter."""
+        from mtp_pretrain.parallel.materialize import materialize
+
+        materialize(model, self.env.device, seed, log, self.shards(model))
 
     def keep_own_stages(self, model: nn.Module, **boundary) -> nn.Module:
         """Under pipeline parallelism, the model reduced to this rank's stages (first thing in

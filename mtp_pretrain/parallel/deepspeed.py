@@ -18,6 +18,11 @@ The engine owns the optimizer step: ``step`` runs ``engine.step()``, which clips
 gradients) when that norm is non-finite; a non-finite loss is routed the same way
 (``zero.zero_engine_step``), so a step means what it means under every other strategy.
 
+Initialisation: under ZeRO-3 the model is built on the meta device and each rank creates only its
+own partitions, from ``model/init.py``'s per-parameter values (``zero.partition_initial_values``,
+called by ``materialize`` before ``deepspeed.initialize``); ZeRO-1/2 build the whole model on the
+host (every rank keeps full parameters there). Both give the one-process initial weights.
+
 Checkpoints: the engine's partitioned state is mapped onto the common DCP layout -- each
 parameter's full fp32 value and full AdamW moments under its plain-model name, assembled with
 ``deepspeed.utils.safe_get_full_*`` -- so a ZeRO checkpoint loads under any other strategy and
@@ -111,6 +116,21 @@ class DeepSpeedStrategy(Strategy):
                                f"(DeepSpeed >= 0.19); this is {deepspeed.__version__}")
         if model_cfg.tie_embeddings and self.cfg.zero_stage == 3:
             raise ValueError("model.tie_embeddings with ZeRO-3 is untested here; use zero_stage 1/2 or fsdp")
+
+    def shards(self, model: nn.Module):
+        return zero.ZeroPartitions() if self.cfg.zero_stage == 3 else super().shards(model)
+
+    def materialize(self, model: nn.Module, seed: int, log) -> None:
+        """ZeRO-3 (the only stage built on the meta device: ``materialize.builds_on_meta``): each
+        rank's partitions of the meta-device model, initialised without communication
+        (``zero.partition_initial_values``), before ``deepspeed.initialize`` sees the model."""
+        if self.cfg.zero_stage != 3:
+            return super().materialize(model, seed, log)
+        import_deepspeed(self.env.device.type)
+        _ensure_process_group(self.env)
+        bf16 = self.param_dtype == torch.bfloat16
+        zero.partition_initial_values(model, self.env.device, torch.bfloat16 if bf16 else torch.float32, seed,
+                                      zero.zero_config(3, bf16=bf16), log)
 
     def build_optimizer(self, model: nn.Module, make_optimizer: Callable[[nn.Module], torch.optim.Optimizer]):
         import_deepspeed(self.env.device.type)  # DS_ACCELERATOR before deepspeed's first import

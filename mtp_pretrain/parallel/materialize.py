@@ -1,25 +1,38 @@
 """Build the model on the meta device, shard it, then give each rank storage for its own shards only.
 
     with torch.device("meta"): model = MTPTransformer(cfg)     # shapes only, no storage
-    model = strategy.parallelize(model)                          # fully_shard / parallelize_module
-    materialize(model, device, seed)                             # to_empty + per-shard init
+    model = strategy.parallelize(model)                          # fully_shard / parallelize_module / ...
+    strategy.materialize(model, seed, log)                       # storage + per-shard init
 
 ``materialize`` initialises one parameter at a time: its full value comes from
-``model/init.py`` (a function of ``train.seed`` and the parameter's name), and the rank keeps
-the slice its placement gives it (``distribute_tensor(..., src_data_rank=None)``: every rank
-cuts its own slice from its own copy, no communication). Peak host memory is the rank's shards
-plus the largest single parameter, never the whole model, and the weights are exactly those of a
-one-process run (``tests/test_meta_init.py``).
+``model/init.py`` (a function of ``train.seed`` and the parameter's name -- for a tied parameter
+held under another name, the name the whole model gives it: ``initialisation_names``), and the
+rank keeps its part of it. Where that part lives is the strategy's ``Shards``:
 
-``train.init_from`` then reads into the shards: a DCP checkpoint through DCP itself (each rank
-reads the byte ranges of its own slices), a single-file export one tensor at a time.
+* fsdp, tp, fsdp_tp: the DTensor placement (``distribute_tensor(..., src_data_rank=None)``:
+  every rank cuts its own slice from its own copy, no communication);
+* megatron: ``megatron.MegatronShards``, the TP slice ``shard_of`` gives the megatron layer
+  (``convert_model`` builds the layers' shard-sized storage; the plain modules left stay on meta
+  until ``allocate``);
+* deepspeed ZeRO-3: ``zero.ZeroPartitions``, the flat partition ``p.ds_tensor``; the meta
+  parameters become ZeRO parameters in ``zero.partition_initial_values`` (what
+  ``deepspeed.zero.Init`` does to each parameter, without its broadcast from rank 0);
+* pipeline stages (any strategy that takes them): each rank builds only the modules of its own
+  stages (``Pipeline.split`` runs on meta), then the above.
 
-Strategies that shard on the meta device: fsdp, tp, fsdp_tp (``parallel.meta_init``, default
-on). The others build the whole model on the host, initialise it with the same per-parameter
-rule, then wrap it: ddp and none hold full replicas anyway; DeepSpeed partitions inside
-``deepspeed.initialize`` (ZeRO-3 would need ``deepspeed.zero.Init`` around the model's
-construction, not wired up); megatron converts the plain modules by copying slices of their
-full weights (``parallel/megatron.py``). See docs/parallelism.md.
+Peak memory is the rank's shards plus the largest single parameter, never the whole model, and
+the weights are exactly those of a one-process run (``tests/test_meta_init.py``).
+
+``train.init_from`` then reads into the shards: a DCP checkpoint through DCP itself into DTensors
+(each rank reads the byte ranges of its own slices), one full parameter at a time for megatron's
+and ZeRO-3's layouts; a single-file export one tensor at a time.
+
+``builds_on_meta`` is the one place deciding which jobs build on meta (``parallel.meta_init``,
+default on): fsdp, tp, fsdp_tp, megatron, deepspeed at zero_stage 3, and ``parallel.pp_size > 1``.
+The others build the whole model on the host with the same per-parameter rule: ddp and none
+hold full replicas anyway, ZeRO-1/2 keep the full parameters on every rank (only gradients and
+optimizer state are partitioned). ``train.init_from_hf`` also builds on the host (the Hugging Face
+reader maps the whole state dict at once). See docs/parallelism.md.
 """
 
 from __future__ import annotations
@@ -35,11 +48,20 @@ from torch.distributed.tensor import DTensor, distribute_tensor
 from mtp_pretrain.model import MTPTransformer
 from mtp_pretrain.model.init import initial_value
 
-META_STRATEGIES = ("fsdp", "tp", "fsdp_tp")
+# Strategies whose parameters are sharded (deepspeed: only at zero_stage 3, the stage that partitions
+# the parameters themselves), and pipeline stages under any strategy: each rank materialises its own.
+META_STRATEGIES = ("fsdp", "tp", "fsdp_tp", "megatron", "deepspeed")
 
 
-def builds_on_meta(strategy_name: str, meta_init: bool) -> bool:
-    return meta_init and strategy_name in META_STRATEGIES
+def builds_on_meta(cfg) -> bool:
+    """Whether the Trainer builds the model on the meta device for this ``ParallelConfig``."""
+    if not cfg.meta_init:
+        return False
+    if cfg.pp_size > 1:
+        return True
+    if cfg.strategy == "deepspeed":
+        return cfg.zero_stage == 3  # ZeRO-1/2 keep the full parameters on every rank anyway
+    return cfg.strategy in META_STRATEGIES
 
 
 def is_meta(model: nn.Module) -> bool:
@@ -61,19 +83,31 @@ def when_materialized(model: nn.Module, fn: Callable[[], object]) -> None:
         fn()
 
 
-def local_part(param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
-    """This rank's part of ``full`` (the parameter's global value) in the layout of ``param``."""
-    if isinstance(param, DTensor):
-        return distribute_tensor(full.to(param.device), param.device_mesh, param.placements,
-                                 src_data_rank=None).to_local()
-    return full
+class Shards:
+    """Where a rank keeps its part of each parameter, for ``materialize`` and ``load_into_shards``:
+    the parameter's global shape, this rank's part of a full value, and the tensor that holds it.
+    This default reads DTensor placements (fsdp, tp, fsdp_tp) and treats any other parameter as
+    whole; ``megatron`` (its TP layout) and ZeRO-3 (its flat partitions) bring their own."""
 
+    def global_shape(self, name: str, param: torch.Tensor) -> torch.Size:
+        return param.shape
 
-def _copy_into(param: torch.Tensor, local: torch.Tensor) -> None:
-    target = param.to_local() if isinstance(param, DTensor) else param
-    if target.shape != local.shape:
-        raise RuntimeError(f"local shard shape {tuple(target.shape)} != slice {tuple(local.shape)}")
-    target.copy_(local.to(target.dtype))
+    def local_part(self, name: str, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        """This rank's part of ``full`` (the parameter's global value) in the layout of ``param``."""
+        if isinstance(param, DTensor):
+            return distribute_tensor(full.to(param.device), param.device_mesh, param.placements,
+                                     src_data_rank=None).to_local()
+        return full
+
+    def storage(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        return param.to_local() if isinstance(param, DTensor) else param
+
+    def copy_into(self, name: str, param: torch.Tensor, full: torch.Tensor) -> None:
+        target = self.storage(name, param)
+        local = self.local_part(name, param, full)
+        if target.shape != local.shape:
+            raise RuntimeError(f"{name}: local shard shape {tuple(target.shape)} != slice {tuple(local.shape)}")
+        target.copy_(local.to(target.dtype))
 
 
 class Progress:
@@ -94,15 +128,21 @@ class Progress:
             self.last = now
 
 
-def _shared_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
-    """Every parameter registered in more than one place (tied embeddings, shared heads), as the
-    (module, attribute) pairs holding it."""
+def parameter_places(model: nn.Module) -> dict[int, list[tuple[nn.Module, str]]]:
+    """{id(parameter): the (module, attribute) pairs holding it}: more than one for a tied or
+    shared parameter."""
     places: dict[int, list[tuple[nn.Module, str]]] = {}
     for module in model.modules():
         for name, p in module._parameters.items():
             if p is not None:
                 places.setdefault(id(p), []).append((module, name))
-    return [group for group in places.values() if len(group) > 1]
+    return places
+
+
+def _shared_parameters(model: nn.Module) -> list[list[tuple[nn.Module, str]]]:
+    """Every parameter registered in more than one place (tied embeddings, shared heads), as the
+    (module, attribute) pairs holding it."""
+    return [group for group in parameter_places(model).values() if len(group) > 1]
 
 
 def _retie(shared: list[list[tuple[nn.Module, str]]]) -> None:
@@ -115,19 +155,35 @@ def _retie(shared: list[list[tuple[nn.Module, str]]]) -> None:
                 setattr(module, attr, first)
 
 
+def initialisation_names(cfg) -> dict[str, str]:
+    """{name: the name the whole model initialises it under}, for every parameter name of the
+    whole ``MTPTransformer(cfg)``. A tied or shared parameter takes its value from its first
+    name (``model/init.py``): a model that holds it only under another name -- the last
+    pipeline stage's tied ``unembed.weight``, which is ``tok_embeddings.weight`` -- must still
+    draw it from that one."""
+    with torch.device("meta"):
+        whole = MTPTransformer(cfg)
+    first: dict[int, str] = {}
+    return {name: first.setdefault(id(p), name) for name, p in whole.named_parameters(remove_duplicate=False)}
+
+
 @torch.no_grad()
 def materialize(model: nn.Module, device: torch.device, seed: int,
-                log: Optional[Callable[[str], None]] = None) -> nn.Module:
+                log: Optional[Callable[[str], None]] = None, shards: Optional[Shards] = None) -> nn.Module:
     """Give a (possibly sharded) meta-device ``MTPTransformer`` storage on ``device`` and
-    initialise each rank's shards to exactly what ``MTPTransformer(cfg, init_seed=seed)`` holds."""
+    initialise each rank's shards (``shards``: where they are; default: DTensor placements) to
+    exactly what ``MTPTransformer(cfg, init_seed=seed)`` holds."""
+    shards = shards or Shards()
     allocate(model, device)
     params = list(model.named_parameters())  # a tied / shared parameter once, under its first name
-    progress = Progress("initialising", sum(p.numel() for _, p in params), log)
+    init_name = initialisation_names(model.cfg)
+    progress = Progress("initialising", sum(shards.global_shape(n, p).numel() for n, p in params), log)
     for name, p in params:
-        full = initial_value(model.cfg, name, p.shape, seed)
-        _copy_into(p, local_part(p, full))
+        shape = shards.global_shape(name, p)
+        full = initial_value(model.cfg, init_name[name], shape, seed)
+        shards.copy_into(name, p, full)
         del full
-        progress.add(p.numel())
+        progress.add(shape.numel())
     run_deferred(model)
     return model
 
@@ -141,6 +197,15 @@ def allocate(model: nn.Module, device: torch.device) -> None:
     model.init_buffers()
 
 
+def allocate_buffers(model: nn.Module, device: torch.device) -> None:
+    """Storage for a meta-device model's buffers only (the RoPE tables), computed."""
+    for module in model.modules():
+        for name, buf in module._buffers.items():
+            if buf is not None and buf.is_meta:
+                module._buffers[name] = torch.empty_like(buf, device=device)
+    model.init_buffers()
+
+
 def run_deferred(model: nn.Module) -> None:
     """What strategies deferred with ``when_materialized`` (the model has storage now)."""
     for fn in model.__dict__.pop("_when_materialized", []):
@@ -149,10 +214,14 @@ def run_deferred(model: nn.Module) -> None:
 
 # --- init_from: read into the shards --------------------------------------------------------------
 @torch.no_grad()
-def load_into_shards(model: nn.Module, path: str | Path, log: Callable[[str], None] = print) -> None:
+def load_into_shards(model: nn.Module, path: str | Path, log: Callable[[str], None] = print,
+                     shards: Optional[Shards] = None) -> None:
     """``train.init_from`` for a sharded model: the same rules as ``checkpoint_reader.load_model_weights``
     (heads the source lacks keep their initialisation, the source's extra heads are dropped,
-    shapes must agree), without a full copy of the model on any rank."""
+    shapes must agree), without a full copy of the model on any rank. ``shards``: where each
+    rank's part of a parameter lives (default: DTensor placements); a DCP checkpoint goes through
+    DCP's own resharding only for DTensors, other layouts read one full tensor at a time."""
+    shards = shards or Shards()
     from mtp_pretrain.checkpoint_reader import WEIGHTS_FILE, head_index, read_model_config, resolve_checkpoint
 
     path = resolve_checkpoint(path)
@@ -168,17 +237,20 @@ def load_into_shards(model: nn.Module, path: str | Path, log: Callable[[str], No
         if k not in params and not (src_cfg.tie_embeddings and k == "unembed.weight"):
             raise ValueError(f"init_from {path}: parameter {k} has no counterpart in this model "
                              f"(head_type {src_cfg.head_type} vs {model.cfg.head_type}?)")
-        if k in params and tuple(params[k].shape) != tuple(shape):
-            raise ValueError(f"init_from {path}: {k} has shape {tuple(shape)} there, {tuple(params[k].shape)} here")
+        here = tuple(shards.global_shape(k, params[k])) if k in params else None
+        if here is not None and here != tuple(shape):
+            raise ValueError(f"init_from {path}: {k} has shape {tuple(shape)} there, {here} here")
     complete_heads = min(n_src, n_dst)  # as checkpoint_reader.load_partial_state_dict requires
     missing = [k for k in params if k not in kept and (head_index(k) is None or head_index(k) < complete_heads)]
     if missing:
         raise ValueError(f"init_from {path}: missing parameters {missing[:5]}")
     wanted = [k for k in params if k in kept]
     if (path / WEIGHTS_FILE).is_file():
-        _read_export(model, path / WEIGHTS_FILE, wanted, params)
-    else:
+        _read_export(path / WEIGHTS_FILE, wanted, params, shards)
+    elif type(shards) is Shards:
         _read_dcp(path, wanted, params)
+    else:
+        _read_dcp_one_at_a_time(path, wanted, params, shards)
     log(f"initialised from {path} into the shards: trunk + heads 1..{min(n_src, n_dst)} copied"
         + (f"; heads {n_src + 1}..{n_dst} freshly initialised" if n_dst > n_src else "")
         + (f"; source heads {n_dst + 1}..{n_src} dropped" if n_src > n_dst else ""))
@@ -194,7 +266,7 @@ def _export_shapes(file: Path, src_cfg) -> dict[str, tuple]:
     return shapes
 
 
-def _read_export(model: nn.Module, file: Path, names: Iterable[str], params: dict) -> None:
+def _read_export(file: Path, names: Iterable[str], params: dict, shards: Shards) -> None:
     """One tensor at a time from the safetensors file, each rank keeping its slice."""
     from safetensors import safe_open
 
@@ -203,7 +275,7 @@ def _read_export(model: nn.Module, file: Path, names: Iterable[str], params: dic
         for name in names:
             key = name if name in stored else "tok_embeddings.weight"  # a tied unembedding is stored once
             full = f.get_tensor(key).to(torch.float32)
-            _copy_into(params[name], local_part(params[name], full))
+            shards.copy_into(name, params[name], full)
 
 
 def _dcp_shapes(path: Path) -> dict[str, tuple]:
@@ -223,6 +295,18 @@ def _read_dcp(path: Path, names: Iterable[str], params: dict) -> None:
     load_dcp(path, {"model": {name: params[name] for name in names}})
 
 
+def _read_dcp_one_at_a_time(path: Path, names: Iterable[str], params: dict, shards: Shards) -> None:
+    """A layout DCP cannot reshard into (megatron's plain shards, ZeRO-3's flat partitions): each
+    parameter's full value read on its own (one DCP load per parameter, collective), then this
+    rank keeps its part: peak = the largest parameter."""
+    from mtp_pretrain.checkpoint_reader import load_dcp
+
+    for name in names:
+        full = torch.empty(tuple(shards.global_shape(name, params[name])), dtype=torch.float32)
+        load_dcp(path, {"model": {name: full}})
+        shards.copy_into(name, params[name], full)
+
+
 def build_model(cfg, strategy, device: torch.device, log: Callable[[str], None],
                 before_parallelize: Optional[Callable[[nn.Module], None]] = None) -> nn.Module:
     """The Trainer's model: built, parallelised by ``strategy`` and initialised (``train.seed``,
@@ -230,7 +314,7 @@ def build_model(cfg, strategy, device: torch.device, log: Callable[[str], None],
     parameters (``builds_on_meta``), else on the host. ``before_parallelize`` gets the plain model
     (on meta or not) before the strategy wraps it: what must hold before sharding (frozen
     parameters) goes there."""
-    on_meta = builds_on_meta(strategy.name, cfg.parallel.meta_init) and not cfg.train.init_from_hf
+    on_meta = builds_on_meta(cfg.parallel) and not cfg.train.init_from_hf
     t0 = time.perf_counter()
     if on_meta:
         with torch.device("meta"):
@@ -242,9 +326,9 @@ def build_model(cfg, strategy, device: torch.device, log: Callable[[str], None],
         before_parallelize(model)
     model = strategy.parallelize(model)
     if on_meta:
-        materialize(model, device, cfg.train.seed, log)
+        strategy.materialize(model, cfg.train.seed, log)
         if cfg.train.init_from:
-            load_into_shards(model, cfg.train.init_from, log=log)
+            load_into_shards(model, cfg.train.init_from, log=log, shards=strategy.shards(model))
     log(f"model built {'on the meta device, sharded, then materialised' if on_meta else 'on the host'} "
         f"in {time.perf_counter() - t0:.1f}s")
     return model

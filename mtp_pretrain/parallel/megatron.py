@@ -24,6 +24,11 @@ exposed to DCP as a DTensor on a (dp, tp) mesh -- ``Shard(0)`` for column / voca
 any other strategy's (``none``, ``fsdp``, ``tp``, ...) on load. Optimizer state is exposed the same
 way, in the format of ``get_optimizer_state_dict``.
 
+On the meta device (``parallel.meta_init``, the default) ``convert_model`` builds the megatron
+layers with shard-sized, uninitialised storage and copies nothing; ``materialize`` then fills
+each rank's shards from ``model/init.py``'s per-parameter values (``MegatronShards``), so no rank
+ever holds the plain model's full weights.
+
 Process groups come from ``megatron.core.parallel_state.initialize_model_parallel`` on top of the
 process group ``setup.init_distributed`` made from the launcher's environment; TP ranks are
 neighbours (rank = dp_rank * tp + tp_rank).
@@ -64,6 +69,7 @@ from mtp_pretrain.parallel.base import Strategy
 from mtp_pretrain.parallel.blocks import apply_block_options
 from mtp_pretrain.parallel.ddp import all_reduce_mean_grads
 from mtp_pretrain.parallel.grad_norm import scale_grads_to_norm_
+from mtp_pretrain.parallel.materialize import Shards, to_device
 
 # Styles this executor runs as plain replicated modules (no sequence parallelism, see above).
 _REPLICATED_STYLES = (tp_plan.SEQUENCE, tp_plan.REPLICATE, tp_plan.GATHER_INPUT)
@@ -156,7 +162,9 @@ def shard_of(full: torch.Tensor, dim: Optional[int], tp: int, rank: int) -> torc
 
 def convert_model(model: nn.Module, tp: int, tp_rank: int) -> dict[str, Optional[int]]:
     """Replace the plain modules in place following ``tp_plan.TP_PLAN``; weights are copied
-    shard by shard from the plain ones. Returns {parameter FQN: shard dim or None}."""
+    shard by shard from the plain ones -- or, for a model on the meta device, left uninitialised
+    (``MegatronShards`` and ``materialize`` fill them; the plain modules left, norms and small
+    projections, stay on meta until then). Returns {parameter FQN: shard dim or None}."""
     _, tensor_parallel = require_megatron()
     cls = _layer_classes()
     config = _mcore_config(tp)
@@ -188,7 +196,7 @@ def convert_model(model: nn.Module, tp: int, tp_rank: int) -> dict[str, Optional
         with torch.no_grad():
             if tied and style == tp_plan.VOCAB_COLUMN:
                 new.weight = model.tok_embeddings.weight  # same vocab range per rank: one parameter
-            else:
+            elif not old.weight.is_meta:
                 new.weight.copy_(shard_of(old.weight.detach().cpu(), SHARD_DIM[style], tp, tp_rank))
         parent, _, attr = name.rpartition(".")
         setattr(modules[parent] if parent else model, attr, new)
@@ -198,6 +206,24 @@ def convert_model(model: nn.Module, tp: int, tp_rank: int) -> dict[str, Optional
         style = assignment.get(module_name)
         layout[fqn] = SHARD_DIM.get(style) if style is not None else None
     return layout
+
+
+class MegatronShards(Shards):
+    """Where a TP rank keeps its part of each parameter: the megatron layer's weight is this rank's
+    ``shard_of`` the full value (``layout``: {FQN: shard dim or None}), a plain parameter whole."""
+
+    def __init__(self, layout: dict[str, Optional[int]], tp: int, tp_rank: int):
+        self.layout, self.tp, self.tp_rank = layout, tp, tp_rank
+
+    def global_shape(self, name: str, param: torch.Tensor) -> torch.Size:
+        dim = self.layout[name]
+        shape = list(param.shape)
+        if dim is not None:
+            shape[dim] *= self.tp
+        return torch.Size(shape)
+
+    def local_part(self, name: str, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        return shard_of(full, self.layout[name], self.tp, self.tp_rank)
 
 
 class MegatronMPU:
@@ -315,10 +341,13 @@ class MegatronStrategy(Strategy):
 
             model_parallel_cuda_manual_seed(torch.initial_seed())
         self.layout = convert_model(model, self.tp, self.tp_rank)
-        model.to(self.env.device)
+        to_device(model, self.env.device)  # on meta: materialize moves it
         apply_block_options(model, self.cfg)
         self.mesh  # noqa: B018 - collective set-up now, not in the middle of a save
         return model
+
+    def shards(self, model: nn.Module) -> "MegatronShards":
+        return MegatronShards(self.layout, self.tp, self.tp_rank)
 
     def build_optimizer(self, model: nn.Module, make_optimizer):
         optimizer = make_optimizer(model)

@@ -15,6 +15,8 @@ import warnings
 import torch
 from torch import nn
 
+from mtp_pretrain.parallel.materialize import Shards
+
 ADAM_KEYS = ("exp_avg", "exp_avg_sq")
 # DeepSpeed 0.19 still calls the collectives torch 2.13 renamed: one warning per call otherwise.
 warnings.filterwarnings("ignore", message=r".*torch\.distributed\.(all_gather_into_tensor|reduce_scatter_tensor)"
@@ -76,6 +78,67 @@ def zero_engine_step(engine, model: nn.Module, max_norm: float, loss_is_finite: 
 def full_shape(p) -> torch.Size:
     """A parameter's shape as the model sees it (ZeRO-3 empties ``p`` between uses)."""
     return p.ds_shape if hasattr(p, "ds_shape") else p.shape
+
+
+# --- ZeRO-3: partitions initialised from the meta device -----------------------------------------
+class ZeroPartitions(Shards):
+    """Where a rank keeps its part of a ZeRO-3 parameter: ``p.ds_tensor``, a flat slice of the
+    flattened full value -- rank r holds elements [r * size, (r + 1) * size), the last rank's
+    slice padded (with zeros here) to ``size`` = ceil(numel / ranks)."""
+
+    def global_shape(self, name: str, param: torch.Tensor) -> torch.Size:
+        return param.ds_shape
+
+    def storage(self, name: str, param: torch.Tensor) -> torch.Tensor:
+        return param.ds_tensor
+
+    def local_part(self, name: str, param: torch.Tensor, full: torch.Tensor) -> torch.Tensor:
+        import torch.distributed as dist
+
+        size = param.ds_tensor.ds_numel
+        start = size * dist.get_rank(group=param.ds_process_group)
+        part = full.reshape(-1)[start:start + size]
+        return torch.cat([part, part.new_zeros(size - part.numel())]) if part.numel() < size else part
+
+
+@torch.no_grad()
+def partition_initial_values(model: nn.Module, device: torch.device, dtype: torch.dtype, seed: int, config: dict,
+                             log=None) -> None:
+    """Turn a meta-device ``MTPTransformer`` into ZeRO-3 partitioned parameters holding its initial
+    values, one parameter at a time and without communication: each rank computes the parameter's
+    full value (``model/init.py``), keeps its own flat slice as the partition, frees the rest. Peak
+    host/device memory: the partitions plus the largest single parameter.
+
+    This does what ``deepspeed.zero.Init`` does to each module's parameters as the module is built,
+    minus its broadcast of every full parameter from rank 0 (which only makes uninitialised values
+    agree; the values written here are already equal on every rank). ``deepspeed.initialize`` then
+    finds ZeRO parameters and leaves them as they are."""
+    import deepspeed
+
+    from mtp_pretrain.model.init import initial_value
+    from mtp_pretrain.parallel.materialize import (Progress, allocate_buffers, initialisation_names, parameter_places,
+                                                   run_deferred)
+
+    # Not entered as a context: used for its process group, dtype and the conversion of one parameter.
+    partitioner = deepspeed.zero.Init(config_dict_or_path=config, dtype=dtype)
+    if not hasattr(partitioner, "_convert_to_deepspeed_param"):
+        raise RuntimeError(f"parallel.meta_init with ZeRO-3 needs deepspeed.zero.Init._convert_to_deepspeed_param "
+                           f"(DeepSpeed 0.19); this is {deepspeed.__version__}: set parallel.meta_init=false")
+    allocate_buffers(model, device)
+    places = parameter_places(model)
+    params = list(model.named_parameters())  # a shared parameter once, under its first name
+    init_name = initialisation_names(model.cfg)
+    progress = Progress("initialising ZeRO-3 partitions", sum(p.numel() for _, p in params), log)
+    for name, p in params:
+        full = initial_value(model.cfg, init_name[name], p.shape, seed)
+        new = nn.Parameter(full.to(device=device, dtype=dtype), requires_grad=p.requires_grad)
+        del full
+        for module, attr in places[id(p)]:
+            module._parameters[attr] = new
+        partitioner._convert_to_deepspeed_param(new)
+        new.partition()  # this rank's slice into new.ds_tensor; the full value freed
+        progress.add(new.ds_numel)
+    run_deferred(model)
 
 
 # --- optimizer state ----------------------------------------------------------------------------
