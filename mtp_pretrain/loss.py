@@ -78,7 +78,7 @@ def head_targets(tokens: torch.Tensor, seq_len: int, n_future: int,
     return targets
 
 
-def _setup(model, tokens, seq_len, weights, pad_id, document_end_id=None, denominators=None):
+def _setup(model, tokens, seq_len, weights, pad_id, document_end_id=None, denominators=None, targets=None):
     n = model.n_future
     T = tokens.shape[1] - 1 if seq_len is None else seq_len
     if T < 1 or T > tokens.shape[1]:
@@ -86,7 +86,11 @@ def _setup(model, tokens, seq_len, weights, pad_id, document_end_id=None, denomi
     weights = [1.0] * n if weights is None else list(weights)
     if len(weights) != n:
         raise ValueError(f"loss.head_weights has {len(weights)} entries, model.n_future is {n}")
-    targets = head_targets(tokens, T, n, pad_id, document_end_id)
+    if targets is None:
+        targets = head_targets(tokens, T, n, pad_id, document_end_id)
+    elif len(targets) != n or any(tuple(t.shape) != (tokens.shape[0], T) for t in targets):
+        raise ValueError(f"targets must be model.n_future={n} tensors of shape [{tokens.shape[0]}, {T}] "
+                         f"(head_targets of these tokens), got shapes {[tuple(t.shape) for t in targets]}")
     counts = [int((t != IGNORE_INDEX).sum()) for t in targets]
     documents = None if document_end_id is None else PackedDocuments.from_tokens(tokens[:, :T], document_end_id)
     # Each head's summed cross-entropy is divided by this micro-batch's valid targets, or by the
@@ -103,7 +107,8 @@ def head_sequential_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len
                          pad_id: Optional[int] = None, loss_scale: float = 1.0,
                          hooks: Optional[GradSyncHooks] = None, document_end_id: Optional[int] = None,
                          denominators: Optional[Sequence[float]] = None,
-                         trunk_output: Optional[torch.Tensor] = None) -> MTPLoss:
+                         trunk_output: Optional[torch.Tensor] = None,
+                         targets: Optional[Sequence[torch.Tensor]] = None) -> MTPLoss:
     """Forward and backward of the multi-token loss with one head's logits alive at a time.
 
     tokens [B, L]: inputs are tokens[:, :seq_len] (default L - 1); gradients of
@@ -113,10 +118,12 @@ def head_sequential_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len
     ``trunk_output``: z computed elsewhere (a pipeline's last stage): the trunk is neither run nor
     backpropagated here; ``MTPLoss.trunk_loss`` is ``(z * g).sum()`` for the heads' accumulated
     gradient g, whose backward gives z exactly that gradient.
+    ``targets``: ``head_targets`` of these tokens when the caller has built them already (the
+    trainer does, to count a step's targets before its first micro-batch); built here when None.
     """
     hooks = hooks or GradSyncHooks()
     T, weights, targets, counts, documents, divisors = _setup(model, tokens, seq_len, weights, pad_id,
-                                                              document_end_id, denominators)
+                                                              document_end_id, denominators, targets)
     n = model.n_future
     run, last = _heads_to_run(weights, model.heads_chain)
     z = model.trunk_forward(tokens[:, :T], documents=documents) if trunk_output is None else trunk_output
@@ -172,13 +179,14 @@ def naive_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len: Optional
                pad_id: Optional[int] = None, loss_scale: float = 1.0,
                hooks: Optional[GradSyncHooks] = None, document_end_id: Optional[int] = None,
                denominators: Optional[Sequence[float]] = None,
-               trunk_output: Optional[torch.Tensor] = None) -> MTPLoss:
+               trunk_output: Optional[torch.Tensor] = None,
+               targets: Optional[Sequence[torch.Tensor]] = None) -> MTPLoss:
     """The reference: all heads forward, the weighted sum of their losses, one backward.
     With ``trunk_output`` that backward is left to the caller: ``MTPLoss.trunk_loss`` is the
     scaled sum, still holding every head's graph."""
     hooks = hooks or GradSyncHooks()
     T, weights, targets, counts, documents, divisors = _setup(model, tokens, seq_len, weights, pad_id,
-                                                              document_end_id, denominators)
+                                                              document_end_id, denominators, targets)
     run, last = _heads_to_run(weights, model.heads_chain)
     z = model.trunk_forward(tokens[:, :T], documents=documents) if trunk_output is None else trunk_output
     x, per_head = z, []
