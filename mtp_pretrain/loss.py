@@ -42,6 +42,11 @@ class GradSyncHooks:
     def before_head_backward(self, head: int, last: bool) -> None:
         """Before the backward of head ``head``'s loss (1-based); ``last`` for the final head."""
 
+    def before_chained_head_backward(self, head: int) -> None:
+        """Causal heads: before the backward through head ``head``'s own layers (1-based). These
+        run after every head's loss backward, last head first; head i > 1 embeds tokens, so
+        head 2's is the last of them to reach the token embedding."""
+
     def before_trunk_backward(self) -> None:
         """Before the trunk's single backward pass."""
 
@@ -146,7 +151,7 @@ def head_sequential_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len
             if loss_i.requires_grad:
                 (loss_i * (weights[i - 1] * loss_scale)).backward()
             x = h.detach().requires_grad_(h.requires_grad)
-            chained.append((h, y, y_leaf, x))
+            chained.append((i, h, y, y_leaf, x))
         else:
             loss_i = model.unembed(y, targets[i - 1], chunk_size=chunk_size) / divisors[i - 1]
             hooks.before_head_backward(i, last=i == last)
@@ -155,10 +160,11 @@ def head_sequential_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len
         per_head.append(loss_i.detach())
         del h, y, loss_i
     # Causal heads, last to first: each backward also fills the leaf of the previous head's state.
-    for h, y, y_leaf, h_leaf in reversed(chained):
+    for i, h, y, y_leaf, h_leaf in reversed(chained):
         pairs = [(y, y_leaf.grad), (h, h_leaf.grad)]
         pairs = [(out, g) for out, g in pairs if g is not None and out.requires_grad]
         if pairs:
+            hooks.before_chained_head_backward(i)
             torch.autograd.backward(*zip(*pairs))
     hooks.before_trunk_backward()
     has_grad = z.requires_grad and z_leaf.grad is not None
