@@ -12,8 +12,9 @@ Layout of ``checkpoint.dir``::
     .tmp-step-00000300/     a save in progress (or a crashed one): never read
     step-00000400.damaged   a checkpoint that resume=auto found damaged and set aside
 
-Every rank writes its shards into ``.tmp-step-N``; after a barrier the ranks read the files back
-in turn for the manifest, then rank 0 writes ``manifest.json`` and ``train_state.json`` (last, so
+Every rank writes its shards into ``.tmp-step-N``, keeping each file's size and crc32 as its bytes
+are written (the manifest costs no reading back); after a barrier rank 0 gathers them, checks them
+against the files' sizes on disk, and writes ``manifest.json`` and ``train_state.json`` (last, so
 its presence marks completeness), renames the folder to ``step-N`` (atomic on POSIX), then
 atomically replaces ``latest``. A crash at any point leaves the previous checkpoint and pointer
 untouched. Model and optimizer state are saved with FQN keys via
@@ -31,11 +32,14 @@ place, so damage is reported as ``DamagedCheckpointError`` naming the checkpoint
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
 import tempfile
+import threading
 import time
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator, Optional
@@ -43,10 +47,12 @@ from typing import Any, Iterator, Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemWriter
+from torch.distributed.checkpoint.filesystem import FileSystem
 
 from mtp_pretrain.checkpoint_reader import (MANIFEST, STEP_DIR, TRAIN_STATE, CheckpointError, DamagedCheckpointError,
-                                            Log, check_model_config, complete_checkpoints, from_main, is_complete,
-                                            load_dcp, read_train_state, shared_digests, verify_checkpoint)
+                                            Log, check_model_config, complete_checkpoints, is_complete,
+                                            file_digests, load_dcp, read_train_state, verify_checkpoint)
 from mtp_pretrain.parallel.setup import DistEnv
 
 # --- saving and loading in training -----------------------------------------------------------------
@@ -66,7 +72,7 @@ class CheckpointManager:
     def __init__(self, root: Path, keep: int, env: DistEnv, log: Optional[Log] = None):
         self.root, self.keep, self.env = Path(root), max(1, keep), env
         self.log = log or (lambda msg: print(msg, flush=True) if env.is_main else None)
-        self.last_manifest_s = 0.0  # time the last save spent reading its files back for the manifest
+        self.last_manifest_s = 0.0  # time the last save spent gathering and checking its manifest
 
     def save(self, step: int, state: dict[str, Any], train_state: dict) -> Path:
         """``state``: DCP-saveable (tensors / Stateful objects), written by every rank."""
@@ -78,13 +84,13 @@ class CheckpointManager:
             tmp.mkdir()
             (tmp / "rng").mkdir()
         _barrier(self.env)
-        dcp.save(state, checkpoint_id=str(tmp))
-        torch.save(rng_state(), tmp / "rng" / f"rank-{self.env.rank:05d}.pt")
+        writer = DigestingWriter(tmp)
+        dcp.save(state, checkpoint_id=str(tmp), storage_writer=writer)
+        rng_name = f"rng/rank-{self.env.rank:05d}.pt"
+        written = {**writer.digests(tmp), rng_name: _write_digested(tmp / rng_name, rng_state())}
         _barrier(self.env)
         t0 = time.perf_counter()
-        names = from_main(sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*") if p.is_file())
-                           if self.env.is_main else None, self.env)
-        digests = shared_digests(tmp, names, self.env, self.log)
+        digests = manifest_digests(tmp, written, self.env, self.log)
         self.last_manifest_s = time.perf_counter() - t0
         if self.env.is_main:
             _fsync_write(tmp / MANIFEST, json.dumps({"checksum": "crc32", "files": digests}, indent=1))
@@ -151,6 +157,105 @@ class CheckpointManager:
             shutil.rmtree(p, ignore_errors=True)
         for p in self.root.glob(".tmp-step-*"):  # debris of crashed saves
             shutil.rmtree(p, ignore_errors=True)
+
+
+# --- the manifest, from the bytes as they are written ---------------------------------------------
+class _DigestingFile:
+    """A file open for writing that keeps the size and crc32 of what goes through ``write``.
+    DCP's writer only writes, tells, flushes and fsyncs; a seek would make the running crc wrong,
+    so none is offered (a DCP that seeks fails loudly here rather than record a wrong crc)."""
+
+    def __init__(self, f):
+        self._f, self.size, self.crc = f, 0, 0
+
+    def write(self, b) -> int:
+        n = self._f.write(b)
+        self.crc = zlib.crc32(memoryview(b).cast("B")[:n], self.crc)
+        self.size += n
+        return n
+
+    def tell(self) -> int:
+        return self._f.tell()
+
+    def flush(self) -> None:
+        self._f.flush()
+
+    def fileno(self) -> int:
+        return self._f.fileno()
+
+    def close(self) -> None:
+        self._f.close()
+
+
+class _DigestingFileSystem(FileSystem):
+    """DCP's local file system, recording {path: {"size", "crc32"}} of every file it writes
+    (written from DCP's writer threads: one thread per file)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.written: dict[str, dict] = {}
+        self._lock = threading.Lock()
+
+    @contextmanager
+    def create_stream(self, path, mode: str):
+        with super().create_stream(path, mode) as f:
+            if "r" in mode:
+                yield f
+                return
+            stream = _DigestingFile(f)
+            yield stream
+            with self._lock:
+                self.written[str(path)] = {"size": stream.size, "crc32": f"{stream.crc:08x}"}
+
+    def rename(self, path, new_path) -> None:  # .metadata is written as .metadata.tmp, then renamed
+        super().rename(path, new_path)
+        with self._lock:
+            if str(path) in self.written:
+                self.written[str(new_path)] = self.written.pop(str(path))
+
+
+class DigestingWriter(FileSystemWriter):
+    """``dcp.save``'s default writer, also giving the size and crc32 of each file it wrote."""
+
+    def __init__(self, path: str | os.PathLike):
+        super().__init__(path)
+        self.fs = _DigestingFileSystem()
+
+    def digests(self, root: Path) -> dict[str, dict]:
+        """{name relative to ``root``: {"size", "crc32"}} of the files this rank wrote."""
+        return {str(Path(p).relative_to(root)): d for p, d in self.fs.written.items()}
+
+
+def _write_digested(path: Path, obj: Any) -> dict:
+    """``torch.save(obj)`` to ``path``; the file's {"size", "crc32"}."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    data = buf.getbuffer()
+    with open(path, "wb") as f:
+        f.write(data)
+    return {"size": len(data), "crc32": f"{zlib.crc32(data):08x}"}
+
+
+def manifest_digests(root: Path, written: dict[str, dict], env: DistEnv, log: Log) -> Optional[dict[str, dict]]:
+    """The manifest's entries on rank 0 (None elsewhere): every rank's ``written`` digests, for
+    every file under ``root``. A file that no rank recorded, or whose size on disk differs from
+    the recorded one, is read back for its digest (said in the log): the manifest stays true to
+    the files if DCP ever writes by another path."""
+    parts: Optional[list] = [None] * env.world_size if env.is_main else None
+    if env.distributed:
+        dist.gather_object(written, parts, dst=0)
+    else:
+        parts = [written]
+    if not env.is_main:
+        return None
+    recorded = {k: v for part in parts for k, v in part.items()}
+    sizes = {str(p.relative_to(root)): p.stat().st_size for p in root.rglob("*") if p.is_file()}
+    unseen = sorted(n for n, size in sizes.items() if n not in recorded or recorded[n]["size"] != size)
+    if unseen:
+        log(f"manifest of {root.name}: {len(unseen)} file(s) not seen while writing, read back: "
+            f"{', '.join(unseen[:5])}{' ...' if len(unseen) > 5 else ''}")
+        recorded |= file_digests(root, unseen, log)
+    return {n: recorded[n] for n in sorted(sizes)}
 
 
 def rng_state() -> dict:

@@ -42,6 +42,11 @@ class GradSyncHooks:
     def before_head_backward(self, head: int, last: bool) -> None:
         """Before the backward of head ``head``'s loss (1-based); ``last`` for the final head."""
 
+    def before_chained_head_backward(self, head: int) -> None:
+        """Causal heads: before the backward through head ``head``'s own layers (1-based). These
+        run after every head's loss backward, last head first; head i > 1 embeds tokens, so
+        head 2's is the last of them to reach the token embedding."""
+
     def before_trunk_backward(self) -> None:
         """Before the trunk's single backward pass."""
 
@@ -78,7 +83,7 @@ def head_targets(tokens: torch.Tensor, seq_len: int, n_future: int,
     return targets
 
 
-def _setup(model, tokens, seq_len, weights, pad_id, document_end_id=None, denominators=None):
+def _setup(model, tokens, seq_len, weights, pad_id, document_end_id=None, denominators=None, targets=None):
     n = model.n_future
     T = tokens.shape[1] - 1 if seq_len is None else seq_len
     if T < 1 or T > tokens.shape[1]:
@@ -86,7 +91,11 @@ def _setup(model, tokens, seq_len, weights, pad_id, document_end_id=None, denomi
     weights = [1.0] * n if weights is None else list(weights)
     if len(weights) != n:
         raise ValueError(f"loss.head_weights has {len(weights)} entries, model.n_future is {n}")
-    targets = head_targets(tokens, T, n, pad_id, document_end_id)
+    if targets is None:
+        targets = head_targets(tokens, T, n, pad_id, document_end_id)
+    elif len(targets) != n or any(tuple(t.shape) != (tokens.shape[0], T) for t in targets):
+        raise ValueError(f"targets must be model.n_future={n} tensors of shape [{tokens.shape[0]}, {T}] "
+                         f"(head_targets of these tokens), got shapes {[tuple(t.shape) for t in targets]}")
     counts = [int((t != IGNORE_INDEX).sum()) for t in targets]
     documents = None if document_end_id is None else PackedDocuments.from_tokens(tokens[:, :T], document_end_id)
     # Each head's summed cross-entropy is divided by this micro-batch's valid targets, or by the
@@ -103,7 +112,8 @@ def head_sequential_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len
                          pad_id: Optional[int] = None, loss_scale: float = 1.0,
                          hooks: Optional[GradSyncHooks] = None, document_end_id: Optional[int] = None,
                          denominators: Optional[Sequence[float]] = None,
-                         trunk_output: Optional[torch.Tensor] = None) -> MTPLoss:
+                         trunk_output: Optional[torch.Tensor] = None,
+                         targets: Optional[Sequence[torch.Tensor]] = None) -> MTPLoss:
     """Forward and backward of the multi-token loss with one head's logits alive at a time.
 
     tokens [B, L]: inputs are tokens[:, :seq_len] (default L - 1); gradients of
@@ -113,10 +123,12 @@ def head_sequential_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len
     ``trunk_output``: z computed elsewhere (a pipeline's last stage): the trunk is neither run nor
     backpropagated here; ``MTPLoss.trunk_loss`` is ``(z * g).sum()`` for the heads' accumulated
     gradient g, whose backward gives z exactly that gradient.
+    ``targets``: ``head_targets`` of these tokens when the caller has built them already (the
+    trainer does, to count a step's targets before its first micro-batch); built here when None.
     """
     hooks = hooks or GradSyncHooks()
     T, weights, targets, counts, documents, divisors = _setup(model, tokens, seq_len, weights, pad_id,
-                                                              document_end_id, denominators)
+                                                              document_end_id, denominators, targets)
     n = model.n_future
     run, last = _heads_to_run(weights, model.heads_chain)
     z = model.trunk_forward(tokens[:, :T], documents=documents) if trunk_output is None else trunk_output
@@ -139,7 +151,7 @@ def head_sequential_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len
             if loss_i.requires_grad:
                 (loss_i * (weights[i - 1] * loss_scale)).backward()
             x = h.detach().requires_grad_(h.requires_grad)
-            chained.append((h, y, y_leaf, x))
+            chained.append((i, h, y, y_leaf, x))
         else:
             loss_i = model.unembed(y, targets[i - 1], chunk_size=chunk_size) / divisors[i - 1]
             hooks.before_head_backward(i, last=i == last)
@@ -148,10 +160,11 @@ def head_sequential_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len
         per_head.append(loss_i.detach())
         del h, y, loss_i
     # Causal heads, last to first: each backward also fills the leaf of the previous head's state.
-    for h, y, y_leaf, h_leaf in reversed(chained):
+    for i, h, y, y_leaf, h_leaf in reversed(chained):
         pairs = [(y, y_leaf.grad), (h, h_leaf.grad)]
         pairs = [(out, g) for out, g in pairs if g is not None and out.requires_grad]
         if pairs:
+            hooks.before_chained_head_backward(i)
             torch.autograd.backward(*zip(*pairs))
     hooks.before_trunk_backward()
     has_grad = z.requires_grad and z_leaf.grad is not None
@@ -172,13 +185,14 @@ def naive_loss(model: MTPTransformer, tokens: torch.Tensor, *, seq_len: Optional
                pad_id: Optional[int] = None, loss_scale: float = 1.0,
                hooks: Optional[GradSyncHooks] = None, document_end_id: Optional[int] = None,
                denominators: Optional[Sequence[float]] = None,
-               trunk_output: Optional[torch.Tensor] = None) -> MTPLoss:
+               trunk_output: Optional[torch.Tensor] = None,
+               targets: Optional[Sequence[torch.Tensor]] = None) -> MTPLoss:
     """The reference: all heads forward, the weighted sum of their losses, one backward.
     With ``trunk_output`` that backward is left to the caller: ``MTPLoss.trunk_loss`` is the
     scaled sum, still holding every head's graph."""
     hooks = hooks or GradSyncHooks()
     T, weights, targets, counts, documents, divisors = _setup(model, tokens, seq_len, weights, pad_id,
-                                                              document_end_id, denominators)
+                                                              document_end_id, denominators, targets)
     run, last = _heads_to_run(weights, model.heads_chain)
     z = model.trunk_forward(tokens[:, :T], documents=documents) if trunk_output is None else trunk_output
     x, per_head = z, []

@@ -199,13 +199,18 @@ class Trainer:
                     else contextlib.nullcontext())
         weights = self.head_weights.weights(self.step, self.tokens_seen)
         batches = [next(self.train_iter).to(self.env.device, non_blocking=True) for _ in range(self.grad_accum)]
-        denominators = self._mean_target_counts(batches)
+        # With document masking the step's target counts are needed before its first micro-batch:
+        # each micro-batch's targets are built once, here, and handed to its loss.
+        targets = None if self.document_end_id is None else [
+            head_targets(tokens, self.seq_len, cfg.model.n_future, self.pad_id, self.document_end_id)
+            for tokens in batches]
+        denominators = None if targets is None else self._mean_target_counts(targets)
 
-        def loss_of(tokens, hooks, trunk_output=None):
+        def loss_of(micro, tokens, hooks, trunk_output=None):
             return mtp_loss(cfg.loss.impl, self.model, tokens, seq_len=self.seq_len, weights=weights,
                             chunk_size=cfg.loss.chunk_size, pad_id=self.pad_id, loss_scale=1.0 / self.grad_accum,
                             hooks=hooks, document_end_id=self.document_end_id, denominators=denominators,
-                            trunk_output=trunk_output)
+                            trunk_output=trunk_output, targets=None if targets is None else targets[micro])
 
         per_head = self.strategy.forward_backward(self.model, batches, loss_of, autocast, self.seq_len,
                                                   self.document_end_id)
@@ -247,19 +252,15 @@ class Trainer:
             write_prompts(self.run_dir / "decode_prompts.json", prompts, n, cfg.logging.decode_new_tokens)
         return prompts
 
-    def _mean_target_counts(self, batches: list[torch.Tensor]) -> Optional[list[float]]:
-        """Per head, the step's valid targets per micro-batch, averaged over micro-batches and
-        data-parallel ranks. Document masking drops a varying number of targets per micro-batch;
-        dividing each one's summed loss by this mean (not its own count) makes the step's loss
-        the mean over all its targets, whatever the number of ranks and micro-batches."""
-        if self.document_end_id is None:
-            return None
-        n = self.cfg.model.n_future
-        local = torch.zeros(n, dtype=torch.float64)
-        for tokens in batches:
-            targets = head_targets(tokens, self.seq_len, n, self.pad_id, self.document_end_id)
-            local += torch.tensor([float((t != IGNORE_INDEX).sum()) for t in targets], dtype=torch.float64)
-        mean = self.strategy.all_reduce_mean(local.float()).double() / len(batches)
+    def _mean_target_counts(self, targets: list[list[torch.Tensor]]) -> list[float]:
+        """Per head, the step's valid targets per micro-batch (``targets``: each micro-batch's
+        ``head_targets``), averaged over micro-batches and data-parallel ranks. Document masking
+        drops a varying number of targets per micro-batch; dividing each one's summed loss by this
+        mean (not its own count) makes the step's loss the mean over all its targets, whatever the
+        number of ranks and micro-batches."""
+        counts = torch.stack([torch.stack([(t != IGNORE_INDEX).sum() for t in heads]) for heads in targets])
+        local = counts.sum(0).cpu()  # one copy to the host for the whole step
+        mean = self.strategy.all_reduce_mean(local.float()).double() / len(targets)
         return mean.clamp(min=1.0).tolist()
 
     @torch.no_grad()

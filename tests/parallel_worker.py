@@ -73,6 +73,8 @@ def run_one(run: dict, out: Path) -> None:
     ws = dist.get_world_size() if dist.is_initialized() else 1
     gathered = [None] * ws
     mine = {"rank": trainer.env.rank, "comm": comm, "state_bytes": model_state_bytes(trainer.model, trainer.optimizer),
+            # elements of this rank's parameters, whole (a sharded DTensor counts its global shape)
+            "param_numel": sum(p.numel() for p in trainer.model.parameters()),
             "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
     if ws > 1:
         dist.all_gather_object(gathered, mine)

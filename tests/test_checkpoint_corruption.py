@@ -74,6 +74,66 @@ def test_manifest_lists_every_file_with_its_size_and_crc32(reference_run):
         assert entry == {"size": len(data), "crc32": f"{zlib.crc32(data):08x}"}, name
 
 
+def small_save(tmp_path: Path, log: list[str]) -> Path:
+    """One CheckpointManager save (one process) of a small model with AdamW moments; its folder."""
+    import torch
+
+    from mtp_pretrain.checkpoint import CheckpointManager
+    from mtp_pretrain.model import ModelConfig, MTPTransformer
+    from mtp_pretrain.parallel.base import ModelState, OptimState
+    from mtp_pretrain.parallel.setup import DistEnv
+
+    torch.manual_seed(0)
+    model = MTPTransformer(ModelConfig(vocab_size=64, dim=32, n_layers=1, n_heads=2, n_future=2))
+    optimizer = torch.optim.AdamW(model.parameters())
+    for p in model.parameters():
+        p.grad = torch.randn_like(p)
+    optimizer.step()
+    env = DistEnv(rank=0, world_size=1, local_rank=0, device=torch.device("cpu"), backend="gloo")
+    ckpt = CheckpointManager(tmp_path / "checkpoints", keep=2, env=env, log=log.append)
+    return ckpt.save(1, {"model": ModelState(model), "optim": OptimState(model, optimizer)},
+                     {"step": 1, "tokens_seen": 0, "scheduler": {}, "data": {}})
+
+
+def manifest_matches_the_files(ckpt: Path) -> None:
+    files = json.loads((ckpt / MANIFEST).read_text())["files"]
+    on_disk = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()} - {MANIFEST, TRAIN_STATE}
+    assert {".metadata", SHARD, "rng/rank-00000.pt"} <= on_disk and set(files) == on_disk
+    for name in sorted(on_disk):
+        data = (ckpt / name).read_bytes()
+        assert files[name] == {"size": len(data), "crc32": f"{zlib.crc32(data):08x}"}, name
+
+
+def test_the_manifest_is_recorded_while_writing(tmp_path, monkeypatch):
+    """A save reads none of its files back: the sizes and crc32s come from the bytes written."""
+    import mtp_pretrain.checkpoint as checkpoint
+    import mtp_pretrain.checkpoint_reader as checkpoint_reader
+
+    def no_reading(*args, **kwargs):
+        raise AssertionError("a file was read back for the manifest")
+
+    for module in (checkpoint, checkpoint_reader):  # the reader's own (verify) and the save's reference
+        monkeypatch.setattr(module, "file_digests", no_reading, raising=False)
+    log: list[str] = []
+    path = small_save(tmp_path, log)
+    monkeypatch.undo()
+    manifest_matches_the_files(path)
+    assert not any("not seen while writing" in line for line in log), log
+
+
+def test_a_file_not_seen_while_writing_is_read_back(tmp_path, monkeypatch):
+    """Should DCP write a file by another path than the recorded one, the manifest still lists it
+    with its true size and crc32 (read back), and the log says so."""
+    import mtp_pretrain.checkpoint as checkpoint
+
+    real = checkpoint.DigestingWriter.digests
+    monkeypatch.setattr(checkpoint.DigestingWriter, "digests",
+                        lambda self, root: {k: v for k, v in real(self, root).items() if k != SHARD})
+    log: list[str] = []
+    manifest_matches_the_files(small_save(tmp_path, log))
+    assert any(f"1 file(s) not seen while writing, read back: {SHARD}" in line for line in log), log
+
+
 def test_death_while_writing_the_manifest_publishes_nothing(run_copy, train_overrides, monkeypatch, capsys):
     """The manifest is computed inside .tmp-step-N before train_state.json: a process dying there
     leaves the previous checkpoint the newest, and the next run resumes from it and publishes."""
@@ -86,7 +146,7 @@ def test_death_while_writing_the_manifest_publishes_nothing(run_copy, train_over
         raise Killed
 
     root = run_copy / "checkpoints"
-    monkeypatch.setattr(checkpoint, "shared_digests", die)
+    monkeypatch.setattr(checkpoint, "manifest_digests", die)
     with pytest.raises(Killed):
         run_inprocess(train_overrides + [f"train.max_steps={REF_STEPS + 4}"], run_copy)
     tmp = root / f".tmp-step-{REF_STEPS + 4:08d}"

@@ -3,6 +3,8 @@ targets stay inside each document (data.document_masking)."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -174,36 +176,43 @@ def test_validation_and_per_head_eval_use_the_same_masking():
     torch.testing.assert_close(ce, torch.stack(sums).double(), rtol=1e-6, atol=1e-6)
 
 
-def test_trainer_step_loss_does_not_depend_on_micro_batching(tmp_path):
-    """The trainer's step loss over the same 8 windows is the same with 1 micro-batch of 8 or 4
-    accumulated micro-batches of 2, although document masking keeps a different number of targets
-    in each micro-batch (short and long documents): every target weighs the same."""
+def masked_job(tmp_path, micro: int):
+    """A 1-step trainer job over 8 windows of 24 tokens of short and long byte documents (document
+    masking on), in micro-batches of ``micro``; the dataset is written once per ``tmp_path``."""
     from data_tools.tokenize_corpus import tokenize_to_dataset
     from mtp_pretrain.config import (CheckpointConfig, DataConfig, DataSourceConfig, JobConfig, LoggingConfig,
                                      OptimConfig, TrainConfig, WandbConfig)
     from mtp_pretrain.data.tokenizer import ByteTokenizer
+
+    if not (tmp_path / "ds").exists():
+        ByteTokenizer().save(tmp_path / "bytes.json")
+        g = torch.Generator().manual_seed(0)
+        docs = []
+        for k in range(120):  # runs of 1-3 character documents, then a long one
+            n = 1 if k % 12 else 90
+            docs.append("".join(chr(97 + int(c)) for c in torch.randint(0, 26, (int(torch.randint(1, 4, (1,), generator=g)) * n,),
+                                                                      generator=g)))
+        tokenize_to_dataset([{"text": t, "source": ""} for t in docs], tmp_path / "bytes.json", tmp_path / "ds",
+                            source_description="t", val_fraction=0.0)
+    return JobConfig(
+        model=ModelConfig(vocab_size=259, dim=32, n_layers=1, n_heads=2, n_future=3, max_seq_len=64, init_std=0.5),
+        data=DataConfig(sources=[DataSourceConfig(path=str(tmp_path / "ds"))], seq_len=24, prefetch=0),
+        optim=OptimConfig(lr=1e-3, warmup_steps=0),
+        train=TrainConfig(max_steps=1, micro_batch_size=micro, global_batch_tokens=8 * 24, resume="never",
+                          device="cpu", dtype="float32"),
+        checkpoint=CheckpointConfig(dir=str(tmp_path / f"ckpt{micro}"), interval=0),
+        logging=LoggingConfig(interval=1, val_interval=0, wandb=WandbConfig(mode="disabled")))
+
+
+def test_trainer_step_loss_does_not_depend_on_micro_batching(tmp_path):
+    """The trainer's step loss over the same 8 windows is the same with 1 micro-batch of 8 or 4
+    accumulated micro-batches of 2, although document masking keeps a different number of targets
+    in each micro-batch (short and long documents): every target weighs the same."""
     from mtp_pretrain.train import Trainer
 
-    ByteTokenizer().save(tmp_path / "bytes.json")
-    g = torch.Generator().manual_seed(0)
-    docs = []
-    for k in range(120):  # runs of 1-3 character documents, then a long one
-        n = 1 if k % 12 else 90
-        docs.append("".join(chr(97 + int(c)) for c in torch.randint(0, 26, (int(torch.randint(1, 4, (1,), generator=g)) * n,),
-                                                                  generator=g)))
-    tokenize_to_dataset([{"text": t, "source": ""} for t in docs], tmp_path / "bytes.json", tmp_path / "ds",
-                        source_description="t", val_fraction=0.0)
     losses = []
     for micro in (8, 2):
-        job = JobConfig(
-            model=ModelConfig(vocab_size=259, dim=32, n_layers=1, n_heads=2, n_future=3, max_seq_len=64, init_std=0.5),
-            data=DataConfig(sources=[DataSourceConfig(path=str(tmp_path / "ds"))], seq_len=24, prefetch=0),
-            optim=OptimConfig(lr=1e-3, warmup_steps=0),
-            train=TrainConfig(max_steps=1, micro_batch_size=micro, global_batch_tokens=8 * 24, resume="never",
-                              device="cpu", dtype="float32"),
-            checkpoint=CheckpointConfig(dir=str(tmp_path / f"ckpt{micro}"), interval=0),
-            logging=LoggingConfig(interval=1, val_interval=0, wandb=WandbConfig(mode="disabled")))
-        trainer = Trainer(job, tmp_path / f"run{micro}")
+        trainer = Trainer(masked_job(tmp_path, micro), tmp_path / f"run{micro}")
         try:
             it = iter(trainer.train_stream)
             batches = [next(it) for _ in range(trainer.grad_accum)]
@@ -215,3 +224,48 @@ def test_trainer_step_loss_does_not_depend_on_micro_batching(tmp_path):
             trainer.close()
     assert len(set(counts)) > 1  # the 2-window micro-batches keep different numbers of targets
     assert losses[0] == pytest.approx(losses[1], rel=1e-6, abs=0)
+
+
+def test_trainer_builds_each_micro_batchs_targets_once(tmp_path, monkeypatch):
+    """With document masking the trainer counts the step's targets before its first micro-batch;
+    the loss then reuses those targets: head_targets runs once per micro-batch, on that
+    micro-batch's tokens, in the trainer or in the loss."""
+    from mtp_pretrain import loss as loss_module
+    from mtp_pretrain import train as train_module
+    from mtp_pretrain.train import Trainer
+
+    built = []
+
+    def counting(tokens, *args, **kwargs):
+        built.append(tokens.clone())
+        return head_targets(tokens, *args, **kwargs)
+
+    monkeypatch.setattr(loss_module, "head_targets", counting)
+    monkeypatch.setattr(train_module, "head_targets", counting)
+    trainer = Trainer(masked_job(tmp_path, 2), tmp_path / "run")
+    try:
+        it = iter(trainer.train_stream)
+        batches = [next(it) for _ in range(trainer.grad_accum)]
+        trainer.train_iter = iter(batches)
+        assert math.isfinite(trainer.train_step()["loss"])
+    finally:
+        trainer.close()
+    assert trainer.document_end_id is not None and len(batches) == 4
+    assert len(built) == len(batches), f"head_targets ran {len(built)} times for {len(batches)} micro-batches"
+    for tokens, b in zip(built, batches):
+        assert torch.equal(tokens, b)
+
+
+def test_targets_built_by_the_caller_give_the_same_loss_and_are_checked():
+    """``targets=head_targets(...)`` from the caller: the same losses and gradients as the loss
+    building them itself; targets of another shape are refused, naming what is expected."""
+    T = BATCH.shape[1] - N_FUTURE
+    built_here, given = make_model("causal"), make_model("causal")
+    a = head_sequential_loss(built_here, BATCH, seq_len=T, document_end_id=EOS)
+    b = head_sequential_loss(given, BATCH, seq_len=T, document_end_id=EOS,
+                             targets=head_targets(BATCH, T, N_FUTURE, document_end_id=EOS))
+    assert a.n_targets == b.n_targets and torch.equal(torch.stack(a.per_head), torch.stack(b.per_head))
+    for (k, p), q in zip(built_here.named_parameters(), given.parameters()):
+        assert torch.equal(p.grad, q.grad), k
+    with pytest.raises(ValueError, match=r"targets must be model.n_future=3 tensors of shape \[2, "):
+        naive_loss(given, BATCH, seq_len=T, targets=head_targets(BATCH, T - 1, N_FUTURE))

@@ -14,7 +14,8 @@ Launches (one process group each, several runs in a row):
   interleaved_1f1b (2 stages per rank) with causal heads, zbv with tied causal heads -- and a NaN
   loss step (skipped on every stage). ``make test-all`` adds every schedule on the n=4 model, an
   explicit ``pp_layout`` and the naive loss.
-* PP=2 x FSDP=2 (``make test``): the n=4 model; causal heads (slow).
+* PP=2 x FSDP=2 (``make test``): the n=4 model, and with causal heads, each rank's reduce-scatter
+  bytes counted (every gradient reduced once per step); causal heads, n=2, gpipe (slow).
 * slow (``make test-all``): PP=4 (one trunk block per stage), PP=2 x TP=2 (tied causal heads too),
   PP=2 x FSDP=2 x TP=2 on 8 ranks.
 
@@ -46,6 +47,8 @@ PP_SHAPES = {
     "tied": ["model.tie_embeddings=true", "model.n_future=2"],
     "causal": ["model.head_type=causal", "model.n_future=2", "loss.chunk_size=40"],
     "tied_causal": ["model.tie_embeddings=true", "model.head_type=causal", "model.n_future=2"],
+    # heads 2-4 each embed tokens: the last stage's embedding replica gets three backward passes
+    "causal_n4": ["model.head_type=causal"],
 }
 VALIDATION = ["logging.val_interval=5", "logging.val_batches=2", "logging.decode_prompts=0"]
 
@@ -116,7 +119,8 @@ PP2_SLOW_RUNS = {
 # The one-process run each is compared with (naive: the head-sequential run; test_parallel.py
 # checks that the two agree on one process).
 REFS = {"1f1b": "hs", "gpipe": "hs", "interleaved_1f1b": "hs", "zbv": "hs", "layout": "hs", "naive": "hs",
-        "nonfinite": "nonfinite", "tied": "tied", "causal": "causal", "tied_causal": "tied_causal", "hs": "hs"}
+        "nonfinite": "nonfinite", "tied": "tied", "causal": "causal", "tied_causal": "tied_causal", "hs": "hs",
+        "causal_n4": "causal_n4"}
 
 
 def pp2(data, workdir) -> dict:
@@ -190,10 +194,35 @@ def test_fsdp_checkpoint_resumes_under_pp2(data, workdir, reference):
 
 
 # --- composed with data and tensor parallelism ----------------------------------------------------
+# (the collectives are counted too: each gradient must be reduce-scattered once per step)
+PP2_FSDP2_RUNS = {"hs": ["parallel=fsdp", *pp(2)], "causal_n4": ["parallel=fsdp", *pp(2), *PP_SHAPES["causal_n4"]]}
+
+
+def pp2_fsdp2(data, workdir) -> dict:
+    return launch("pp2_fsdp2", 4, PP2_FSDP2_RUNS, data, workdir, **{k: {"count_comm": True} for k in PP2_FSDP2_RUNS})
+
+
 @pytest.mark.distributed
 def test_pp2_x_fsdp2_matches_one_process(data, workdir, reference):
-    check(launch("pp2_fsdp2", 4, {"hs": ["parallel=fsdp", *pp(2)]}, data, workdir), reference, REFS,
-          "pp=2 x fsdp=2", 4)
+    check(pp2_fsdp2(data, workdir), reference, REFS, "pp=2 x fsdp=2", 4)
+
+
+@pytest.mark.distributed
+def test_pp2_x_fsdp2_reduces_each_gradient_once_per_step(data, workdir):
+    """Counting the bytes each rank gives to reduce-scatter (FSDP2 reduces a full float32
+    gradient): every parameter of the rank's stages is reduced exactly once per step -- with
+    causal heads too, whose last stage's embedding replica gets a backward pass per head 2-4 in
+    each micro-batch (reduced once per head of the last micro-batch, this test's failure before)."""
+    results = pp2_fsdp2(data, workdir)
+    assert set(results) == set(PP2_FSDP2_RUNS)
+    for run, res in results.items():
+        assert len(res["ranks"]) == 4 and len(res["steps"]) == STEPS, run
+        for rank in res["ranks"]:
+            reduced = sum(b for name, b in rank["comm"]["bytes"].items() if name.startswith("reduce_scatter"))
+            once = STEPS * 4 * rank["param_numel"]
+            assert reduced == once, (f"{run} rank {rank['rank']}: {reduced} bytes reduce-scattered in {STEPS} steps, "
+                                     f"{once} for each parameter once per step ({(reduced - once) / STEPS / 4:.0f} "
+                                     f"extra elements per step)")
 
 
 @pytest.mark.slow

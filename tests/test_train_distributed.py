@@ -11,14 +11,17 @@ Run these under ``flock /tmp/mtp_heavy.lock`` on a shared machine.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import zlib
 from pathlib import Path
 
 import pytest
 
-from conftest import (REF_STEPS, assert_same_losses, read_metrics, run_cli, run_inprocess, start_cli,
+from conftest import (REF_STEPS, assert_same_losses, log_text, read_metrics, run_cli, run_inprocess, start_cli,
                       train_records, wait_for_checkpoint, worker_pids)
+from mtp_pretrain.checkpoint_reader import MANIFEST, TRAIN_STATE
 
 pytestmark = pytest.mark.distributed
 
@@ -37,7 +40,24 @@ def fsdp_reference(fsdp_overrides, tmp_path_factory) -> Path:
     p = run_cli(fsdp_overrides, run_dir, nproc=2)
     assert "world_size=2" in p.stdout and "grad_accum=2" in p.stdout
     assert sorted(train_records(read_metrics(run_dir))) == list(range(1, REF_STEPS + 1))
+    Path(f"{run_dir}.log").write_text(p.stdout)  # for log_text
     return run_dir
+
+
+def test_2_rank_manifest_is_recorded_while_writing(fsdp_reference):
+    """Each rank records the files it writes (its shard and RNG state; rank 0 also .metadata) and
+    rank 0 gathers them: the 2-rank checkpoint's manifest lists every file with its true size and
+    crc32, none of them read back."""
+    ckpt = fsdp_reference / "checkpoints" / f"step-{REF_STEPS:08d}"
+    files = json.loads((ckpt / MANIFEST).read_text())["files"]
+    on_disk = {str(p.relative_to(ckpt)) for p in ckpt.rglob("*") if p.is_file()} - {MANIFEST, TRAIN_STATE}
+    assert {".metadata", "__0_0.distcp", "__1_0.distcp", "rng/rank-00000.pt", "rng/rank-00001.pt"} <= on_disk
+    assert set(files) == on_disk
+    for name in sorted(on_disk):
+        data = (ckpt / name).read_bytes()
+        assert files[name] == {"size": len(data), "crc32": f"{zlib.crc32(data):08x}"}, name
+    log = log_text(fsdp_reference)
+    assert f"checkpoint step {REF_STEPS} ->" in log and "not seen while writing" not in log
 
 
 def test_2_ranks_sigkill_then_resume_is_bitwise_identical(fsdp_overrides, fsdp_reference, tmp_path):

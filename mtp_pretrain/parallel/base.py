@@ -119,8 +119,8 @@ class Strategy:
 
     def forward_backward(self, model: nn.Module, batches: list[torch.Tensor], loss: Callable, autocast,
                          seq_len: int, document_end_id: int | None) -> torch.Tensor:
-        """Forward and backward of one step's micro-batches: ``loss(tokens, hooks, trunk_output=None)``
-        is the trainer's loss of one micro-batch (an ``MTPLoss``; it runs its own backward, scaled
+        """Forward and backward of one step's micro-batches: ``loss(micro, tokens, hooks, trunk_output=None)``
+        is the trainer's loss of micro-batch ``micro`` (an ``MTPLoss``; it runs its own backward, scaled
         by 1 / len(batches)). Returns the per-head losses averaged over the micro-batches
         (float64, CPU), on every rank of a data-parallel replica. Under pipeline parallelism the
         schedule runs them (its stages read ``seq_len`` and ``document_end_id``: the loss is not
@@ -134,7 +134,7 @@ class Strategy:
         for micro, tokens in enumerate(batches):
             hooks = self.grad_sync_hooks(model, last_micro_batch=micro == len(batches) - 1)
             with autocast, self.loss_context():
-                out = loss(tokens, hooks)
+                out = loss(micro, tokens, hooks)
             this = torch.stack(out.per_head).double().cpu() / len(batches)
             per_head = this if per_head is None else per_head + this
         return per_head

@@ -36,13 +36,18 @@ class FSDPGradSync(GradSyncHooks):
         self.model.unembed.set_requires_gradient_sync(self.last_micro_batch and last, recurse=False)
         if self.pipeline_last_stage:
             # No trunk backward follows on this stage: an embedding replica read by causal heads
-            # reduces in each of the last micro-batch's head backward passes instead.
+            # reduces in the last backward that reaches it -- the naive loss's one backward (after
+            # its last head), or head 2's own in the head-sequential loss (before_chained_head_backward).
             if isinstance(self.model.tok_embeddings, FSDPModule):
-                self.model.tok_embeddings.set_requires_gradient_sync(self.last_micro_batch, recurse=False)
+                self.model.tok_embeddings.set_requires_gradient_sync(self.last_micro_batch and last, recurse=False)
             return
         if self.model.cfg.tie_embeddings or self.model.heads_chain:
             # The embedding's gradient also arrives in several passes (tied weight / causal heads).
             self.model.tok_embeddings.set_requires_gradient_sync(False, recurse=False)
+
+    def before_chained_head_backward(self, head: int) -> None:
+        if self.defer and self.pipeline_last_stage and isinstance(self.model.tok_embeddings, FSDPModule):
+            self.model.tok_embeddings.set_requires_gradient_sync(self.last_micro_batch and head == 2, recurse=False)
 
     def before_trunk_backward(self) -> None:
         if not self.pipeline_last_stage:

@@ -157,7 +157,7 @@ class _Stage(PipelineStage):
             self.shape_pass = False
 
 
-# The trainer's loss for one micro-batch: (tokens, hooks, trunk_output) -> MTPLoss.
+# The trainer's loss for one micro-batch: (micro-batch index, tokens, hooks, trunk_output) -> MTPLoss.
 StepLoss = Callable[..., MTPLoss]
 
 
@@ -241,7 +241,8 @@ class Pipeline:
             return (_local(z) * 0).sum()
         st = self._step_state
         k = len(st["per_head"])
-        out = st["loss"](tokens, st["hooks"](k == self._n_microbatches - 1), z)
+        # (the last stage runs the micro-batches' forwards in order: this is micro-batch k)
+        out = st["loss"](k, tokens, st["hooks"](k == self._n_microbatches - 1), z)
         st["per_head"].append(torch.stack(out.per_head).double().cpu())
         return out.trunk_loss
 
