@@ -50,16 +50,17 @@ SETTINGS = {
     "124m none n1 AC": (1, ["model=124m", "parallel=none", "model.n_future=1",
                             "parallel.activation_checkpointing=full"]),
     # Pipeline parallelism, 2 stages, 4 micro-batches per step (1f1b holds up to 2 in flight on
-    # stage 0, gpipe all 4).
+    # stage 0, gpipe all 4); small's 7 trunk blocks (n = 4) split 4 + 3.
     "tiny pp2 1f1b": (2, ["model=tiny", "parallel=none", "parallel.pp_size=2", "train.global_batch_tokens=1024"]),
     "tiny pp2 gpipe": (2, ["model=tiny", "parallel=none", "parallel.pp_size=2", "parallel.pp_schedule=gpipe",
                            "train.global_batch_tokens=1024"]),
-    "small pp2 1f1b": (2, ["model=small", "parallel=none", "parallel.pp_size=2", "train.global_batch_tokens=1024"]),
+    "small pp2 1f1b": (2, ["model=small", "parallel=none", "parallel.pp_size=2", "parallel.pp_layout=[4,3]",
+                           "train.global_batch_tokens=1024"]),
     "tiny fsdp4 pp2 1f1b": (4, ["model=tiny", "parallel=fsdp", "parallel.pp_size=2",
                                 "train.global_batch_tokens=2048"]),
-    "small fsdp4 pp2 gpipe": (4, ["model=small", "parallel=fsdp", "parallel.pp_size=2", "parallel.pp_schedule=gpipe",
-                                  "train.global_batch_tokens=2048"]),
-    "small fsdp4 pp2 1f1b AC": (4, ["model=small", "parallel=fsdp", "parallel.pp_size=2",
+    "small fsdp4 pp2 gpipe": (4, ["model=small", "parallel=fsdp", "parallel.pp_size=2", "parallel.pp_layout=[4,3]",
+                                  "parallel.pp_schedule=gpipe", "train.global_batch_tokens=2048"]),
+    "small fsdp4 pp2 1f1b AC": (4, ["model=small", "parallel=fsdp", "parallel.pp_size=2", "parallel.pp_layout=[4,3]",
                                     "parallel.activation_checkpointing=full", "train.global_batch_tokens=2048"]),
 }
 COMMON = ["data.seq_len=128", "train.micro_batch_size=2", "train.dtype=float32", "logging=quiet"]
