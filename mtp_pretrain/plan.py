@@ -363,8 +363,11 @@ class StepOnlyTrainer(Trainer):
                     else contextlib.nullcontext())
         with torch.no_grad(), autocast:
             hidden = probe(x, tokens)
-        hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device="meta")
-        ids = torch.empty(B, T, dtype=torch.long, device="meta")
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():  # shapes only: plain meta tensors, which the count leaves out
+            hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device="meta")
+            ids = torch.empty(B, T, dtype=torch.long, device="meta")
 
         def examples(stage) -> dict:
             return {"input_args": ids if stage.first else hidden, "output_args": hidden,
