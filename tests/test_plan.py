@@ -236,14 +236,16 @@ def test_pipeline_plan_refuses_what_it_cannot_plan():
 
 @pytest.mark.slow
 def test_pipeline_prediction_equals_measured_peak_per_stage(tmp_path):
-    # Two real gloo ranks under torchrun run the same 1f1b step (bench.plan_accuracy's measure).
+    # Two real gloo ranks under torchrun run the same steps (bench.plan_accuracy's measure), 4
+    # micro-batches each: 1f1b, and gpipe (stage 0 holds all 4 micro-batches' activations).
     from bench.plan_accuracy import measure
     from mtp_pretrain.plan import plan_job
 
-    overrides = [*TINY_PP, "train.global_batch_tokens=512"]
-    predicted = plan_job(compose_job_config(overrides), 2, "cpu")
-    measured = measure(2, {"pp": overrides}, tmp_path)["pp"]
-    for stage, meas in zip(predicted.stages, measured, strict=True):
-        print(f"\npp rank {stage.pp_rank}: predicted {stage.predicted:,} B, measured {meas['peak']:,} B")
-        assert abs(stage.predicted - meas["peak"]) <= STATED_ERROR * meas["peak"]
-    assert measured[1]["peak"] > 1.3 * measured[0]["peak"]  # the last stage's logits
+    settings = {s: [*TINY_PP, f"parallel.pp_schedule={s}", "train.global_batch_tokens=512"] for s in ("1f1b", "gpipe")}
+    measured = measure(2, settings, tmp_path)
+    for schedule, overrides in settings.items():
+        predicted = plan_job(compose_job_config(overrides), 2, "cpu")
+        for stage, meas in zip(predicted.stages, measured[schedule], strict=True):
+            print(f"\n{schedule} pp rank {stage.pp_rank}: predicted {stage.predicted:,} B, measured {meas['peak']:,} B")
+            assert abs(stage.predicted - meas["peak"]) <= STATED_ERROR * meas["peak"]
+        assert measured[schedule][1]["peak"] > 1.3 * measured[schedule][0]["peak"]  # the last stage's logits
