@@ -13,7 +13,8 @@ over the step -- the quantity ``torch.cuda.max_memory_allocated`` reports on a G
 
 Error = (predicted - measured) / measured on rank 0 (every rank is printed); under pipeline
 parallelism on the first rank of each pp rank, and the setting's error is the largest of those in
-magnitude (each is printed). The floor is |error| <= 20 % for every setting. The last line is one JSON object with ``max_abs_rel_error``.
+magnitude (each is printed). The floor is |error| <= 20 % for every setting. The last line is
+one JSON object with ``max_abs_rel_error``.
 """
 
 from __future__ import annotations

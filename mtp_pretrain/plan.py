@@ -447,13 +447,17 @@ def _classifier(trainer: StepOnlyTrainer) -> Callable[[dict, dict], dict]:
         if not cache:
             cache["modules"] = list(trainer.model.modules())
             cache["sharded"] = list(trainer.model.parameters())
+            cache["fsdp_params"] = _fsdp_params(cache["modules"])
         if not cache.get("state_final"):  # the state is made during set-up, then stays
             cache["state"] = _storage_ids(t for s in trainer.optimizer.state.values() for t in s.values()
                                           if isinstance(t, torch.Tensor))
             cache["state_final"] = getattr(trainer, "ready", False)
         params = [p for m in cache["modules"] for p in m._parameters.values() if p is not None] + cache["sharded"]
         param_ids = _storage_ids(params)
-        grad_ids = _storage_ids(p.grad for p in params) - param_ids
+        # (+ FSDP's float32 sum of unsharded gradients over micro-batches whose reduction is deferred:
+        # a pipeline schedule defers it to the step's last micro-batch)
+        accumulated = [getattr(f, "unsharded_accumulated_grad", None) for f in cache["fsdp_params"]]
+        grad_ids = _storage_ids([p.grad for p in params] + accumulated) - param_ids
         state_ids = cache["state"] - param_ids - grad_ids
         out = dict.fromkeys(CATEGORIES, 0)
         rest = dict(by_tag)
@@ -468,6 +472,16 @@ def _classifier(trainer: StepOnlyTrainer) -> Callable[[dict, dict], dict]:
         return out
 
     return classify
+
+
+def _fsdp_params(modules) -> list:
+    """FSDP2's per-parameter records (``FSDPParam``) of ``modules`` (none without FSDP)."""
+    out = []
+    for m in modules:
+        state = m._get_fsdp_state() if hasattr(m, "_get_fsdp_state") else None
+        for group in getattr(state, "_fsdp_param_groups", ()):
+            out.extend(group.fsdp_params)
+    return out
 
 
 def mask_bias_bytes(cfg: JobConfig, emulation: Emulation, pipeline=None, micro_batches: int = 1) -> int:
