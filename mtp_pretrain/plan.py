@@ -15,6 +15,17 @@ the way CUDA's caching allocator counts ``memory_allocated``; its maximum is the
 the vocabulary: logits, probabilities and their gradients) and activations (everything else
 the step allocates: saved activations, their gradients, communication buffers, the batch).
 
+Pipeline parallelism (``parallel.pp_size > 1``, strategies none and fsdp; every schedule) runs
+the real stage code too: the job's ``torch.distributed.pipelining`` schedule with all of the
+step's micro-batches, once per pp rank (``plan_job``; as the first global rank of that pp rank),
+so each rank's in-flight activations (all micro-batches under gpipe, up to pp_size - s on stage s
+under 1f1b), receive buffers, the last stage's heads, unembedding and logits, and FSDP's deferred
+gradient reduction across micro-batches are what that rank's schedule allocates. The fake process
+group carries no data between stages, so the stages get their boundary tensors' shapes up front
+(the schedule's static mode, ``Pipeline.example_tensors``), from one no-gradient forward of the
+rank's first stage during set-up. The plan reports the worst pp rank and every pp rank.
+With tensor parallelism (tp, fsdp_tp) a stage boundary carries local shards: refused.
+
 On a GPU the job runs in bf16 autocast (``train.dtype=auto``) with FSDP's bf16 parameter
 all-gather and torch's default multi-tensor (foreach) AdamW; the fake step does the same (its
 fake tensors are CPU tensors, so under CPU autocast: bf16 matmuls as on a GPU).
