@@ -88,7 +88,7 @@ def pipeline_rows(device: str, memory_gib: float) -> list[dict]:
 def table(rows: list[dict], model: str) -> str:
     """Markdown for one model, rows ordered by GPUs, n, AC, loss."""
     lines = [f"### {model}", "", "| GPUs | n | loss | AC | peak GiB | params | grads | optim | activ | logits "
-             "| mask bias | fits | set-up peak today |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "| mask bias | fits | set-up peak |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     key = lambda r: (r["gpus"], r["n"], r["ac"] != "none", r["loss"] != "head_sequential")  # noqa: E731
     for r in sorted((r for r in rows if r["model"] == model), key=key):
         loss = "head-seq" if r["loss"] == "head_sequential" else "naive"
