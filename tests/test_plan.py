@@ -225,6 +225,18 @@ def test_pipeline_schedules_hold_their_micro_batches_in_flight():
     assert f1b2 == pytest.approx(gpipe2, rel=0.02)  # 2 micro-batches: both schedules hold both
 
 
+def test_cli_reports_every_pipeline_rank(capsys):
+    assert main([*TINY_PP, "parallel.pp_schedule=gpipe", "train.global_batch_tokens=256", "--world-size", "2",
+                 "--no-search"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    ranks = result["pp_ranks"]
+    assert [(r["pp_rank"], r["stages"]) for r in ranks] == [(0, [0]), (1, [1])]
+    assert result["worst_pp_rank"] == 1 and result["peak_gib"] == max(r["peak_gib"] for r in ranks)
+    assert result["pp_size"] == 2 and result["pp_schedule"] == "gpipe" and result["micro_batches"] == 2
+    assert "| this job (worst: pp rank 1) |" in out and "| pp rank 0 (stage 0) |" in out
+
+
 def test_pipeline_plan_refuses_what_it_cannot_plan():
     from mtp_pretrain.plan import plan_job
 
