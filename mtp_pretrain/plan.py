@@ -546,8 +546,8 @@ def plan_step(cfg: JobConfig, world_size: int, device: str = "h100-80gb", micro_
                          f"{PLANNABLE_WITH_PIPELINE}, not {cfg.parallel.strategy}: with tensor parallelism the "
                          f"hidden states cross stages as local shards whose shapes the plan does not derive yet")
     if cfg.parallel.strategy == "none" and world_size > cfg.parallel.pp_size:
-        raise ValueError(f"parallel.strategy=none is one process; --world-size {world_size} needs ddp, fsdp, tp "
-                         f"or fsdp_tp")
+        raise ValueError(f"parallel.strategy=none is one process (per pipeline stage: parallel.pp_size="
+                         f"{cfg.parallel.pp_size}); --world-size {world_size} needs ddp, fsdp, tp or fsdp_tp")
     if device != "cpu" and device not in GPU_TYPES:
         raise ValueError(f"device {device!r} is not a known GPU type; choose one of {', '.join(GPU_TYPES)}")
     emulation = Emulation.for_device(cfg, device)
