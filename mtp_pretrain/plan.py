@@ -15,6 +15,17 @@ the way CUDA's caching allocator counts ``memory_allocated``; its maximum is the
 the vocabulary: logits, probabilities and their gradients) and activations (everything else
 the step allocates: saved activations, their gradients, communication buffers, the batch).
 
+Pipeline parallelism (``parallel.pp_size > 1``, strategies none and fsdp; every schedule) runs
+the real stage code too: the job's ``torch.distributed.pipelining`` schedule with all of the
+step's micro-batches, once per pp rank (``plan_job``; as the first global rank of that pp rank),
+so each rank's in-flight activations (all micro-batches under gpipe, up to pp_size - s on stage s
+under 1f1b), receive buffers, the last stage's heads, unembedding and logits, and FSDP's deferred
+gradient reduction across micro-batches are what that rank's schedule allocates. The fake process
+group carries no data between stages, so the stages get their boundary tensors' shapes up front
+(the schedule's static mode, ``Pipeline.example_tensors``), from one no-gradient forward of the
+rank's first stage during set-up. The plan reports the worst pp rank and every pp rank.
+With tensor parallelism (tp, fsdp_tp) a stage boundary carries local shards: refused.
+
 On a GPU the job runs in bf16 autocast (``train.dtype=auto``) with FSDP's bf16 parameter
 all-gather and torch's default multi-tensor (foreach) AdamW; the fake step does the same (its
 fake tensors are CPU tensors, so under CPU autocast: bf16 matmuls as on a GPU).
@@ -39,7 +50,7 @@ import sys
 import time
 import weakref
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable, Iterator, Optional
 
 import torch
@@ -78,6 +89,7 @@ GPU_TYPES = {
 # Strategies whose step runs under fake tensors. DeepSpeed's and megatron's engines allocate
 # and communicate through their own runtimes, which the fake process group cannot stand in for.
 PLANNABLE = ("none", "ddp", "fsdp", "tp", "fsdp_tp")
+PLANNABLE_WITH_PIPELINE = ("none", "fsdp")  # parallel.pp_size > 1
 CATEGORIES = ("parameters", "gradients", "optimizer", "activations", "logits")
 
 
@@ -255,6 +267,11 @@ class StepMemory:
     micro_batch_size: int = 0
     micro_batches: int = 1
     seconds: float = 0.0
+    # Pipeline parallelism: the pp rank this step is (its stages' indices), and, on the plan of a
+    # whole job (``plan_job``), every pp rank's own StepMemory, first to last; this one is the worst.
+    pp_rank: int = 0
+    pipeline_stages: tuple[int, ...] = ()
+    stages: list["StepMemory"] = field(default_factory=list)
 
     @property
     def predicted(self) -> int:
@@ -297,7 +314,9 @@ class StepOnlyTrainer(Trainer):
         self.seq_len = cfg.data.seq_len
         per_micro = cfg.train.micro_batch_size * self.seq_len * self.strategy.dp_size
         accum = max(1, (cfg.train.global_batch_tokens or per_micro) // per_micro)
-        self.grad_accum = micro_batches or min(2, accum)
+        # A pipeline schedule's memory depends on how many micro-batches are in flight: run all of
+        # the job's; otherwise a third micro-batch repeats the second's memory.
+        self.grad_accum = micro_batches or (accum if cfg.parallel.pp_size > 1 else min(2, accum))
         self.pad_id = None
         # Document masking: the same code path (masks, per-document positions) on random ids.
         self.document_end_id = 0 if cfg.data.document_masking else None
@@ -334,8 +353,39 @@ class StepOnlyTrainer(Trainer):
             self.optimizer.register_step_post_hook(lambda *_: on_optimizer_step(False))
         self.scheduler = build_scheduler(self.optimizer, cfg.optim, cfg.train.max_steps)
         init_adamw_state(self.optimizer)
+        if self.fake and self.strategy.pipeline is not None:
+            self.strategy.pipeline.example_tensors = self._stage_example_tensors()
         self.train_iter = _random_batches(cfg, self.env.device)
         self.ready = True
+
+    def _stage_example_tensors(self) -> Callable:
+        """The tensors that cross this pipeline's stage boundaries, for the schedule's static mode
+        (``Pipeline.example_tensors``): a fake process group carries no shapes between stages.
+        Every boundary carries hidden states [micro-batch, seq, dim] in the dtype a stage outputs,
+        found by running this rank's first stage once on a micro-batch (no gradients); the first
+        stage takes token ids."""
+        cfg, pipe = self.cfg, self.strategy.pipeline
+        B, T = cfg.train.micro_batch_size, self.seq_len
+        tokens = torch.zeros(B, T + cfg.model.n_future, dtype=torch.long, device=self.env.device)
+        probe = pipe.stage_modules[0]
+        x = tokens[:, :T] if probe.first else torch.zeros(B, T, cfg.model.dim, device=self.env.device)
+        pipe._set_inputs(T, self.document_end_id)
+        autocast = (torch.autocast(self.env.device.type, dtype=self.amp_dtype) if self.amp_dtype
+                    else contextlib.nullcontext())
+        with torch.no_grad(), autocast:
+            hidden = probe(x, tokens)
+        from torch._subclasses.fake_tensor import unset_fake_temporarily
+
+        with unset_fake_temporarily():  # shapes only: plain meta tensors, which the count leaves out
+            hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device="meta")
+            ids = torch.empty(B, T, dtype=torch.long, device="meta")
+
+        def examples(stage) -> dict:
+            return {"input_args": ids if stage.first else hidden, "output_args": hidden,
+                    "input_grads": (None,) if stage.first else hidden,
+                    "output_grads": (None,) if stage.last else hidden}
+
+        return examples
 
     def log(self, msg: str) -> None:
         pass
@@ -408,13 +458,17 @@ def _classifier(trainer: StepOnlyTrainer) -> Callable[[dict, dict], dict]:
         if not cache:
             cache["modules"] = list(trainer.model.modules())
             cache["sharded"] = list(trainer.model.parameters())
+            cache["fsdp_params"] = _fsdp_params(cache["modules"])
         if not cache.get("state_final"):  # the state is made during set-up, then stays
             cache["state"] = _storage_ids(t for s in trainer.optimizer.state.values() for t in s.values()
                                           if isinstance(t, torch.Tensor))
             cache["state_final"] = getattr(trainer, "ready", False)
         params = [p for m in cache["modules"] for p in m._parameters.values() if p is not None] + cache["sharded"]
         param_ids = _storage_ids(params)
-        grad_ids = _storage_ids(p.grad for p in params) - param_ids
+        # (+ FSDP's float32 sum of unsharded gradients over micro-batches whose reduction is deferred:
+        # a pipeline schedule defers it to the step's last micro-batch)
+        accumulated = [getattr(f, "unsharded_accumulated_grad", None) for f in cache["fsdp_params"]]
+        grad_ids = _storage_ids([p.grad for p in params] + accumulated) - param_ids
         state_ids = cache["state"] - param_ids - grad_ids
         out = dict.fromkeys(CATEGORIES, 0)
         rest = dict(by_tag)
@@ -431,13 +485,28 @@ def _classifier(trainer: StepOnlyTrainer) -> Callable[[dict, dict], dict]:
     return classify
 
 
-def mask_bias_bytes(cfg: JobConfig, emulation: Emulation) -> int:
+def _fsdp_params(modules) -> list:
+    """FSDP2's per-parameter records (``FSDPParam``) of ``modules`` (none without FSDP)."""
+    out = []
+    for m in modules:
+        state = m._get_fsdp_state() if hasattr(m, "_get_fsdp_state") else None
+        for group in getattr(state, "_fsdp_param_groups", ()):
+            out.extend(group.fsdp_params)
+    return out
+
+
+def mask_bias_bytes(cfg: JobConfig, emulation: Emulation, pipeline=None, micro_batches: int = 1) -> int:
     """GPU only, with document masking: the memory-efficient attention kernel takes the boolean
     [B, 1, T, T] mask as an additive bias in the activation dtype, converted per call and kept
     for the backward, once per attention layer whose activations are alive (the fake CPU kernel
     takes the boolean mask itself). Transformer heads run one at a time under the
     head-sequential loss, all at once under the naive loss; under full activation
-    checkpointing only the block being recomputed holds one."""
+    checkpointing only the block being recomputed holds one.
+
+    Under pipeline parallelism (``pipeline``: this rank's ``Pipeline``) a rank holds its stages'
+    blocks for every micro-batch in flight: all of them under gpipe, at most ``pp_size - s`` on
+    stage s under 1f1b, and (an upper bound) all of them under interleaved_1f1b and zbv; the
+    heads only on the last stage."""
     if not (cfg.data.document_masking and emulation.cuda):
         return 0
     m = cfg.model
@@ -446,7 +515,15 @@ def mask_bias_bytes(cfg: JobConfig, emulation: Emulation) -> int:
         return per_layer
     head_blocks = 0 if m.head_type == "linear" else m.head_layers
     heads_alive = m.n_future if cfg.loss.impl == "naive" else 1
-    return per_layer * (m.trunk_layers + heads_alive * head_blocks)
+    if pipeline is None:
+        return per_layer * (m.trunk_layers + heads_alive * head_blocks)
+    from mtp_pretrain.parallel.pipeline import stage_blocks
+
+    ranges = stage_blocks(m.trunk_layers, pipeline.num_stages, cfg.parallel.pp_layout)
+    in_flight = {"1f1b": lambda s: min(micro_batches, pipeline.pp - s)}.get(cfg.parallel.pp_schedule,
+                                                                              lambda s: micro_batches)
+    layers = sum(len(ranges[s]) * in_flight(s) for s in pipeline.local)
+    return per_layer * (layers + (heads_alive * head_blocks if pipeline.has_last else 0))
 
 
 def plan_step(cfg: JobConfig, world_size: int, device: str = "h100-80gb", micro_batches: Optional[int] = None,
@@ -464,9 +541,13 @@ def plan_step(cfg: JobConfig, world_size: int, device: str = "h100-80gb", micro_
     if cfg.parallel.strategy not in PLANNABLE:
         raise ValueError(f"mtp-plan runs parallel.strategy in {PLANNABLE}; {cfg.parallel.strategy} steps inside "
                          f"its own engine, which cannot run under fake tensors")
-    if cfg.parallel.strategy == "none" and world_size > 1:
-        raise ValueError(f"parallel.strategy=none is one process; --world-size {world_size} needs ddp, fsdp, tp "
-                         f"or fsdp_tp")
+    if cfg.parallel.pp_size > 1 and cfg.parallel.strategy not in PLANNABLE_WITH_PIPELINE:
+        raise ValueError(f"mtp-plan plans parallel.pp_size > 1 with parallel.strategy in "
+                         f"{PLANNABLE_WITH_PIPELINE}, not {cfg.parallel.strategy}: with tensor parallelism the "
+                         f"hidden states cross stages as local shards whose shapes the plan does not derive yet")
+    if cfg.parallel.strategy == "none" and world_size > cfg.parallel.pp_size:
+        raise ValueError(f"parallel.strategy=none is one process (per pipeline stage: parallel.pp_size="
+                         f"{cfg.parallel.pp_size}); --world-size {world_size} needs ddp, fsdp, tp or fsdp_tp")
     if device != "cpu" and device not in GPU_TYPES:
         raise ValueError(f"device {device!r} is not a known GPU type; choose one of {', '.join(GPU_TYPES)}")
     emulation = Emulation.for_device(cfg, device)
@@ -494,9 +575,27 @@ def plan_step(cfg: JobConfig, world_size: int, device: str = "h100-80gb", micro_
             trainer.train_step()
     finally:
         dist.destroy_process_group()
+    pipe = trainer.strategy.pipeline
     return StepMemory(peak=tracker.peak, breakdown=tracker.peak_breakdown, before_step=before, set_up_peak=set_up_peak,
-                      mask_bias_bytes=mask_bias_bytes(cfg, emulation), micro_batch_size=cfg.train.micro_batch_size,
-                      micro_batches=trainer.grad_accum, seconds=time.perf_counter() - t0)
+                      mask_bias_bytes=mask_bias_bytes(cfg, emulation, pipe, trainer.grad_accum),
+                      micro_batch_size=cfg.train.micro_batch_size, micro_batches=trainer.grad_accum,
+                      seconds=time.perf_counter() - t0, pp_rank=trainer.strategy.dims.pp_rank,
+                      pipeline_stages=tuple(pipe.local) if pipe is not None else ())
+
+
+def plan_job(cfg: JobConfig, world_size: int, device: str = "h100-80gb",
+             micro_batches: Optional[int] = None) -> StepMemory:
+    """Per-rank memory of the job: ``plan_step`` as rank 0, or under pipeline parallelism one
+    fake step per pp rank (as that rank's first global rank; its data-parallel ranks hold the same
+    shapes) -- the worst of them, with every pp rank's in ``stages``."""
+    pp = cfg.parallel.pp_size
+    if pp == 1:
+        return plan_step(cfg, world_size, device, micro_batches)
+    if world_size % pp:
+        raise ValueError(f"--world-size {world_size} is not divisible by parallel.pp_size={pp}")
+    stages = [plan_step(cfg, world_size, device, micro_batches, rank=r * (world_size // pp)) for r in range(pp)]
+    worst = max(stages, key=lambda m: m.predicted)
+    return replace(worst, stages=stages, seconds=sum(m.seconds for m in stages))
 
 
 def measure_step(cfg: JobConfig, env, micro_batches: Optional[int] = None, device: str = "cpu") -> dict:
@@ -588,7 +687,7 @@ def largest_micro_batch(cfg: JobConfig, world_size: int, device: str, memory_gib
 
     def peak(b: int) -> int:
         if b not in measured:
-            measured[b] = plan_step(with_micro_batch(cfg, b), world_size, device, micro_batches)
+            measured[b] = plan_job(with_micro_batch(cfg, b), world_size, device, micro_batches)
         return measured[b].predicted
 
     if peak(1) > budget:
@@ -675,14 +774,25 @@ def main(argv=None) -> int:
         f"{m.vocab_size}), parallel.strategy={cfg.parallel.strategy} on {args.world_size} x {args.device} "
         f"({memory_gib:.1f} GiB), micro-batch {cfg.train.micro_batch_size} x seq {cfg.data.seq_len}, loss "
         f"{cfg.loss.impl} chunk {cfg.loss.chunk_size}, AC {cfg.parallel.activation_checkpointing}")
-    job = plan_step(cfg, args.world_size, args.device)
-    say(f"  one fake step in {job.seconds:.1f}s")
-    rows = [report_row("this job", job, memory_gib)]
+    pp = cfg.parallel.pp_size
+    if pp > 1:
+        say(f"  pipeline: pp_size={pp}, schedule {cfg.parallel.pp_schedule}, one fake step per pp rank")
+    job = plan_job(cfg, args.world_size, args.device)
+    say(f"  {'one fake step' if pp == 1 else f'{pp} fake steps'} in {job.seconds:.1f}s "
+        f"({job.micro_batches} micro-batch{'es' if job.micro_batches > 1 else ''})")
+    rows = [report_row("this job" if pp == 1 else f"this job (worst: pp rank {job.pp_rank})", job, memory_gib)]
     result = {"world_size": args.world_size, "device": args.device, "device_memory_gib": round(memory_gib, 2),
               "device_peak_bf16_tflops": gpu.peak_bf16_flops / 1e12,
               "model": m.name, "n_future": m.n_future, "strategy": cfg.parallel.strategy,
               "micro_batch_size": cfg.train.micro_batch_size, "seq_len": cfg.data.seq_len,
               "margin": f"x{1 + FRAGMENTATION:.2f} + {RESERVED_GIB} GiB", **rows[0]}
+    if pp > 1:
+        stage_rows = [{**report_row(f"pp rank {s.pp_rank} (stage{'s' if len(s.pipeline_stages) > 1 else ''} "
+                                    f"{', '.join(map(str, s.pipeline_stages))})", s, memory_gib),
+                       "pp_rank": s.pp_rank, "stages": list(s.pipeline_stages)} for s in job.stages]
+        rows += stage_rows
+        result |= {"pp_size": pp, "pp_schedule": cfg.parallel.pp_schedule, "micro_batches": job.micro_batches,
+                   "worst_pp_rank": job.pp_rank, "pp_ranks": stage_rows}
     if not args.no_search:
         measured = {cfg.train.micro_batch_size: job} if cfg.train.global_batch_tokens is None else {}
         say("  searching the largest micro-batch that fits ...")
@@ -694,7 +804,7 @@ def main(argv=None) -> int:
     if args.compare:
         chunk = cfg.loss.chunk_size or args.chunk_size
         for label, impl, chunked, ac in COMPARE_VARIANTS:
-            mem = plan_step(variant(cfg, impl, chunked, ac, chunk), args.world_size, args.device)
+            mem = plan_job(variant(cfg, impl, chunked, ac, chunk), args.world_size, args.device)
             rows.append(report_row(label + (f" ({chunk})" if chunked else ""), mem, memory_gib))
             say(f"  {label}: {rows[-1]['peak_gib']} GiB ({mem.seconds:.1f}s)")
         result["compare"] = rows[1:]

@@ -157,3 +157,107 @@ def test_gpu_acceptance_cpu_path_lists_what_it_skipped():
     plan = result["results"]["plan_vs_measured"]
     assert plan["measured_gib"] > 0 and abs(plan["rel_error"]) <= STATED_ERROR
     assert "skipped (needs CUDA" in p.stdout
+
+
+# --- pipeline parallelism ---------------------------------------------------------------------
+TINY_PP = ["model=tiny", "parallel=none", "parallel.pp_size=2", "data.seq_len=64", "train.micro_batch_size=2",
+           "train.dtype=float32", "logging=quiet"]
+
+
+def _pp(extra=(), micro_batches=4, strategy="none", dp=1, seq=64):
+    """TINY_PP with ``micro_batches`` per step on ``dp`` data-parallel ranks per stage (``extra``
+    setting data.seq_len to ``seq``)."""
+    return compose_job_config([*TINY_PP, f"parallel={strategy}", *extra,
+                               f"train.global_batch_tokens={seq * 2 * micro_batches * dp}"])
+
+
+def test_pipeline_plan_splits_the_model_into_its_stages():
+    from mtp_pretrain.plan import plan_job
+
+    cfg = _pp()
+    mem = plan_job(cfg, 2, "cpu")
+    assert [(s.pp_rank, s.pipeline_stages, s.micro_batches) for s in mem.stages] == [(0, (0,), 4), (1, (1,), 4)]
+    assert mem.predicted == max(s.predicted for s in mem.stages) and mem.pp_rank == 1  # the heads' stage
+    # Parameters at the peak: exactly the stage's own modules (float32) and the RoPE tables; the
+    # first stage has the embedding and blocks 0-1, the last blocks 2-3, the heads and the
+    # unembedding (and the embedding matrix again where heads embed tokens or weights are tied).
+    full = _meta_model(cfg)
+    first = {"tok_embeddings.", "trunk.0.", "trunk.1."}
+    last = {"trunk.2.", "trunk.3.", "heads.", "unembed."} | ({"tok_embeddings."} if full.heads_chain
+                                                              or cfg.model.tie_embeddings else set())
+    rope = 2 * cfg.model.max_seq_len * (cfg.model.head_dim // 2) * 4
+
+    def param_bytes(prefixes):
+        seen = {}
+        for name, p in full.named_parameters(remove_duplicate=False):
+            if any(name.startswith(x) for x in prefixes):
+                seen[id(p)] = 4 * p.numel()
+        return sum(seen.values())
+
+    print(f"\nstage 0 {mem.stages[0].breakdown}\nstage 1 {mem.stages[1].breakdown}")
+    assert mem.stages[0].breakdown["parameters"] == param_bytes(first) + rope
+    assert mem.stages[1].breakdown["parameters"] == param_bytes(last) + rope
+    # Only the last stage computes logits.
+    assert mem.stages[0].breakdown["logits"] == 0 < mem.stages[1].breakdown["logits"]
+    # pp rank r runs as the first global rank of its stage: with 2 data-parallel ranks, rank 2.
+    fsdp = plan_job(_pp(strategy="fsdp", dp=2), 4, "cpu")
+    assert [(s.pp_rank, s.pipeline_stages) for s in fsdp.stages] == [(0, (0,)), (1, (1,))]
+
+
+def test_pipeline_schedules_hold_their_micro_batches_in_flight():
+    # Stage 0 keeps each micro-batch's activations from its forward until its backward: under
+    # gpipe all of the step's (all forwards first), under 1f1b at most pp_size of them.
+    def stage0(schedule, m):
+        mem = plan_step(_pp([f"parallel.pp_schedule={schedule}", "data.seq_len=256"], micro_batches=m, seq=256), 2,
+                        "cpu")
+        assert mem.pipeline_stages == (0,) and mem.micro_batches == m
+        return mem.peak
+
+    gpipe2, gpipe6 = stage0("gpipe", 2), stage0("gpipe", 6)
+    f1b2, f1b6 = stage0("1f1b", 2), stage0("1f1b", 6)
+    print(f"\nstage 0's peak: gpipe {gpipe2:,} -> {gpipe6:,} B, 1f1b {f1b2:,} -> {f1b6:,} B")
+    # a micro-batch's saved activations include at least each of the stage's 2 blocks' output [B, T, dim]
+    per_micro_batch = (gpipe6 - gpipe2) / 4
+    assert per_micro_batch > 2 * 2 * 256 * 128 * 4
+    # 1f1b: 4 more micro-batches cost less than one more in flight (their receive buffers for
+    # the gradients, their inputs), where gpipe holds all 4 more
+    assert f1b6 - f1b2 < 0.6 * per_micro_batch
+    assert f1b2 == pytest.approx(gpipe2, rel=0.02)  # 2 micro-batches: both schedules hold both
+
+
+def test_cli_reports_every_pipeline_rank(capsys):
+    assert main([*TINY_PP, "parallel.pp_schedule=gpipe", "train.global_batch_tokens=256", "--world-size", "2",
+                 "--no-search"]) == 0
+    out = capsys.readouterr().out
+    result = json.loads(out.strip().splitlines()[-1])
+    ranks = result["pp_ranks"]
+    assert [(r["pp_rank"], r["stages"]) for r in ranks] == [(0, [0]), (1, [1])]
+    assert result["worst_pp_rank"] == 1 and result["peak_gib"] == max(r["peak_gib"] for r in ranks)
+    assert result["pp_size"] == 2 and result["pp_schedule"] == "gpipe" and result["micro_batches"] == 2
+    assert "| this job (worst: pp rank 1) |" in out and "| pp rank 0 (stage 0) |" in out
+
+
+def test_pipeline_plan_refuses_what_it_cannot_plan():
+    from mtp_pretrain.plan import plan_job
+
+    with pytest.raises(ValueError, match="pp_size > 1 with parallel.strategy in .*not tp"):
+        plan_job(compose_job_config([*TINY_PP, "parallel=tp"]), 4, "cpu")
+    with pytest.raises(ValueError, match="--world-size 3 is not divisible by parallel.pp_size=2"):
+        plan_job(_pp(), 3, "cpu")
+
+
+@pytest.mark.slow
+def test_pipeline_prediction_equals_measured_peak_per_stage(tmp_path):
+    # Two real gloo ranks under torchrun run the same steps (bench.plan_accuracy's measure), 4
+    # micro-batches each: 1f1b, and gpipe (stage 0 holds all 4 micro-batches' activations).
+    from bench.plan_accuracy import measure
+    from mtp_pretrain.plan import plan_job
+
+    settings = {s: [*TINY_PP, f"parallel.pp_schedule={s}", "train.global_batch_tokens=512"] for s in ("1f1b", "gpipe")}
+    measured = measure(2, settings, tmp_path)
+    for schedule, overrides in settings.items():
+        predicted = plan_job(compose_job_config(overrides), 2, "cpu")
+        for stage, meas in zip(predicted.stages, measured[schedule], strict=True):
+            print(f"\n{schedule} pp rank {stage.pp_rank}: predicted {stage.predicted:,} B, measured {meas['peak']:,} B")
+            assert abs(stage.predicted - meas["peak"]) <= STATED_ERROR * meas["peak"]
+        assert measured[schedule][1]["peak"] > 1.3 * measured[schedule][0]["peak"]  # the last stage's logits

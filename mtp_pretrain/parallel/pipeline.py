@@ -183,6 +183,10 @@ class Pipeline:
         self._n_microbatches = 0
         self._stages: list[_Stage] = []
         self._step_state: Optional[dict] = None
+        # mtp-plan runs the schedule under fake tensors and a fake process group, across which
+        # stages cannot exchange their tensors' shapes: it gives each stage example tensors here
+        # (PipelineStage's static mode: input_args, output_args, ...); None = inferred at the first step.
+        self.example_tensors: Optional[Callable[[StageModule], dict]] = None
 
     # --- set-up ------------------------------------------------------------------------------------
     def validate(self, n_microbatches: int) -> None:
@@ -223,7 +227,8 @@ class Pipeline:
 
     def _build(self, n_microbatches: int) -> None:
         self.validate(n_microbatches)
-        self._stages = [_Stage(m, m.index, self.num_stages, self.device, group=self.pp_group)
+        self._stages = [_Stage(m, m.index, self.num_stages, self.device, group=self.pp_group,
+                               **(self.example_tensors(m) if self.example_tensors is not None else {}))
                         for m in self.stage_modules]
         cls = SCHEDULES[self.cfg.pp_schedule]
         if cls in (ScheduleGPipe, Schedule1F1B):
