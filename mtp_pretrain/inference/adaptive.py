@@ -48,7 +48,7 @@ sequences that accept them while the one that does not pays for them in every pa
   catch-up), or to re-time a k not
   timed for ``refresh_interval`` passes (the machine's speed drifts). Such a *probe* is paid
   from an allowance that grows by ``explore_share`` of every second spent decoding (capped at
-  what ~1000 passes earn). A probe is fed only when the allowance covers what it may lose: the
+  what ~200 passes earn). A probe is fed only when the allowance covers what it may lose: the
   extra cost of its pass plus the catch-up of the drafting heads it wakes (heads skipped by
   earlier passes must first run over every position they missed, a prompt included: measured
   per head and position, and the decoder says how many positions each k would catch up), the
@@ -138,6 +138,7 @@ class DraftLengthController:
         m.setdefault("timed", {p: [None] * (max_drafts + 1) for p in PHASES})
         m.setdefault("count", {p: [0] * (max_drafts + 1) for p in PHASES})
         self._costs: dict[int, dict[str, list[list[float]]]] = m.setdefault("by_batch_size", {})
+        self._estimates: dict[tuple, Optional[float]] = {}
 
     # -- observations ---------------------------------------------------------------------------
 
@@ -196,7 +197,7 @@ class DraftLengthController:
 
     def _spend(self, seconds: float) -> None:
         """Decoding time earns ``explore_share`` of itself as probing allowance (capped)."""
-        cap = self.explore_share * 1000 * seconds
+        cap = self.explore_share * 200 * seconds
         self._measured["allowance"] = min(self._measured["allowance"] + self.explore_share * seconds,
                                           max(cap, self._measured["allowance"]))
 
@@ -204,13 +205,16 @@ class DraftLengthController:
         table = self._costs.setdefault(batch_size, {p: [[] for _ in range(self.max_drafts + 1)] for p in PHASES})
         samples = table[phase][k]
         samples.append(seconds)
+        self._estimates.pop((batch_size, phase, k), None)
         del samples[: -self.cost_samples]
         self._measured["timed"][phase][k] = self._measured["passes"]
         self._measured["count"][phase][k] += 1
 
     def _estimate(self, batch_size: int, phase: str, k: int) -> Optional[float]:
-        samples = self._costs[batch_size][phase][k] if batch_size in self._costs else []
-        return _low(samples)
+        key = (batch_size, phase, k)
+        if key not in self._estimates:  # cached until the next sample: sorting every pass shows
+            self._estimates[key] = _low(self._costs[batch_size][phase][k] if batch_size in self._costs else [])
+        return self._estimates[key]
 
     # -- estimates and the decision -------------------------------------------------------------
 

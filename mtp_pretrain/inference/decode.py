@@ -223,12 +223,16 @@ class Decoder:
         stats.forward_passes += 1
         drafted = 0  # drafts proposed for the next pass
         if tree is None:
+            # Positions each drafting head has not run over yet (the most of any sequence), kept
+            # on the host: what switching to k costs (see adaptive.py).
+            lag = [max(len(p) for p in prompts)] * max_drafts
             drafted, work = max_drafts, [0] * (max_drafts + 1)
             if controller is not None:  # the drafting heads run over the whole prompt first
-                work = self._catch_up_positions(st, max_drafts, 0)
+                work = _switch_work(lag, B, 0)
                 drafted = controller.choose(B, list(range(B)), [cfg.max_new_tokens] * B, work)
             t_draft = time.perf_counter()
             stats.head_passes += self._draft(st, drafted, None, cfg, gen)
+            lag[:drafted] = [0] * drafted
             if controller is not None:
                 controller.record_drafting(drafted, B, time.perf_counter() - t_draft, catch_up=work[drafted])
         first = st.next_token.tolist()
@@ -254,13 +258,16 @@ class Decoder:
             active = st.rows.tolist()
             if controller is not None:
                 controller.record_verification(fed, batch, t_decided - t_pass, acc, rows)
-                work = self._catch_up_positions(st, max_drafts, max(acc) + 1)
+                lag = [positions + max(acc) + 1 for positions in lag]
+                work = _switch_work(lag, len(active), max(acc) + 1)
                 drafted = controller.choose(len(active), active,
                                             [cfg.max_new_tokens - len(outputs[r]) for r in active], work)
             # Heads skipped by earlier passes first catch up on the positions they missed.
             catch_up = drafted > fed
             width = None if catch_up or self.model.heads_chain else max(acc) + 1
             stats.head_passes += self._draft(st, drafted, width, cfg, gen)
+            if controller is not None:
+                lag[:drafted] = [0] * drafted
             if controller is not None:
                 controller.record_drafting(drafted, len(active), time.perf_counter() - t_decided,
                                            work[drafted] if catch_up else 0)
@@ -461,17 +468,6 @@ class Decoder:
         self._independent_drafting(st, k, width, cfg, gen)
         return 0
 
-    def _catch_up_positions(self, st: _BatchState, max_drafts: int, normal: int) -> list[int]:
-        """For k = 0..max_drafts: head positions drafting k tokens now would run over beyond the
-        ``normal`` window (the inputs the last pass accepted), i.e. k heads x the sequences x the
-        positions the most lagging of heads 2..k+1 missed; 0 where no head lags."""
-        lags = (st.length[:, None] - st.head_length[:, 2: max_drafts + 2]).amax(dim=0).tolist()
-        B, out, worst = st.rows.numel(), [0], 0
-        for k in range(1, max_drafts + 1):
-            worst = max(worst, lags[k - 1])
-            out.append(k * B * worst if worst > normal else 0)
-        return out
-
     def _catch_up_window(self, st: _BatchState, heads: slice, width: Optional[int]):
         """Positions [start, start + width) per sequence that bring the given heads up to the
         last committed position: width covers every sequence's first not-final slot; each
@@ -599,6 +595,17 @@ class Decoder:
             raise NotImplementedError(
                 "tree mode needs independent heads (transformer or linear); causal heads draft one "
                 "token at a time through the chain, so use mode self_speculative with them")
+
+
+def _switch_work(lag: list[int], batch: int, normal: int) -> list[int]:
+    """For k = 0..K: head positions drafting k tokens would first run over beyond the ``normal``
+    window (the inputs the last pass accepted): k heads x the sequences x the positions the most
+    lagging of heads 2..k+1 missed; 0 where no head lags (``lag[h]``: head h+2's missed positions)."""
+    out, worst = [0], 0
+    for k, positions in enumerate(lag, start=1):
+        worst = max(worst, positions)
+        out.append(k * batch * worst if worst > normal else 0)
+    return out
 
 
 def generate(model: MTPTransformer, prompts: Sequence[Sequence[int]], **config) -> Generation:
