@@ -26,7 +26,9 @@ sequences that accept them while the one that does not pays for them in every pa
   last few samples *at the current batch size* (finished sequences leave the batch and make
   every pass cheaper; on a shared machine other work only ever adds time, so a low quantile
   ignores the passes it preempted); a k not yet timed at this batch size takes its time at
-  another batch size, rescaled by the two sizes' ratio on a k timed at both. A drafting step
+  another batch size, rescaled by the two sizes' ratio on a k timed at both; and C(k) is taken
+  non-decreasing in k (a few lucky samples of a rarely fed k must not make it look cheaper than a
+  shorter draft). A drafting step
   that had to catch up positions of heads skipped earlier is not a sample (it is a switching
   cost, not the steady price of k).
 * **Acceptance.** Conditional acceptance c_j = P(draft j accepted | draft j-1 accepted), from
@@ -264,7 +266,14 @@ class DraftLengthController:
         """C(k) for k = 0..K at this batch size (None: not measured yet)."""
         if self.cost_model is not None:
             return [float(self.cost_model(k, batch_size)) for k in range(self.max_drafts + 1)]
-        return [self._cost(batch_size, k) for k in range(self.max_drafts + 1)]
+        out, floor = [], 0.0
+        for k in range(self.max_drafts + 1):
+            # A pass that feeds more drafts never costs less: a few lucky samples of a long draft
+            # taken while the machine was idler must not make it look cheaper than a short one.
+            cost = self._cost(batch_size, k)
+            floor = max(floor, cost) if cost is not None else floor
+            out.append(floor if cost is not None else None)
+        return out
 
     def _cost(self, batch_size: int, k: int) -> Optional[float]:
         total = 0.0
@@ -338,7 +347,7 @@ class DraftLengthController:
         # A batch's time is its slowest sequence's: its hope is the last batches' pooled
         # acceptance, not the best one sequence reached.
         hope = self.conditional_acceptance(optimistic=True, best=rows is None or len(rows) == 1)
-        k_hope = min(self._best(costs, rows, remaining, hope, per_row=False, switch=switch), k_best + 1)
+        k_hope = min(max(self._best(costs, rows, remaining, hope, per_row=False, switch=switch), k_best), k_best + 1)
         self._bottleneck = None
         timing = k_hope == k_best
         if timing:  # re-time only where no head must catch up (a hoped probe times the others)
