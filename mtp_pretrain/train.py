@@ -259,8 +259,8 @@ class Trainer:
         mean (not its own count) makes the step's loss the mean over all its targets, whatever the
         number of ranks and micro-batches."""
         counts = torch.stack([torch.stack([(t != IGNORE_INDEX).sum() for t in heads]) for heads in targets])
-        local = counts.sum(0).cpu()  # one copy to the host for the whole step
-        mean = self.strategy.all_reduce_mean(local.float()).double() / len(targets)
+        # Reduced where the counts live (NCCL reduces device tensors only), then one copy to the host.
+        mean = self.strategy.all_reduce_mean(counts.sum(0).float()).double() / len(targets)
         return mean.clamp(min=1.0).tolist()
 
     @torch.no_grad()
