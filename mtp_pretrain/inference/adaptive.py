@@ -126,7 +126,6 @@ class DraftLengthController:
         self._probe_seconds = 0.0
         self._timing_probe = False
         self._probe_won = False  # the last pass was a probe that brought more than the decision would have
-        self._bottleneck: Optional[tuple[int, float]] = None
         self._probe_row: Optional[int] = None
         self.probes = 0  # probe passes of this batch (warm-up not included)
         # Shared with earlier runs when given: "passes" (verification passes timed so far), per
@@ -327,9 +326,8 @@ class DraftLengthController:
         per_position = _low(self._measured["catch_up"])
         switch = [per_position * n for n in catch_up] if catch_up is not None and per_position else None
         cond = self.conditional_acceptance()
-        k_best = self._best(costs, rows, remaining, cond, switch=switch)
+        k_best, slowest = self._best_and_bottleneck(costs, rows, remaining, cond, True, switch)
         # Seconds per token the decision pays: of the sequence that sets the batch's time.
-        slowest = self._bottleneck
         rate = costs[k_best] / (slowest[1] if slowest else self.expected_tokens(cond=cond)[k_best])
         self._probe_row = slowest[0] if slowest else None
         stale = [k for k in range(self.max_drafts + 1)
@@ -348,7 +346,6 @@ class DraftLengthController:
         # acceptance, not the best one sequence reached.
         hope = self.conditional_acceptance(optimistic=True, best=rows is None or len(rows) == 1)
         k_hope = min(max(self._best(costs, rows, remaining, hope, per_row=False, switch=switch), k_best), k_best + 1)
-        self._bottleneck = None
         timing = k_hope == k_best
         if timing:  # re-time only where no head must catch up (a hoped probe times the others)
             stale = [k for k in stale if k != k_best and not (switch and switch[k])]
@@ -365,8 +362,7 @@ class DraftLengthController:
         return k_hope, rate, timing
 
     def _best(self, costs, rows, remaining, cond: list[float], per_row: bool = True, switch=None) -> int:
-        k, self._bottleneck = self._best_and_bottleneck(costs, rows, remaining, cond, per_row, switch)
-        return k
+        return self._best_and_bottleneck(costs, rows, remaining, cond, per_row, switch)[0]
 
     def _best_and_bottleneck(self, costs, rows, remaining, cond, per_row, switch
                              ) -> tuple[int, Optional[tuple[int, float]]]:

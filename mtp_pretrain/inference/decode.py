@@ -268,7 +268,6 @@ class Decoder:
             stats.head_passes += self._draft(st, drafted, width, cfg, gen)
             if controller is not None:
                 lag[:drafted] = [0] * drafted
-            if controller is not None:
                 controller.record_drafting(drafted, len(active), time.perf_counter() - t_decided,
                                            work[drafted] if catch_up else 0)
         if controller is not None:
