@@ -478,6 +478,50 @@ def test_probes_are_paid_from_an_allowance():
         ctl.record_verification(0, 1, 1.0, [])
 
 
+def test_acceptance_memory_outlives_greedy_batches():
+    """A position's prior is the acceptance of the last batches that fed it, however many
+    batches fed nothing since: a run of greedy batches must not reset it to the optimistic
+    c_{j-1} = 1 (the next batch would then start by feeding every head, and paying for their
+    catch-up over its prompt)."""
+    from mtp_pretrain.inference.adaptive import DraftLengthController
+
+    costs = lambda k, b: [1.0, 1.3, 1.6][k]  # noqa: E731
+    ctl = DraftLengthController(2, cost_model=costs)
+    for _ in range(20):  # drafts never accepted
+        ctl.record_verification(2, 1, 0.0, [0], rows=[0])
+    history = ctl.passed_on()
+    for batch in range(6):  # greedy batches after it
+        ctl = DraftLengthController(2, cost_model=costs, history=history)
+        assert ctl.acceptance_prior[0] == pytest.approx(0.0), batch
+        assert ctl.choose(1, [0], [50]) == 0, (batch, ctl.conditional_acceptance())
+        ctl.record_verification(0, 1, 0.0, [0], rows=[0])
+        history = ctl.passed_on()
+    assert [len(seen) for seen in history] == [1, 0]  # position 2 was never reached: no count
+
+
+def test_a_greedy_decision_holds_for_a_few_passes():
+    """After a measured decision for a greedy pass the decoder skips deciding again (it observes
+    no acceptance) for ``hold_passes`` passes, unless the batch shrinks; never with drafts fed."""
+    from mtp_pretrain.inference.adaptive import DraftLengthController
+
+    ctl = DraftLengthController(1, min_samples=1, hold_passes=3, explore_share=0.0)
+    for k in (1, 0):  # warm-up
+        assert ctl.held(1) is None and ctl.choose(1) == k
+        ctl.record_drafting(k, 1, 0.7 * k)
+        ctl.record_verification(k, 1, 1.0, [0])
+    assert ctl.held(1) is None and ctl.choose(1) == 0
+    held = []
+    for _ in range(7):
+        ctl.record_drafting(0, 1, 0.0)
+        ctl.record_verification(0, 1, 1.0, [])
+        k = ctl.held(1)
+        held.append(k)
+        if k is None:
+            assert ctl.choose(1) == 0
+    assert held == [0, 0, None, 0, 0, None, 0]
+    assert ctl.held(2) is None  # a smaller or larger batch: decided again
+
+
 def test_batch_draft_length_minimises_time_to_finish():
     """In a batch, k minimises pass cost x passes the slowest sequence still needs: long drafts
     while the sequence that rejects them has little left, none while it has much left."""

@@ -35,8 +35,8 @@ sequences that accept them while the one that does not pays for them in every pa
   counts of the passes that fed position j, decayed by ``acceptance_decay`` at every new
   observation of j (recent passes weigh more, so acceptance is re-learned as the text changes:
   indentation vs a new identifier), shrunk towards a prior: the acceptance of the decoder's
-  last few batches (texts of one job resemble each other; their passes pooled;
-  ``carry_weight`` pseudo-passes), raised by as much as this batch's c_{j-1} exceeds theirs,
+  last few batches that fed position j (texts of one job resemble each other; their passes
+  pooled; ``carry_weight`` pseudo-passes; batches that fed nothing in between do not erase it), raised by as much as this batch's c_{j-1} exceeds theirs,
   else c_{j-1} (1 for j = 1; ``prior_weight`` pseudo-passes); a_j = c_1 ... c_j. Per sequence the same counts are kept and
   shrunk towards the batch's estimate (a sequence just started, or rarely fed, behaves like the
   batch). A position that is not fed keeps its estimate: the decision alone never tries a draft
@@ -85,14 +85,15 @@ PHASES = ("verify", "draft")
 class DraftLengthController:
     def __init__(self, max_drafts: int, cost_model: Optional[CostModel] = None, acceptance_decay: float = 0.95,
                  prior_weight: float = 0.5, cost_samples: int = 25, min_samples: int = 2, refresh_interval: int = 200,
-                 explore_share: float = 0.02, carry_weight: float = 8.0, measured: Optional[dict] = None,
-                 history: Optional[Sequence[tuple[list[int], list[int]]]] = None):
+                 explore_share: float = 0.02, carry_weight: float = 8.0, hold_passes: int = 8,
+                 measured: Optional[dict] = None,
+                 history: Optional[Sequence[Sequence[tuple[int, int]]]] = None):
         if max_drafts < 1:
             raise ValueError(f"max_drafts must be >= 1, got {max_drafts}")
         if (not 0 < acceptance_decay <= 1 or prior_weight <= 0 or not 1 <= min_samples <= cost_samples
-                or refresh_interval < 1 or not 0 <= explore_share < 1):
+                or refresh_interval < 1 or not 0 <= explore_share < 1 or hold_passes < 1):
             raise ValueError("need 0 < acceptance_decay <= 1, prior_weight > 0, 1 <= min_samples <= cost_samples, "
-                             "refresh_interval >= 1 and 0 <= explore_share < 1")
+                             "refresh_interval >= 1, 0 <= explore_share < 1 and hold_passes >= 1")
         self.max_drafts = max_drafts
         self.cost_model = cost_model
         self.decay, self.prior_weight = acceptance_decay, prior_weight
@@ -104,14 +105,16 @@ class DraftLengthController:
         self.accepted = [0.0] * max_drafts
         self.fed_at: list[Optional[int]] = [None] * max_drafts  # this batch's pass that last fed position j
         self.batch_passes = 0
-        # The last batches' counts per position (reached, accepted): pooled, the prior of the
-        # positions they fed; their best, what a probe at the start of a batch hopes for (texts of
-        # a job differ: one prompt's continuation repeats itself, the next one's does not).
-        self.history = list(history or [])
+        # Per position, the counts (reached, accepted) of the last batches that fed it, however
+        # many batches fed nothing in between (they have nothing to say about it: without this
+        # memory a run of greedy batches would reset the prior to the optimistic c_{j-1}, and the
+        # next batch would start by feeding every head). Pooled, the prior of the position; their
+        # best, what a probe at the start of a batch hopes for (texts of a job differ: one
+        # prompt's continuation repeats itself, the next one's does not).
+        self.history = [list(seen) for seen in history] if history else [[] for _ in range(max_drafts)]
         self.acceptance_prior: list[Optional[float]] = [None] * max_drafts
         self.hoped_prior: list[Optional[float]] = [None] * max_drafts
-        for j in range(max_drafts):
-            seen = [(r[j], a[j]) for r, a in self.history if r[j] > 0]
+        for j, seen in enumerate(self.history):
             if seen:
                 self.acceptance_prior[j] = sum(a for _, a in seen) / sum(r for r, _ in seen)
                 self.hoped_prior[j] = max(a / r for r, a in seen)
@@ -128,6 +131,8 @@ class DraftLengthController:
         self._probe_won = False  # the last pass was a probe that brought more than the decision would have
         self._probe_row: Optional[int] = None
         self.probes = 0  # probe passes of this batch (warm-up not included)
+        self.hold_passes = hold_passes
+        self._decided: Optional[tuple[int, int]] = None  # (batch pass, batch size) of the last decision
         # Shared with earlier runs when given: "passes" (verification passes timed so far), per
         # phase "timed" (the pass at which each k was last timed) and "count" (samples taken),
         # "allowance" (seconds of probing the budget allows now), and per batch size, per
@@ -244,9 +249,11 @@ class DraftLengthController:
             out.append(prev)
         return out
 
-    def passed_on(self, batches: int = 4) -> list[tuple[list[int], list[int]]]:
-        """The acceptance history the next batch starts from: the counts of the last batches."""
-        return (self.history + [(self.batch_reached, self.batch_accepted)])[-batches:]
+    def passed_on(self, batches: int = 4) -> list[list[tuple[int, int]]]:
+        """The acceptance history the next batch starts from: per position, the counts of the
+        last ``batches`` batches that fed it (this one included if it did)."""
+        return [(seen + [(r, a)] if r else seen)[-batches:]
+                for seen, r, a in zip(self.history, self.batch_reached, self.batch_accepted)]
 
     def expected_tokens(self, row: Optional[int] = None, cond: Optional[list[float]] = None) -> list[float]:
         """E(k) for k = 0..K: tokens a sequence (the batch's typical one, or ``row``) gets from a
@@ -311,7 +318,25 @@ class DraftLengthController:
         self._in_flight, self._probe_rate, self._timing_probe = k, rate, timing
         self._probe_seconds = 0.0
         self.probes += rate is not None
+        self._decided = (self.batch_passes, batch_size)
         return k
+
+    def held(self, batch_size: int) -> Optional[int]:
+        """0 while the last decision, a greedy pass, still holds without deciding again (then the
+        caller skips :meth:`choose` and what it needs); None when it must be taken again.
+
+        A greedy pass observes no acceptance, and the rest of what the decision weighs moves only
+        towards greedy as the run goes on (fewer tokens left to repay a switch, more positions
+        for skipped heads to catch up), so re-deciding after every greedy pass would mostly spend
+        time: Python run between a CPU pass's kernels costs several times its idle price (a
+        decision measured 30 us alone, ~90 us inside decoding: 2-3 % of a 4 ms pass). It is
+        taken again every ``hold_passes`` passes (new cost samples, the probes' allowance and
+        fading hopes), when the batch shrinks, and after every pass that fed drafts; with a
+        ``cost_model``, after every pass (it may say anything at any time)."""
+        if self.cost_model is not None or self._in_flight != 0 or self._timing_probe or self._decided is None:
+            return None
+        at, size = self._decided
+        return 0 if size == batch_size and self.batch_passes - at < self.hold_passes else None
 
     def _choose(self, costs, rows, remaining, catch_up) -> tuple[int, Optional[float], bool]:
         """(k, the seconds per token the decision would pay if k is a probe else None, whether

@@ -259,9 +259,11 @@ class Decoder:
             if controller is not None:
                 controller.record_verification(fed, batch, t_decided - t_pass, acc, rows)
                 lag = [positions + max(acc) + 1 for positions in lag]
-                work = _switch_work(lag, len(active), max(acc) + 1)
-                drafted = controller.choose(len(active), active,
-                                            [cfg.max_new_tokens - len(outputs[r]) for r in active], work)
+                drafted = controller.held(len(active))
+                if drafted is None:
+                    work = _switch_work(lag, len(active), max(acc) + 1)
+                    drafted = controller.choose(len(active), active,
+                                                [cfg.max_new_tokens - len(outputs[r]) for r in active], work)
             # Heads skipped by earlier passes first catch up on the positions they missed.
             catch_up = drafted > fed
             width = None if catch_up or self.model.heads_chain else max(acc) + 1
