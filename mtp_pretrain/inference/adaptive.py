@@ -23,9 +23,13 @@ sequences that accept them while the one that does not pays for them in every pa
   that fed k drafts (trunk and head 1 over k+1 tokens, their unembedding, the acceptance
   decision) plus that of drafting k tokens for the next pass (k drafting heads over the accepted
   positions, their unembedding) and the step's bookkeeping. Each is the lower quartile of the
-  last few samples *at the current batch size* (finished sequences leave the batch and make
-  every pass cheaper; on a shared machine other work only ever adds time, so a low quantile
-  ignores the passes it preempted); a k not yet timed at this batch size takes its time at
+  last ``cost_samples`` samples *at the current batch size* (finished sequences leave the batch
+  and make every pass cheaper; on a shared machine other work only ever adds time, so a low
+  quantile ignores the passes it preempted). The window is long (200 passes, about a second on
+  a CPU) because the ks are compared with each other while only the fed one is timed: a short
+  window made the fed k's cost follow a slow spell of the machine that the others' older
+  samples never saw, and a greedy pass that other work slowed to 9 ms made a 1-draft pass
+  timed at 8.6 ms look free. A k not yet timed at this batch size takes its time at
   another batch size, rescaled by the two sizes' ratio on a k timed at both; and C(k) is taken
   non-decreasing in k (a few lucky samples of a rarely fed k must not make it look cheaper than a
   shorter draft). A drafting step
@@ -84,7 +88,7 @@ PHASES = ("verify", "draft")
 
 class DraftLengthController:
     def __init__(self, max_drafts: int, cost_model: Optional[CostModel] = None, acceptance_decay: float = 0.95,
-                 prior_weight: float = 0.5, cost_samples: int = 25, min_samples: int = 2, refresh_interval: int = 200,
+                 prior_weight: float = 0.5, cost_samples: int = 200, min_samples: int = 2, refresh_interval: int = 200,
                  explore_share: float = 0.02, carry_weight: float = 8.0, hold_passes: int = 8,
                  measured: Optional[dict] = None,
                  history: Optional[Sequence[Sequence[tuple[int, int]]]] = None):
