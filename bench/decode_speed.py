@@ -114,9 +114,11 @@ def quick_train(model, data_dir: Path, names, steps: int, seq_len: int = 128, ba
 def run_modes(decoder, prompts, batch_size, configs: dict[str, GenerationConfig], repeats: int
               ) -> tuple[dict[str, list[list[int]]], dict[str, dict]]:
     """Decode all prompts in batches of batch_size with every mode; statistics summed over the
-    batches. The modes take turns batch by batch (``repeats`` rounds, round-robin), so that a
-    change in the machine's speed during the run (a shared VM's speed drifts by tens of
-    percent over minutes) hits every mode alike instead of biasing their ratio, and each batch
+    batches. The modes take turns batch by batch (``repeats`` rounds, round-robin, each round
+    starting from the next mode: the mode that runs first on a batch measured ~5 % slower than
+    the same mode run later), so that a change in the machine's speed during the run (a shared
+    VM's speed drifts by tens of percent over minutes) hits every mode alike instead of biasing
+    their ratio, and each batch
     counts its fastest round: on a shared machine other work only ever adds time (the same
     greedy batch measured up to 15 % apart between rounds here), and the fastest round is the
     closest to the mode's own cost. ``auto``'s one-time warm-up (each k timed once per decoder)
@@ -125,9 +127,11 @@ def run_modes(decoder, prompts, batch_size, configs: dict[str, GenerationConfig]
     totals = {m: RunStats(mode=c.mode, batch_size=batch_size) for m, c in configs.items()}
     fastest: dict[tuple[str, int], float] = {}
     for r in range(repeats):
+        names = list(configs)
+        turn = names[r % len(names):] + names[: r % len(names)]
         for i in range(0, len(prompts), batch_size):
-            for mode, config in configs.items():
-                res = decoder.generate(prompts[i: i + batch_size], config)
+            for mode in turn:
+                res = decoder.generate(prompts[i: i + batch_size], configs[mode])
                 total = totals[mode]
                 if r == 0:  # outputs and token-level statistics: once
                     tokens[mode] += res.tokens
