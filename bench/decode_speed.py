@@ -5,6 +5,7 @@
     .venv/bin/python -m bench.decode_speed --random-init --num-prompts 2 --max-new-tokens 32  # smoke test
     .venv/bin/python -m bench.decode_speed --train-steps 200    # quickly trained tiny n=4 model
     .venv/bin/python -m bench.decode_speed --random-init --model-size 124m --breakdown-only  # pass pieces only
+    .venv/bin/python -m bench.decode_speed --no-fixed --no-tree --repeats 12  # greedy vs auto, many rounds
 
 Prompts are the first ``--num-prompts`` windows of ``--prompt-len`` tokens of the *val* split of
 each data set (``data/default/code``, ``data/default/text``), or the lines of ``--prompts``. For
@@ -47,10 +48,11 @@ import torch.nn.functional as F
 
 from mtp_pretrain.inference import Decoder, GenerationConfig, RunStats
 
-def decoder_configs(n_future: int, max_new_tokens: int, widths, tree: bool = True) -> dict[str, GenerationConfig]:
+def decoder_configs(n_future: int, max_new_tokens: int, widths, tree: bool = True, fixed: bool = True
+                    ) -> dict[str, GenerationConfig]:
     """greedy, fixed_1..fixed_{n-1}, auto, tree: the decoders every data set and batch size runs."""
     configs = {"greedy": GenerationConfig(mode="greedy", max_new_tokens=max_new_tokens)}
-    for k in range(1, n_future):
+    for k in range(1, n_future if fixed else 1):
         configs[f"fixed_{k}"] = GenerationConfig(mode="self_speculative", max_new_tokens=max_new_tokens, num_drafts=k)
     if n_future > 1:
         configs["auto"] = GenerationConfig(mode="self_speculative", max_new_tokens=max_new_tokens, num_drafts="auto")
@@ -118,14 +120,13 @@ def run_modes(decoder, prompts, batch_size, configs: dict[str, GenerationConfig]
     starting from the next mode: the mode that runs first on a batch measured ~5 % slower than
     the same mode run later), so that a change in the machine's speed during the run (a shared
     VM's speed drifts by tens of percent over minutes) hits every mode alike instead of biasing
-    their ratio, and each batch
-    counts its fastest round: on a shared machine other work only ever adds time (the same
-    greedy batch measured up to 15 % apart between rounds here), and the fastest round is the
-    closest to the mode's own cost. ``auto``'s one-time warm-up (each k timed once per decoder)
-    falls in the first round, which a long job does not see again."""
+    their ratio. Times are the mean over rounds; ``rounds[mode]`` has each round's total, whose
+    spread says how far the ratios can be trusted: on this shared VM the same greedy batch-1
+    call measured 182-339 ms within one minute, so a ratio of sums over a few dozen calls moves
+    by several percent between runs."""
     tokens = {m: [] for m in configs}
     totals = {m: RunStats(mode=c.mode, batch_size=batch_size) for m, c in configs.items()}
-    fastest: dict[tuple[str, int], float] = {}
+    rounds = {m: [0.0] * repeats for m in configs}
     for r in range(repeats):
         names = list(configs)
         turn = names[r % len(names):] + names[: r % len(names)]
@@ -140,10 +141,9 @@ def run_modes(decoder, prompts, batch_size, configs: dict[str, GenerationConfig]
                     total.head_passes += res.stats.head_passes
                     total.draft_lengths += res.stats.draft_lengths
                     total.probe_passes += res.stats.probe_passes
-                fastest[mode, i] = min(fastest.get((mode, i), float("inf")), res.stats.wall_time_s)
-    for (mode, _), seconds in fastest.items():
-        totals[mode].wall_time_s += seconds
-    return tokens, {m: t.to_dict() for m, t in totals.items()}
+                total.wall_time_s += res.stats.wall_time_s / repeats
+                rounds[mode][r] += res.stats.wall_time_s
+    return tokens, {m: t.to_dict() | {"round_times_s": rounds[m]} for m, t in totals.items()}
 
 
 def pass_breakdown(decoder: Decoder, context: int, k: int, repeats: int = 200) -> dict[str, dict[str, float]]:
@@ -234,9 +234,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--repeats", type=int, default=3,
-                    help="timing rounds (modes take turns batch by batch; each batch counts its fastest round)")
+    ap.add_argument("--repeats", type=int, default=2, help="timing rounds (modes take turns batch by batch)")
     ap.add_argument("--no-tree", action="store_true", help="leave tree mode out (the slowest mode on a CPU)")
+    ap.add_argument("--no-fixed", action="store_true",
+                    help="only greedy and auto (many rounds of the one comparison that needs them)")
     ap.add_argument("--breakdown-only", action="store_true",
                     help="only time the pieces of a greedy and a speculative pass (any model, even random)")
     add_result_file_arg(ap)
@@ -278,26 +279,36 @@ def batch_entry(rows: dict, configs: dict, fixed: str, n_future: int) -> dict:
     speedup = {m: round(rows[m]["tokens_per_s"] / base, 3) for m in configs}
     # speedup = accepted_per_forward / pass_cost: what a speculative pass costs in greedy passes.
     ms_per_pass = {m: 1e3 * rows[m]["wall_time_s"] / max(rows[m]["forward_passes"], 1) for m in configs}
-    fixed_speedups = {m.split("_")[1]: speedup[m] for m in configs if m.startswith("fixed_")}
-    best_k = max(fixed_speedups, key=fixed_speedups.get)
+    # The spread of auto's speedup between rounds (each round: the same batches, modes in turn).
+    per_round = [g / a for g, a in zip(rows["greedy"]["round_times_s"], rows["auto"]["round_times_s"])]
+    mean = sum(per_round) / len(per_round)
+    stderr = (sum((x - mean) ** 2 for x in per_round) / (len(per_round) - 1) / len(per_round)) ** 0.5 \
+        if len(per_round) > 1 else None
     entry = {
-        "accepted_per_forward": rows[fixed]["accepted_per_forward"],
         "accepted_per_forward_auto": rows["auto"]["accepted_per_forward"],
-        "speedup_self_speculative": speedup[fixed],
         "speedup_auto": speedup["auto"],
-        "speedup_fixed": fixed_speedups,
-        "best_fixed_k": int(best_k),
-        "auto_minus_best_fixed": round(speedup["auto"] - fixed_speedups[best_k], 3),
+        "speedup_auto_per_round": [round(x, 3) for x in per_round],
+        "speedup_auto_stderr": None if stderr is None else round(stderr, 3),
         "auto_draft_lengths": {str(j): rows["auto"]["draft_lengths"].count(j) for j in range(n_future)},
         "auto_probe_passes": rows["auto"]["probe_passes"],
         "tokens_per_s": {m: rows[m]["tokens_per_s"] for m in configs},
         "ms_per_forward": {m: round(ms_per_pass[m], 3) for m in configs},
-        "pass_cost_self_speculative": round(ms_per_pass[fixed] / ms_per_pass["greedy"], 3),
-        "pass_cost_fixed": {m.split("_")[1]: round(ms_per_pass[m] / ms_per_pass["greedy"], 3)
-                            for m in configs if m.startswith("fixed_")},
-        "acceptance_rate_per_position": {"self_speculative": rows[fixed]["acceptance_rate_per_position"],
-                                         "auto": rows["auto"]["acceptance_rate_per_position"]},
+        "acceptance_rate_per_position": {"auto": rows["auto"]["acceptance_rate_per_position"]},
     }
+    fixed_speedups = {m.split("_")[1]: speedup[m] for m in configs if m.startswith("fixed_")}
+    if fixed_speedups:
+        best_k = max(fixed_speedups, key=fixed_speedups.get)
+        entry.update({
+            "accepted_per_forward": rows[fixed]["accepted_per_forward"],
+            "speedup_self_speculative": speedup[fixed],
+            "speedup_fixed": fixed_speedups,
+            "best_fixed_k": int(best_k),
+            "auto_minus_best_fixed": round(speedup["auto"] - fixed_speedups[best_k], 3),
+            "pass_cost_self_speculative": round(ms_per_pass[fixed] / ms_per_pass["greedy"], 3),
+            "pass_cost_fixed": {m.split("_")[1]: round(ms_per_pass[m] / ms_per_pass["greedy"], 3)
+                                for m in configs if m.startswith("fixed_")},
+        })
+        entry["acceptance_rate_per_position"]["self_speculative"] = rows[fixed]["acceptance_rate_per_position"]
     if "tree" in configs:
         entry.update(accepted_per_forward_tree=rows["tree"]["accepted_per_forward"],
                      speedup_tree=speedup["tree"],
@@ -315,7 +326,7 @@ def compare_modes(decoder, datasets: dict, configs: dict, k: int, args, tokenize
         for bs in args.batch_sizes:
             outputs, rows = run_modes(decoder, prompts, bs, configs, args.repeats)
             for mode in configs:  # the per-pass draft lengths go into the summary as a histogram
-                shown = {key: v for key, v in rows[mode].items() if key != "draft_lengths"}
+                shown = {key: v for key, v in rows[mode].items() if key not in ("draft_lengths", "round_times_s")}
                 print(f"{name} bs={bs} {mode:8s} {json.dumps(shown)}", flush=True)
             exact = all(outputs[m] == outputs["greedy"] for m in configs)
             greedy_by_bs.append(outputs["greedy"])
@@ -323,12 +334,14 @@ def compare_modes(decoder, datasets: dict, configs: dict, k: int, args, tokenize
             summary["results"][name][str(bs)] = entry
             summary["exact"] &= exact
             summary["min_speedup_auto"] = min(summary.get("min_speedup_auto", float("inf")), entry["speedup_auto"])
-            summary["min_auto_minus_best_fixed"] = min(summary.get("min_auto_minus_best_fixed", float("inf")),
-                                                       entry["auto_minus_best_fixed"])
-            print(f"{name} bs={bs}: exact={exact} speedup auto={entry['speedup_auto']} fixed k="
-                  f"{entry['speedup_fixed']} tree={entry.get('speedup_tree')}; auto fed k per pass "
-                  f"{entry['auto_draft_lengths']}; accepted/forward {entry['accepted_per_forward']} "
-                  f"(k={k}), pass cost {entry['pass_cost_fixed']} greedy passes", flush=True)
+            if "auto_minus_best_fixed" in entry:
+                summary["min_auto_minus_best_fixed"] = min(summary.get("min_auto_minus_best_fixed", float("inf")),
+                                                           entry["auto_minus_best_fixed"])
+            print(f"{name} bs={bs}: exact={exact} speedup auto={entry['speedup_auto']} "
+                  f"(+-{entry['speedup_auto_stderr']} between rounds) fixed k={entry.get('speedup_fixed')} "
+                  f"tree={entry.get('speedup_tree')}; auto fed k per pass {entry['auto_draft_lengths']}; "
+                  f"accepted/forward {entry.get('accepted_per_forward')} (k={k}), pass cost "
+                  f"{entry.get('pass_cost_fixed')} greedy passes", flush=True)
         summary["exact_across_batch_sizes"] &= all(g == greedy_by_bs[0] for g in greedy_by_bs)
         if tokenizer is not None:
             sample = tokenizer.decode(greedy_by_bs[0][0][:48])
@@ -357,7 +370,8 @@ def main(argv=None) -> None:
         return
     print(f"model: {source}; n_future={model.n_future} head_type={model.cfg.head_type}; "
           f"threads={torch.get_num_threads()}", flush=True)
-    configs = decoder_configs(model.n_future, args.max_new_tokens, widths, tree=not args.no_tree)
+    configs = decoder_configs(model.n_future, args.max_new_tokens, widths, tree=not args.no_tree,
+                              fixed=not args.no_fixed)
     # Warm-up: first calls pay for allocator and kernel selection (auto also times its passes).
     for config in configs.values():
         decoder.generate(next(iter(datasets.values()))[:1], dataclasses.replace(config, max_new_tokens=8))
