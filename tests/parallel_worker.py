@@ -111,11 +111,13 @@ def sharding(model) -> dict:
     import math
 
     from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
 
     gathered, sharded = [], 0
     for name, p in model.named_parameters():
         dims = (p.device_mesh.mesh_dim_names or ()) if isinstance(p, DTensor) else ()
-        on_dp = "dp" in dims and isinstance(p.placements[dims.index("dp")], Shard)
+        # (with TP sharding the same dim, FSDP's placement is a strided shard)
+        on_dp = "dp" in dims and isinstance(p.placements[dims.index("dp")], (Shard, _StridedShard))
         # FSDP2 shards dim 0: a rank's part has at most ceil(rows / dp) rows
         shard_numel = -(-p.shape[0] // p.device_mesh.size(dims.index("dp"))) * math.prod(p.shape[1:]) if on_dp else 0
         if on_dp and p.to_local().numel() <= shard_numel:
