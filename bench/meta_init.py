@@ -49,7 +49,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench.common import add_result_file_arg, launch, print_result, write_result
+from bench.common import (add_result_file_arg, launch, print_result, proc_status_bytes, reset_peak_rss,
+                          write_result)
 
 GIB = 2**30
 
@@ -59,14 +60,16 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def local_bytes(model) -> int:
-    """Parameter bytes this rank holds: DTensor shards, ZeRO-3 partitions, else whole tensors."""
+def local_bytes(model, grads: bool = False) -> int:
+    """Parameter bytes this rank holds: DTensor shards, ZeRO-3 partitions, else whole tensors;
+    ``grads``: the same for the parameters' gradients (``.grad``)."""
     from torch.distributed.tensor import DTensor
 
     def held(p):
         return p.ds_tensor if hasattr(p, "ds_tensor") else p.to_local() if isinstance(p, DTensor) else p
 
-    return sum(held(p).numel() * p.element_size() for p in model.parameters())
+    tensors = [p.grad for p in model.parameters() if p.grad is not None] if grads else list(model.parameters())
+    return sum(held(t).numel() * t.element_size() for t in tensors)
 
 
 def full_state_dict(model, strategy, cfg) -> dict:
@@ -155,6 +158,7 @@ def run_one(run: dict, out: Path, env) -> dict:
         n, T, B = cfg.model.n_future, cfg.data.seq_len, cfg.train.micro_batch_size
         # The same tokens on every data-parallel rank, so the loss does not depend on the layout.
         tokens = torch.randint(0, cfg.model.vocab_size, (B, T + n), generator=torch.Generator().manual_seed(7))
+        rss_reset = reset_peak_rss()  # from here VmHWM is the step's own peak
         t1 = time.perf_counter()
         if run.get("backward", True):
             hooks = strategy.grad_sync_hooks(model, last_micro_batch=True)
@@ -163,16 +167,19 @@ def run_one(run: dict, out: Path, env) -> dict:
                                 chunk_size=cfg.loss.chunk_size, hooks=hooks)
             strategy.finish_backward(model)
             per_head = torch.stack(loss.per_head).detach().float()
-            result["grad_norm"] = float(strategy.clip_grad_norm(model, 0.0))
+            result["grad_norm"] = float(strategy.clip_grad_norm(model, 0.0))  # no optimizer step
         else:  # the forward alone (the trainer's validation path): no gradients held
             with torch.no_grad(), strategy.loss_context():
                 sums, counts = evaluate_loss(model, tokens, seq_len=T, chunk_size=cfg.loss.chunk_size)
+            strategy.release_gathered(model)
             per_head = torch.stack([s.float() / c for s, c in zip(sums, counts)])
             result["grad_norm"] = None
         result["losses"] = strategy.all_reduce_mean(per_head).tolist()
         result["step_s"] = time.perf_counter() - t1
         result["time_to_first_step_s"] = time.perf_counter() - t0
         result["peak_rss_bytes"] = gather_all(peak_rss_bytes())
+        result["step_peak_rss_bytes"] = gather_all(proc_status_bytes("VmHWM") if rss_reset else None)
+        result["local_grad_bytes"] = gather_all(local_bytes(model, grads=True))
     del model
     dist.barrier()
     return result
