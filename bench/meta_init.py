@@ -9,11 +9,12 @@ on the meta device, sharded, each rank initialising its own shards; ``false``: t
 built and initialised on every rank's host, then sharded), then the first step's forward and
 backward (head-sequential loss, one micro-batch of ``--seq-len`` tokens), no optimizer step. Under
 ``--strategy zero3`` set-up includes ``deepspeed.initialize`` (where the host path partitions).
-``--no-backward``: the forward alone (per-head losses). On a 24 GB machine 1b on 2 ranks fits only
-forward-only: gradient shards, FSDP's unsharded gradients and reduce-scatter buffers on top of the
-parameter shards got a rank killed for memory (AdamW's state would add another 13 GB). Launch
-start-up (imports, process group) is not counted. Peak RSS is each rank's ``ru_maxrss`` when
-the model is built (``build_model``), when set-up ends and after the step. Variants alternate
+``--no-backward``: the forward alone (per-head losses). The step ends with the gradient norm,
+before ``optimizer.step()``: for 1b on 2 ranks AdamW's state would add 2 x 3.13 GiB per rank,
+more than a 24 GB machine has left. Launch start-up (imports, process group) is not counted. Peak
+RSS is each rank's ``ru_maxrss`` when the model is built (``build_model``), when set-up ends and
+after the step (the whole process lifetime), and its ``VmHWM`` reset just before the step (the
+step's own peak: "during the step"). Variants alternate
 (host, meta, host, meta, ...) so that machine load hits both alike. Both must give the same losses and gradient norm (same initial weights,
 same sharding). Ends with one JSON line.
 
@@ -28,7 +29,8 @@ The worker also serves tests/test_meta_init.py. Its spec (a JSON file):
 * ``step``: set-up, then the first step's forward and backward (one micro-batch of synthetic
   tokens, the job's loss, no optimizer; ``"backward": false``: the forward alone): per-head
   losses, the gradient norm, set-up and step seconds, every rank's peak RSS after set-up and
-  after the step.
+  after the step, its peak during the step (``step_peak_rss_bytes``: None where the kernel does
+  not let VmHWM be reset) and its gradient bytes (``local_grad_bytes``).
 
 The launch returns {run name: its figures}. Peak RSS is the process's ``ru_maxrss`` (Linux: KiB),
 which includes everything the process ever held (Python, torch, gloo) since it started.
@@ -224,6 +226,12 @@ def overrides(args, meta: bool) -> list[str]:
             "train.device=cpu", f"data.seq_len={args.seq_len}", "train.micro_batch_size=1"]
 
 
+def during_step(r: dict) -> str:
+    """A run's peak RSS during its step, the largest rank's."""
+    peaks = r["step_peak_rss_bytes"]
+    return "n/a (VmHWM not resettable)" if None in peaks else f"{max(peaks) / GIB:.2f} GiB"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="1b")
@@ -256,8 +264,8 @@ def main() -> None:
                       f"to first step {r['time_to_first_step_s']:.1f}s; peak RSS per rank when the model is "
                       f"built {max(r['built_peak_rss_bytes']) / GIB:.2f} GiB, after set-up "
                       f"{max(r['setup_peak_rss_bytes']) / GIB:.2f} GiB, after the step "
-                      f"{max(r['peak_rss_bytes']) / GIB:.2f} GiB; losses {[round(x, 5) for x in r['losses']]}",
-                      flush=True)
+                      f"{max(r['peak_rss_bytes']) / GIB:.2f} GiB, during the step {during_step(r)}; "
+                      f"losses {[round(x, 5) for x in r['losses']]}, gradient norm {r['grad_norm']}", flush=True)
 
     def summary(rs: list[dict]) -> dict:
         return {"setup_s": round(statistics.median(r["setup_s"] for r in rs), 2),
@@ -265,7 +273,9 @@ def main() -> None:
                 "time_to_first_step_s": round(statistics.median(r["time_to_first_step_s"] for r in rs), 2),
                 "built_peak_rss_gib": round(max(max(r["built_peak_rss_bytes"]) for r in rs) / GIB, 2),
                 "setup_peak_rss_gib": round(max(max(r["setup_peak_rss_bytes"]) for r in rs) / GIB, 2),
-                "step_peak_rss_gib": round(max(max(r["peak_rss_bytes"]) for r in rs) / GIB, 2)}
+                "step_peak_rss_gib": round(max(max(r["peak_rss_bytes"]) for r in rs) / GIB, 2),
+                "during_step_peak_rss_gib": None if any(None in r["step_peak_rss_bytes"] for r in rs) else
+                round(max(max(r["step_peak_rss_bytes"]) for r in rs) / GIB, 2)}
 
     host, meta = summary(runs["host"]), summary(runs["meta"])
     same = all(r["losses"] == runs["host"][0]["losses"] and r["grad_norm"] == runs["host"][0]["grad_norm"]
