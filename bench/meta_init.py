@@ -14,9 +14,9 @@ before ``optimizer.step()``: for 1b on 2 ranks AdamW's state would add 2 x 3.13 
 more than a 24 GB machine has left. Launch start-up (imports, process group) is not counted. Peak
 RSS is each rank's ``ru_maxrss`` when the model is built (``build_model``), when set-up ends and
 after the step (the whole process lifetime), and its ``VmHWM`` reset just before the step (the
-step's own peak: "during the step"). Variants alternate
-(host, meta, host, meta, ...) so that machine load hits both alike. Both must give the same losses and gradient norm (same initial weights,
-same sharding). Ends with one JSON line.
+step's own peak: "during the step"). Variants alternate (host, meta, host, meta, ...) so that
+machine load hits both alike. Both must give the same losses and gradient norm (same initial
+weights, same sharding). Ends with one JSON line.
 
 The worker also serves tests/test_meta_init.py. Its spec (a JSON file):
 ``{"out": dir, "runs": [{"name": str, "overrides": [hydra overrides...], "mode": MODE}]}``, MODE:
