@@ -9,13 +9,14 @@ on the meta device, sharded, each rank initialising its own shards; ``false``: t
 built and initialised on every rank's host, then sharded), then the first step's forward and
 backward (head-sequential loss, one micro-batch of ``--seq-len`` tokens), no optimizer step. Under
 ``--strategy zero3`` set-up includes ``deepspeed.initialize`` (where the host path partitions).
-``--no-backward``: the forward alone (per-head losses). On a 24 GB machine 1b on 2 ranks fits only
-forward-only: gradient shards, FSDP's unsharded gradients and reduce-scatter buffers on top of the
-parameter shards got a rank killed for memory (AdamW's state would add another 13 GB). Launch
-start-up (imports, process group) is not counted. Peak RSS is each rank's ``ru_maxrss`` when
-the model is built (``build_model``), when set-up ends and after the step. Variants alternate
-(host, meta, host, meta, ...) so that machine load hits both alike. Both must give the same losses and gradient norm (same initial weights,
-same sharding). Ends with one JSON line.
+``--no-backward``: the forward alone (per-head losses). The step ends with the gradient norm,
+before ``optimizer.step()``: for 1b on 2 ranks AdamW's state would add 2 x 3.13 GiB per rank,
+more than a 24 GB machine has left. Launch start-up (imports, process group) is not counted. Peak
+RSS is each rank's ``ru_maxrss`` when the model is built (``build_model``), when set-up ends and
+after the step (the whole process lifetime), and its ``VmHWM`` reset just before the step (the
+step's own peak: "during the step"). Variants alternate (host, meta, host, meta, ...) so that
+machine load hits both alike. Both must give the same losses and gradient norm (same initial
+weights, same sharding). Ends with one JSON line.
 
 The worker also serves tests/test_meta_init.py. Its spec (a JSON file):
 ``{"out": dir, "runs": [{"name": str, "overrides": [hydra overrides...], "mode": MODE}]}``, MODE:
@@ -28,7 +29,8 @@ The worker also serves tests/test_meta_init.py. Its spec (a JSON file):
 * ``step``: set-up, then the first step's forward and backward (one micro-batch of synthetic
   tokens, the job's loss, no optimizer; ``"backward": false``: the forward alone): per-head
   losses, the gradient norm, set-up and step seconds, every rank's peak RSS after set-up and
-  after the step.
+  after the step, its peak during the step (``step_peak_rss_bytes``: None where the kernel does
+  not let VmHWM be reset) and its gradient bytes (``local_grad_bytes``).
 
 The launch returns {run name: its figures}. Peak RSS is the process's ``ru_maxrss`` (Linux: KiB),
 which includes everything the process ever held (Python, torch, gloo) since it started.
@@ -49,7 +51,8 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from bench.common import add_result_file_arg, launch, print_result, write_result
+from bench.common import (add_result_file_arg, launch, print_result, proc_status_bytes, reset_peak_rss,
+                          write_result)
 
 GIB = 2**30
 
@@ -59,14 +62,16 @@ def peak_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def local_bytes(model) -> int:
-    """Parameter bytes this rank holds: DTensor shards, ZeRO-3 partitions, else whole tensors."""
+def local_bytes(model, grads: bool = False) -> int:
+    """Parameter bytes this rank holds: DTensor shards, ZeRO-3 partitions, else whole tensors;
+    ``grads``: the same for the parameters' gradients (``.grad``)."""
     from torch.distributed.tensor import DTensor
 
     def held(p):
         return p.ds_tensor if hasattr(p, "ds_tensor") else p.to_local() if isinstance(p, DTensor) else p
 
-    return sum(held(p).numel() * p.element_size() for p in model.parameters())
+    tensors = [p.grad for p in model.parameters() if p.grad is not None] if grads else list(model.parameters())
+    return sum(held(t).numel() * t.element_size() for t in tensors)
 
 
 def full_state_dict(model, strategy, cfg) -> dict:
@@ -155,6 +160,7 @@ def run_one(run: dict, out: Path, env) -> dict:
         n, T, B = cfg.model.n_future, cfg.data.seq_len, cfg.train.micro_batch_size
         # The same tokens on every data-parallel rank, so the loss does not depend on the layout.
         tokens = torch.randint(0, cfg.model.vocab_size, (B, T + n), generator=torch.Generator().manual_seed(7))
+        rss_reset = reset_peak_rss()  # from here VmHWM is the step's own peak
         t1 = time.perf_counter()
         if run.get("backward", True):
             hooks = strategy.grad_sync_hooks(model, last_micro_batch=True)
@@ -163,16 +169,19 @@ def run_one(run: dict, out: Path, env) -> dict:
                                 chunk_size=cfg.loss.chunk_size, hooks=hooks)
             strategy.finish_backward(model)
             per_head = torch.stack(loss.per_head).detach().float()
-            result["grad_norm"] = float(strategy.clip_grad_norm(model, 0.0))
+            result["grad_norm"] = float(strategy.clip_grad_norm(model, 0.0))  # no optimizer step
         else:  # the forward alone (the trainer's validation path): no gradients held
             with torch.no_grad(), strategy.loss_context():
                 sums, counts = evaluate_loss(model, tokens, seq_len=T, chunk_size=cfg.loss.chunk_size)
+            strategy.release_gathered(model)
             per_head = torch.stack([s.float() / c for s, c in zip(sums, counts)])
             result["grad_norm"] = None
         result["losses"] = strategy.all_reduce_mean(per_head).tolist()
         result["step_s"] = time.perf_counter() - t1
         result["time_to_first_step_s"] = time.perf_counter() - t0
         result["peak_rss_bytes"] = gather_all(peak_rss_bytes())
+        result["step_peak_rss_bytes"] = gather_all(proc_status_bytes("VmHWM") if rss_reset else None)
+        result["local_grad_bytes"] = gather_all(local_bytes(model, grads=True))
     del model
     dist.barrier()
     return result
@@ -217,6 +226,12 @@ def overrides(args, meta: bool) -> list[str]:
             "train.device=cpu", f"data.seq_len={args.seq_len}", "train.micro_batch_size=1"]
 
 
+def during_step(r: dict) -> str:
+    """A run's peak RSS during its step, the largest rank's."""
+    peaks = r["step_peak_rss_bytes"]
+    return "n/a (VmHWM not resettable)" if None in peaks else f"{max(peaks) / GIB:.2f} GiB"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--model", default="1b")
@@ -249,8 +264,8 @@ def main() -> None:
                       f"to first step {r['time_to_first_step_s']:.1f}s; peak RSS per rank when the model is "
                       f"built {max(r['built_peak_rss_bytes']) / GIB:.2f} GiB, after set-up "
                       f"{max(r['setup_peak_rss_bytes']) / GIB:.2f} GiB, after the step "
-                      f"{max(r['peak_rss_bytes']) / GIB:.2f} GiB; losses {[round(x, 5) for x in r['losses']]}",
-                      flush=True)
+                      f"{max(r['peak_rss_bytes']) / GIB:.2f} GiB, during the step {during_step(r)}; "
+                      f"losses {[round(x, 5) for x in r['losses']]}, gradient norm {r['grad_norm']}", flush=True)
 
     def summary(rs: list[dict]) -> dict:
         return {"setup_s": round(statistics.median(r["setup_s"] for r in rs), 2),
@@ -258,7 +273,9 @@ def main() -> None:
                 "time_to_first_step_s": round(statistics.median(r["time_to_first_step_s"] for r in rs), 2),
                 "built_peak_rss_gib": round(max(max(r["built_peak_rss_bytes"]) for r in rs) / GIB, 2),
                 "setup_peak_rss_gib": round(max(max(r["setup_peak_rss_bytes"]) for r in rs) / GIB, 2),
-                "step_peak_rss_gib": round(max(max(r["peak_rss_bytes"]) for r in rs) / GIB, 2)}
+                "step_peak_rss_gib": round(max(max(r["peak_rss_bytes"]) for r in rs) / GIB, 2),
+                "during_step_peak_rss_gib": None if any(None in r["step_peak_rss_bytes"] for r in rs) else
+                round(max(max(r["step_peak_rss_bytes"]) for r in rs) / GIB, 2)}
 
     host, meta = summary(runs["host"]), summary(runs["meta"])
     same = all(r["losses"] == runs["host"][0]["losses"] and r["grad_norm"] == runs["host"][0]["grad_norm"]

@@ -286,6 +286,7 @@ class Trainer:
                                                        document_end_id=self.document_end_id)
             sums += s
             counts += c
+        self.strategy.release_gathered(self.model)
         both = self.strategy.all_reduce_mean(torch.cat([sums, correct, counts]).float()).double()
         mean, acc = both[:n] / both[2 * n:].clamp(min=1), both[n:2 * n] / both[2 * n:].clamp(min=1)
         out = {f"val/loss/head_{i + 1}": float(v) for i, v in enumerate(mean)} | {"val/loss": float(mean[0])}

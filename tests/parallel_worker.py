@@ -4,11 +4,14 @@
 
 SPEC: {"out": dir, "runs": [{"name": str, "overrides": [hydra overrides...],
                              "count_comm": bool, "unembed_sync": "deferred"|"per_head",
-                             "nonfinite_loss_at": [1-based steps whose loss is made NaN]}]}
+                             "nonfinite_loss_at": [1-based steps whose loss is made NaN],
+                             "check_resharded": bool}]}
 Each run trains with ``mtp_pretrain.train.Trainer`` (run dir ``out/<name>``, metrics.jsonl with one
 line per step, a DCP checkpoint at the last step) in the same process group, one after another;
 rank 0 writes ``out/<name>/result.json`` with the per-step losses, throughput, peak memory and,
-with count_comm, the collective bytes each rank sent (wrapped torch.distributed calls).
+with count_comm, the collective bytes each rank sent (wrapped torch.distributed calls); with
+check_resharded (FSDP), the parameters each rank holds gathered after the last training step and
+after a validation pass run then (``Trainer.validate``), and how many it holds sharded.
 """
 
 from __future__ import annotations
@@ -70,12 +73,17 @@ def run_one(run: dict, out: Path) -> None:
             trainer.train_stream.close()
     elapsed = time.perf_counter() - t0
     comm = counter.summary() if counter else None
+    resharded = None
+    if run.get("check_resharded"):
+        resharded = {"after_step": sharding(trainer.model)}
+        trainer.validate()
+        resharded["after_validation"] = sharding(trainer.model)
     ws = dist.get_world_size() if dist.is_initialized() else 1
     gathered = [None] * ws
     mine = {"rank": trainer.env.rank, "comm": comm, "state_bytes": model_state_bytes(trainer.model, trainer.optimizer),
             # elements of this rank's parameters, whole (a sharded DTensor counts its global shape)
             "param_numel": sum(p.numel() for p in trainer.model.parameters()),
-            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "resharded": resharded}
     if ws > 1:
         dist.all_gather_object(gathered, mine)
     else:
@@ -93,6 +101,30 @@ def run_one(run: dict, out: Path) -> None:
     del trainer
     if ws > 1:
         dist.barrier()
+
+
+def sharding(model) -> dict:
+    """{"gathered": names of the parameters this rank holds whole, "sharded": how many it holds as
+    its shard}. FSDP registers a unit's sharded DTensor (sharded over the "dp" mesh dimension, of
+    the shard's size) while the unit is resharded, and the gathered parameter (a plain tensor, or
+    a TP DTensor without the "dp" dimension) while it is unsharded."""
+    import math
+
+    from torch.distributed.tensor import DTensor, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    gathered, sharded = [], 0
+    for name, p in model.named_parameters():
+        dims = (p.device_mesh.mesh_dim_names or ()) if isinstance(p, DTensor) else ()
+        # (with TP sharding the same dim, FSDP's placement is a strided shard)
+        on_dp = "dp" in dims and isinstance(p.placements[dims.index("dp")], (Shard, _StridedShard))
+        # FSDP2 shards dim 0: a rank's part has at most ceil(rows / dp) rows
+        shard_numel = -(-p.shape[0] // p.device_mesh.size(dims.index("dp"))) * math.prod(p.shape[1:]) if on_dp else 0
+        if on_dp and p.to_local().numel() <= shard_numel:
+            sharded += 1
+        else:
+            gathered.append(name)
+    return {"gathered": gathered, "sharded": sharded}
 
 
 def main() -> None:

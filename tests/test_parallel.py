@@ -179,6 +179,8 @@ def strategy_runs(name: str, data: Path, workdir: Path, slow: bool = False) -> d
                     {"name": "nonfinite", "overrides": base, "nonfinite_loss_at": NONFINITE_AT}]
             runs += [{"name": k, "overrides": base + v} for k, v in extra.items()]
         runs += [{"name": k, "overrides": base + v} for k, v in SHAPES.items() if k in shapes]
+        for run in runs:  # (test_fsdp_units_hold_only_their_shards_between_passes)
+            run["check_resharded"] = name in RESHARD_CHECKED
         _LAUNCHED[(name, slow)] = launch_worker(workdir / (name + "_slow" * slow), nproc, runs)
     return _LAUNCHED[(name, slow)]
 
@@ -218,6 +220,31 @@ def test_strategy_matches_single_process_remaining_shapes(name, data, workdir, r
     results = strategy_runs(name, data, workdir, slow=True)
     assert set(results) == SLOW_SHAPES[name]
     _check_launch(name, results, reference)
+
+
+RESHARD_CHECKED = ("fsdp", "fsdp_tp")
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("name", RESHARD_CHECKED)
+def test_fsdp_units_hold_only_their_shards_between_passes(name, data, workdir):
+    """After the last training step and after a validation pass run then (fsdp: ``per_head_sums``,
+    fsdp_tp: ``evaluate_loss``), every rank holds every parameter as its FSDP shard, in every run
+    of the launch (head-sequential and naive loss, tied embeddings, causal heads, linear heads):
+    no unit stays gathered. FSDP2 keeps a root's parameters gathered after its forward until its
+    backward, and the loss calls the embedding, heads and unembedding as roots of their own:
+    before ``release_gathered`` and the heads' reshard after a gradient-free forward, validation
+    left the embedding, every head and the unembedding gathered."""
+    results = strategy_runs(name, data, workdir)
+    assert {"hs", "naive", "tied_n2_ac"} <= set(results), sorted(results)
+    for run, res in results.items():
+        assert len(res["ranks"]) == LAUNCHES[name][0], run
+        for rank in res["ranks"]:
+            checked = rank["resharded"]
+            for when in ("after_step", "after_validation"):
+                assert checked[when]["sharded"] > 0, (name, run, when, checked[when])
+                assert checked[when]["gathered"] == [], (f"{name} {run} rank {rank['rank']} {when}: "
+                                                         f"gathered {checked[when]['gathered']}")
 
 
 def test_every_branch_runs_in_make_test():

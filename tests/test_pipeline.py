@@ -15,7 +15,8 @@ Launches (one process group each, several runs in a row):
   loss step (skipped on every stage). ``make test-all`` adds every schedule on the n=4 model, an
   explicit ``pp_layout`` and the naive loss.
 * PP=2 x FSDP=2 (``make test``): the n=4 model, and with causal heads, each rank's reduce-scatter
-  bytes counted (every gradient reduced once per step); causal heads, n=2, gpipe (slow).
+  bytes counted (every gradient reduced once per step) and every unit resharded after the last
+  step and after a validation pass; causal heads, n=2, gpipe (slow).
 * slow (``make test-all``): PP=4 (one trunk block per stage), PP=2 x TP=2 (tied causal heads too),
   PP=2 x FSDP=2 x TP=2 on 8 ranks.
 
@@ -199,7 +200,8 @@ PP2_FSDP2_RUNS = {"hs": ["parallel=fsdp", *pp(2)], "causal_n4": ["parallel=fsdp"
 
 
 def pp2_fsdp2(data, workdir) -> dict:
-    return launch("pp2_fsdp2", 4, PP2_FSDP2_RUNS, data, workdir, **{k: {"count_comm": True} for k in PP2_FSDP2_RUNS})
+    return launch("pp2_fsdp2", 4, PP2_FSDP2_RUNS, data, workdir,
+                  **{k: {"count_comm": True, "check_resharded": True} for k in PP2_FSDP2_RUNS})
 
 
 @pytest.mark.distributed
@@ -223,6 +225,20 @@ def test_pp2_x_fsdp2_reduces_each_gradient_once_per_step(data, workdir):
             assert reduced == once, (f"{run} rank {rank['rank']}: {reduced} bytes reduce-scattered in {STEPS} steps, "
                                      f"{once} for each parameter once per step ({(reduced - once) / STEPS / 4:.0f} "
                                      f"extra elements per step)")
+
+
+@pytest.mark.distributed
+def test_pp2_x_fsdp2_units_hold_only_their_shards_between_passes(data, workdir):
+    """After the last step and after a validation pass through the stages, every rank holds each
+    of its stages' parameters as its FSDP shard: the last stage's heads, unembedding and (causal
+    heads) embedding replica, which the loss calls as FSDP roots of their own, included."""
+    results = pp2_fsdp2(data, workdir)
+    assert set(results) == set(PP2_FSDP2_RUNS)
+    for run, res in results.items():
+        assert len(res["ranks"]) == 4, run
+        for rank in res["ranks"]:
+            for when, checked in rank["resharded"].items():
+                assert checked["sharded"] > 0 and checked["gathered"] == [], (run, rank["rank"], when, checked)
 
 
 @pytest.mark.slow

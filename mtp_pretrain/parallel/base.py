@@ -157,6 +157,11 @@ class Strategy:
             out = sums_and_counts()
         return out[:model.n_future], out[model.n_future:]
 
+    def release_gathered(self, model: nn.Module) -> None:
+        """After a pass of forward-only calls (validation): free what the strategy gathered and kept
+        for reuse within the pass, since no backward comes to free it (FSDP: the unembedding,
+        used by every head and sequence). Nothing for strategies that gather nothing."""
+
     def finish_backward(self, model: nn.Module) -> None:
         """After the last micro-batch's backward, before clipping."""
         if self.pipeline is not None:

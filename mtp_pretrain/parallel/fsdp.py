@@ -9,6 +9,22 @@ unit with the unembedding.
 The shared unembedding is used by every head, so its gradient arrives in n backward passes;
 ``FSDPGradSync`` disables its gradient reduction until the last head of the last micro-batch,
 so it is reduce-scattered once per step instead of once per head.
+
+When each unit holds its full parameters. FSDP2 keeps a *root* unit's parameters gathered after
+its forward (for a model called through one root, its backward follows at once), and the loss
+calls the embedding, each head and the unembedding directly, so each of them is a root (the
+trunk's blocks are not: ``_make_root_of``). What each unit does, so that outside its own
+forward/backward window it holds only its shard:
+
+* trunk blocks and the (untied) embedding: resharded after their forward, gathered again for
+  their backward (the embedding's forward comes before the trunk, its backward after every head:
+  gathered in between, it would sit through the whole heads' phase);
+* a head: kept gathered from its forward to its backward, which follows at once in the
+  head-sequential loss; after a forward without gradients (validation) no backward comes, so
+  ``_reshard_after_forward_only`` reshards it then;
+* the unembedding (and the tied embedding + unembedding unit): kept gathered after each forward,
+  used again by the next head or sequence; resharded by its backward in training, and after a
+  validation pass by ``reshard_units`` (``release_gathered``), since no backward comes.
 """
 
 from __future__ import annotations
@@ -64,11 +80,13 @@ def shard_units(model: nn.Module, mesh, param_dtype: torch.dtype | None = None, 
         fully_shard(block, reshard_after_forward=True, **kw)
     for head in model.heads:
         fully_shard(head, **kw)
-    # Used once per head: keep unsharded between heads rather than all-gather n times.
+        _reshard_after_forward_only(head)
+    # Used by every head (and, in validation, by every sequence): not resharded between a forward
+    # and the backward that follows it.
     if model.cfg.tie_embeddings:
         fully_shard([model.tok_embeddings, model.unembed], reshard_after_forward=False, **kw)
     else:
-        fully_shard(model.tok_embeddings, **kw)
+        fully_shard(model.tok_embeddings, reshard_after_forward=True, **kw)
         fully_shard(model.unembed, reshard_after_forward=False, **kw)
     fully_shard(model, **kw)
     # The trunk's blocks under one root: as roots of their own (the loss calls them directly, never
@@ -93,17 +111,21 @@ def shard_stage_units(model: nn.Module, stage_modules: list[nn.Module], mesh, pa
     kw = dict(mesh=mesh,
               mp_policy=MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=torch.float32),
               offload_policy=CPUOffloadPolicy() if cpu_offload else OffloadPolicy())
-    for module in [*model.trunk, *model.heads]:
+    for module in model.trunk:
         if not isinstance(module, AbsentModule):
             fully_shard(module, **kw)
+    for head in model.heads:
+        if not isinstance(head, AbsentModule):
+            fully_shard(head, **kw)
+            _reshard_after_forward_only(head)
     emb, unembed = model.tok_embeddings, model.unembed
     has_emb, has_unembed = not isinstance(emb, AbsentModule), not isinstance(unembed, AbsentModule)
     if model.cfg.tie_embeddings and has_emb and has_unembed:
         fully_shard([emb, unembed], reshard_after_forward=False, **kw)
         _make_root_of(model, [emb, unembed], kw)
     else:
-        if has_emb:
-            fully_shard(emb, **kw)
+        if has_emb:  # (the last stage's replica is a root of its own: explicitly resharded)
+            fully_shard(emb, reshard_after_forward=True, **kw)
         if has_unembed:
             fully_shard(unembed, reshard_after_forward=False, **kw)
     for stage in stage_modules:
@@ -120,6 +142,32 @@ def refuse_tied_causal(model_cfg, strategy: str) -> None:
         raise ValueError(f"model.tie_embeddings=true with model.head_type=causal is not supported under "
                          f"parallel.strategy={strategy} (FSDP2 loses part of the tied weight's gradient); untie "
                          f"the embeddings or use parallel.strategy=ddp, tp or deepspeed with zero_stage 1/2")
+
+
+def _reshard_after_forward_only(unit: nn.Module) -> None:
+    """A head is a root unit (the loss calls it directly), kept gathered after its forward for the
+    backward that follows; a forward whose output needs no gradient (validation under no_grad, a
+    frozen head) has no backward: reshard right after it."""
+
+    def reshard_without_backward(module: nn.Module, args, output) -> None:
+        outputs = output if isinstance(output, (tuple, list)) else (output,)
+        if not any(isinstance(t, torch.Tensor) and t.requires_grad for t in outputs):
+            module.reshard()
+
+    unit.register_forward_hook(reshard_without_backward)  # after FSDP's own post-forward hook
+
+
+def reshard_units(model: nn.Module) -> None:
+    """Every FSDP unit of ``model`` back to its shard: what a forward-only pass (validation) left
+    gathered for reuse -- the unembedding, used by every head and sequence -- where no backward
+    reshards it. FSDP's ``reset_iter_state`` on each root, not ``reshard()`` on each unit: a unit of
+    several modules (the tied embedding + unembedding) whose modules ran a different number of
+    times counts as still inside its forward, and ``reshard()`` keeps such a unit gathered. Only
+    between steps: the reset would drop gradient reductions still in flight."""
+    units = [*model.modules(), *model.__dict__.get("_fsdp_unit_roots", [])]
+    for unit in units:
+        if isinstance(unit, FSDPModule) and fully_shard.state(unit)._is_root:  # (None: never run)
+            unit.reset_iter_state()
 
 
 class _UnitRoot(nn.Module):
@@ -196,6 +244,9 @@ class FSDPStrategy(Strategy):
 
     def grad_sync_hooks(self, model: nn.Module, last_micro_batch: bool) -> GradSyncHooks:
         return fsdp_grad_sync_hooks(self, model, last_micro_batch)
+
+    def release_gathered(self, model: nn.Module) -> None:
+        reshard_units(model)
 
 
 def fsdp_grad_sync_hooks(strategy: Strategy, model: nn.Module, last_micro_batch: bool) -> GradSyncHooks:

@@ -199,3 +199,8 @@ class FSDPTPStrategy(TPStrategy):
         from mtp_pretrain.parallel.fsdp import fsdp_grad_sync_hooks
 
         return fsdp_grad_sync_hooks(self, model, last_micro_batch)
+
+    def release_gathered(self, model: nn.Module) -> None:
+        from mtp_pretrain.parallel.fsdp import reshard_units
+
+        reshard_units(model)
