@@ -40,8 +40,9 @@ sequences that accept them while the one that does not pays for them in every pa
   observation of j (recent passes weigh more, so acceptance is re-learned as the text changes:
   indentation vs a new identifier), shrunk towards a prior: the acceptance of the decoder's
   last few batches that fed position j (texts of one job resemble each other; their passes
-  pooled; ``carry_weight`` pseudo-passes; batches that fed nothing in between do not erase it), raised by as much as this batch's c_{j-1} exceeds theirs,
-  else c_{j-1} (1 for j = 1; ``prior_weight`` pseudo-passes); a_j = c_1 ... c_j. Per sequence the same counts are kept and
+  pooled; ``carry_weight`` pseudo-passes; batches that fed nothing in between do not erase
+  it), raised by as much as this batch's c_{j-1} exceeds theirs, else c_{j-1} (1 for j = 1;
+  ``prior_weight`` pseudo-passes); a_j = c_1 ... c_j. Per sequence the same counts are kept and
   shrunk towards the batch's estimate (a sequence just started, or rarely fed, behaves like the
   batch). A position that is not fed keeps its estimate: the decision alone never tries a draft
   it expects to lose.
